@@ -1,0 +1,13 @@
+"""lorakit: LoRA fine-tuning for PyTorch and Hugging Face transformers, with PEFT's API.
+
+    from lorakit import LoraConfig, TaskType, get_peft_model, PeftModel
+"""
+__version__ = "0.1.0"
+
+from .config import LoraConfig, TaskType
+from .errors import AdapterError, ConfigError, DataError, LorakitError, ModelLoadError, TargetError
+from .lora.layer import BASE_ADAPTER
+from .peft_model import PeftModel, get_peft_model
+
+__all__ = ["LoraConfig", "TaskType", "get_peft_model", "PeftModel", "BASE_ADAPTER", "LorakitError",
+           "ConfigError", "TargetError", "AdapterError", "DataError", "ModelLoadError", "__version__"]

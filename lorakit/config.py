@@ -1,0 +1,192 @@
+"""LoraConfig and TaskType: PEFT's names and meanings, validated in one place.
+
+`adapter_config.json` is this dataclass as JSON (plus `peft_type`), so PEFT reads lorakit's
+adapters and lorakit reads PEFT's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from .errors import ConfigError
+
+
+class TaskType(str, enum.Enum):
+    """What the wrapped model does; decides which task head stays trainable and is saved."""
+
+    CAUSAL_LM = "CAUSAL_LM"
+    SEQ_CLS = "SEQ_CLS"
+    TOKEN_CLS = "TOKEN_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+    IMAGE_CLASSIFICATION = "IMAGE_CLASSIFICATION"
+    SPEECH_SEQ_2_SEQ = "SPEECH_SEQ_2_SEQ"
+    TRANSLATION = "TRANSLATION"
+    OTHER = "OTHER"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# Task heads that are new (randomly initialised) for a task, so they must train and be saved (as PEFT does).
+TASK_HEADS: dict[TaskType, list[str]] = {
+    TaskType.SEQ_CLS: ["classifier", "score"],
+    TaskType.TOKEN_CLS: ["classifier", "score"],
+    TaskType.QUESTION_ANS: ["qa_outputs"],
+    TaskType.IMAGE_CLASSIFICATION: ["classifier", "fc"],
+}
+
+INIT_CHOICES = (True, False, "gaussian", "pissa", "olora")
+BIAS_CHOICES = ("none", "all", "lora_only")
+
+
+@dataclass
+class LoraConfig:
+    """Configuration of one LoRA adapter (field names and meanings as in PEFT)."""
+
+    r: int = 8
+    """Rank of the update: A is (r x in), B is (out x r)."""
+    lora_alpha: float = 8
+    """Scaling numerator: the update is multiplied by lora_alpha / r (lora_alpha / sqrt(r) with rsLoRA)."""
+    target_modules: Optional[Union[list[str], str]] = None
+    """Modules to adapt: names matched exactly or as a '.suffix', a full-match regex string,
+    'all-linear' (every linear layer but the output head), or None for the architecture's default."""
+    exclude_modules: Optional[Union[list[str], str]] = None
+    """Modules never to adapt, in the same syntax as target_modules."""
+    lora_dropout: float = 0.0
+    """Dropout probability applied to the input of the LoRA branch."""
+    bias: str = "none"
+    """Which biases train: 'none', 'all', or 'lora_only' (biases of adapted layers)."""
+    modules_to_save: Optional[list[str]] = None
+    """Modules (besides LoRA) trained in full and saved with the adapter, e.g. a new classifier head."""
+    init_lora_weights: Union[bool, str] = True
+    """True: Kaiming-uniform A and zero B (the update starts at 0); 'gaussian'; 'pissa' (or
+    'pissa_niter_K'); 'olora'; False: random A and B (for tests only)."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling lora_alpha / sqrt(r)."""
+    use_dora: bool = False
+    """DoRA: a learned per-output magnitude times the direction of W + scaling * B A."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-module rank overrides: {regex or name suffix: r}."""
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    """Per-module alpha overrides: {regex or name suffix: lora_alpha}."""
+    layers_to_transform: Optional[Union[list[int], int]] = None
+    """Only adapt these layer indices (found through layers_pattern)."""
+    layers_pattern: Optional[Union[list[str], str]] = None
+    """Name of the ModuleList holding the layers ('layers', 'h', 'blocks' ...); guessed when None."""
+    task_type: Optional[Union[TaskType, str]] = None
+    """CAUSAL_LM, SEQ_CLS, TOKEN_CLS, SEQ_2_SEQ_LM, QUESTION_ANS, FEATURE_EXTRACTION, ..."""
+    fan_in_fan_out: bool = False
+    """True when the base stores weights as (in, out), as GPT-2's Conv1D; set automatically."""
+    inference_mode: bool = False
+    """Set when an adapter is loaded for inference only."""
+    base_model_name_or_path: Optional[str] = None
+    """Where the base model came from (informational)."""
+    revision: Optional[str] = None
+    """Base model revision (informational)."""
+    peft_type: str = "LORA"
+    """Always 'LORA'; present so PEFT recognises the file."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.task_type, str) and self.task_type in TaskType.__members__:
+            self.task_type = TaskType(self.task_type)
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise ConfigError listing every problem at once."""
+        problems = []
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            problems.append(f"r must be a positive integer, got {self.r!r}")
+        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            problems.append(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
+            problems.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in BIAS_CHOICES:
+            problems.append(f"bias must be one of {BIAS_CHOICES}, got {self.bias!r}")
+        init = self.init_lora_weights
+        if not (init in INIT_CHOICES or (isinstance(init, str) and init.startswith("pissa_niter_"))):
+            problems.append(f"init_lora_weights must be one of {INIT_CHOICES} or 'pissa_niter_K', got {init!r}")
+        if self.task_type is not None and not isinstance(self.task_type, TaskType):
+            problems.append(f"task_type must be one of {[t.value for t in TaskType]}, got {self.task_type!r}")
+        for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            bad = {k: v for k, v in (pattern or {}).items() if not isinstance(v, (int, float)) or v <= 0}
+            if bad:
+                problems.append(f"{name} values must be positive numbers, got {bad}")
+        if self.layers_to_transform is not None and self.target_modules == "all-linear":
+            pass  # allowed: all linear layers of the selected indices
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            import re
+
+            try:
+                re.compile(self.target_modules)
+            except re.error as e:
+                problems.append(f"target_modules regex {self.target_modules!r} does not compile: {e}")
+        if problems:
+            raise ConfigError(problems, where="LoraConfig")
+
+    # ------------------------------------------------------------------ derived values
+    def rank_for(self, module_name: str) -> int:
+        return int(_match_pattern(self.rank_pattern, module_name, self.r))
+
+    def alpha_for(self, module_name: str) -> float:
+        return _match_pattern(self.alpha_pattern, module_name, self.lora_alpha)
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["task_type"] = self.task_type.value if isinstance(self.task_type, TaskType) else self.task_type
+        if isinstance(d["target_modules"], (set, tuple)):
+            d["target_modules"] = sorted(d["target_modules"])
+        return d
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        from .atomic import atomic_write_json
+
+        atomic_write_json(os.path.join(directory, "adapter_config.json"), self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LoraConfig":
+        """Build from a PEFT/lorakit config dict; fields PEFT has and lorakit does not are dropped."""
+        peft_type = d.get("peft_type", "LORA")
+        if peft_type not in ("LORA", None):
+            raise ConfigError([f"peft_type {peft_type!r} is not LoRA; lorakit loads LoRA adapters only"],
+                              where="adapter_config.json")
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        return cls(**kwargs)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "LoraConfig":
+        from .errors import AdapterError
+
+        path = os.path.join(directory, "adapter_config.json")
+        if not os.path.isfile(path):
+            raise AdapterError(f"{path} not found: an adapter folder holds adapter_config.json and "
+                               "adapter_model.safetensors (save one with model.save_pretrained(folder))")
+        with open(path, encoding="utf-8") as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise AdapterError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(d)
+
+    def copy(self, **changes: Any) -> "LoraConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _match_pattern(pattern: dict[str, Any], module_name: str, default: Any) -> Any:
+    """PEFT's rule: a key matches a module when it equals the name, is a '.suffix' of it, or full-matches it as a regex."""
+    import re
+
+    for key, value in (pattern or {}).items():
+        if module_name == key or module_name.endswith("." + key) or re.fullmatch(key, module_name):
+            return value
+    return default

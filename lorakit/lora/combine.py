@@ -1,0 +1,119 @@
+"""Combining adapters into a new one (PEFT's add_weighted_adapter), layer by layer on canonical matrices.
+
+Factor-space methods (linear, ties, dare_linear, dare_ties, magnitude_prune) combine the A's and the B's
+separately and need equal ranks; `cat` stacks them (exact weighted sum, rank = sum of ranks); `svd` and the
+`*_svd` methods combine full updates ΔW_i and truncate back to low rank with an SVD.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ..errors import ConfigError
+from .layer import LoraLayer
+
+# ---------------------------------------------------------------------- task-vector merging (TIES / DARE)
+
+
+def magnitude_prune(t: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the `density` fraction of entries with the largest magnitude."""
+    k = int(density * t.numel())
+    if k <= 0:
+        return torch.zeros_like(t)
+    threshold = t.abs().flatten().kthvalue(t.numel() - k + 1).values
+    return t * (t.abs() >= threshold)
+
+
+def random_prune(t: torch.Tensor, density: float) -> torch.Tensor:
+    """DARE: drop entries with probability 1 - density and rescale the rest by 1 / density."""
+    return t * torch.bernoulli(torch.full_like(t, density)) / density
+
+
+def majority_sign_mask(stacked: torch.Tensor, method: str) -> torch.Tensor:
+    votes = stacked.sign().sum(0) if method == "frequency" else stacked.sum(0)
+    majority = torch.where(votes >= 0, 1.0, -1.0)
+    return stacked.sign() == majority
+
+
+def disjoint_merge(stacked: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (stacked * mask).sum(0) / mask.sum(0).clamp(min=1)
+
+
+def _weighted(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return stacked * weights.view(-1, *([1] * (stacked.dim() - 1)))
+
+
+def _ties(ts, w, density, sign):
+    stacked = torch.stack([magnitude_prune(t, density) for t in ts])
+    return disjoint_merge(_weighted(stacked, w), majority_sign_mask(stacked, sign))
+
+
+def _dare_linear(ts, w, density, sign):
+    return _weighted(torch.stack([random_prune(t, density) for t in ts]), w).sum(0)
+
+
+def _dare_ties(ts, w, density, sign):
+    stacked = torch.stack([random_prune(t, density) for t in ts])
+    return disjoint_merge(_weighted(stacked, w), majority_sign_mask(stacked, sign))
+
+
+def _magnitude(ts, w, density, sign):
+    return _weighted(torch.stack([magnitude_prune(t, density) for t in ts]), w).sum(0)
+
+
+def _linear(ts, w, density, sign):
+    return _weighted(torch.stack(ts), w).sum(0)
+
+
+TASK_MERGES: dict[str, Callable] = {"ties": _ties, "dare_linear": _dare_linear, "dare_ties": _dare_ties,
+                                    "magnitude_prune": _magnitude, "linear": _linear}
+COMBINATIONS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune",
+                "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
+
+
+# ---------------------------------------------------------------------- per layer
+def _signed_root(x: float) -> tuple[float, float]:
+    """(a, b) with a * b == x and |a| == |b|: splits a weight between A and B, sign on A."""
+    root = math.sqrt(abs(x))
+    return math.copysign(root, x), root
+
+
+def combine_layer(layer: LoraLayer, sources: Sequence[str], weights: Sequence[float], method: str,
+                  svd_rank: Optional[int], density: float, sign: str,
+                  svd_clamp: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """New factors (A (k, in), B (out, k)), fp32, whose product is the combined update (scaling 1)."""
+    pairs = [(n, w) for n, w in zip(sources, weights) if n in layer.r]
+    mats = [tuple(t.float() for t in layer.factor_matrices(n)) for n, _ in pairs]
+    if method == "cat":
+        A = torch.cat([a for a, _ in mats], 0)  # (sum r, in)
+        B = torch.cat([b * w * layer.scaling[n] for (n, w), (_, b) in zip(pairs, mats)], 1)  # (out, sum r)
+        return A, B
+    if method.endswith("svd"):
+        base = method.removesuffix("_svd").removesuffix("svd") or "linear"
+        deltas = [layer.delta_weight(n) for n, _ in pairs]
+        delta = TASK_MERGES[base](deltas, torch.tensor([w for _, w in pairs]), density, sign)  # (out, in)
+        return _svd_factors(delta, svd_rank or max(layer.r[n] for n, _ in pairs), svd_clamp)
+    if len({layer.r[n] for n, _ in pairs}) > 1:
+        raise ConfigError([f"combination_type={method!r} needs adapters of equal rank, got "
+                           f"{ {n: layer.r[n] for n, _ in pairs} }; use 'cat' or 'svd'"])
+    roots = [_signed_root(w * layer.scaling[n]) for n, w in pairs]
+    if method == "linear":
+        A = sum(a * ra for (a, _), (ra, _) in zip(mats, roots))
+        B = sum(b * rb for (_, b), (_, rb) in zip(mats, roots))
+        return A, B
+    # PEFT's convention for factor-space TIES/DARE: weight each factor by sqrt(w * scaling).
+    w = torch.tensor([math.sqrt(abs(x * layer.scaling[n])) for (n, x) in pairs])
+    merge = TASK_MERGES[method]
+    return merge([a for a, _ in mats], w, density, sign), merge([b for _, b in mats], w, density, sign)
+
+
+def _svd_factors(delta: torch.Tensor, rank: int, clamp: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    rank = min(rank, S.numel())
+    B, A = U[:, :rank] * S[:rank], Vh[:rank]  # (out, k), (k, in)
+    if clamp is not None:
+        limit = torch.quantile(torch.cat([B.flatten(), A.flatten()]).abs(), clamp)
+        B, A = B.clamp(-limit, limit), A.clamp(-limit, limit)
+    return A, B

@@ -1,0 +1,187 @@
+"""Adapter folders on disk, in PEFT's format key for key, plus lorakit's own facts.
+
+    adapter_config.json         LoraConfig as JSON (PEFT reads it)
+    adapter_model.safetensors   base_model.model.<module>.lora_A.weight (r, in), ...lora_B.weight (out, r), ...
+    lorakit.json                base fingerprint, versions, creation time, training facts (PEFT ignores it)
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..atomic import atomic_write, atomic_write_json
+from ..errors import AdapterError
+from .inject import adapter_modules, lora_layers
+
+PREFIX = "base_model.model."
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt")
+CONFIG_NAME = "adapter_config.json"
+META_NAME = "lorakit.json"
+SAMPLES = 16  # values sampled per fingerprinted weight
+
+
+# ---------------------------------------------------------------------- state dicts
+def adapter_state_dict(model: nn.Module, adapter_name: str, bias: str = "none") -> dict[str, torch.Tensor]:
+    """{PEFT key: tensor} for one adapter of a model holding LoRA layers (keys relative to `model`)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, module in adapter_modules(model):
+        for key, value in module.adapter_state_dict(adapter_name).items():
+            out[f"{name}.{key}"] = value
+    if bias != "none":
+        lora_names = {n for n, _ in lora_layers(model)}
+        for name, p in model.named_parameters():
+            if not name.endswith("bias") or ".original_module." in name or ".modules_to_save." in name:
+                continue
+            owner = name.rsplit(".", 1)[0].removesuffix(".base_layer")
+            if bias == "all" or owner in lora_names:
+                out[name] = p
+    return out
+
+
+def save_adapter(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config_dict: dict[str, Any],
+                 meta: dict[str, Any]) -> None:
+    """Write the three files atomically; tensors are cloned contiguous so views and tied storage save."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    payload = {PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(payload, tmp, metadata={"format": "pt"}))
+    atomic_write_json(directory / CONFIG_NAME, config_dict)
+    atomic_write_json(directory / META_NAME, meta)
+
+
+def read_adapter_tensors(directory: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    directory = Path(directory)
+    path = directory / WEIGHTS_NAME
+    if path.is_file():
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types for torn files
+            raise AdapterError(f"{path}: cannot read safetensors file ({e}); the file is damaged or incomplete") from None
+    for name in PICKLE_NAMES:
+        if (directory / name).is_file():
+            if not allow_pickle:
+                raise AdapterError(f"{directory / name} is a pickle file, which can run code when loaded; lorakit "
+                                   "reads only safetensors by default. If you trust its source, pass "
+                                   "allow_pickle=True (CLI: --allow-pickle), or convert it to safetensors")
+            return torch.load(directory / name, map_location="cpu", weights_only=True)
+    raise AdapterError(f"no {WEIGHTS_NAME} in {directory}: an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+
+
+def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory) / META_NAME
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_into(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor], bias: str, source: str) -> None:
+    """Copy saved tensors into the model's adapter `adapter_name`, checking every key and shape."""
+    expected = adapter_state_dict(model, adapter_name, bias)
+    base_params = dict(model.named_parameters())
+    missing = [k for k in expected if PREFIX + k not in tensors]
+    unexpected, wrong_shape = [], []
+    with torch.no_grad():
+        for key, value in tensors.items():
+            rel = key.removeprefix(PREFIX)
+            target = expected.get(rel)
+            if target is None and rel in base_params:  # PEFT saves full embeddings when it resized them
+                target = base_params[rel]
+            if target is None:
+                unexpected.append(key)
+            elif tuple(target.shape) != tuple(value.shape):
+                wrong_shape.append(f"{key}: adapter {tuple(value.shape)} vs model {tuple(target.shape)}")
+            else:
+                target.data.copy_(value.to(target.dtype))
+    problems = []
+    if wrong_shape:
+        problems.append("shapes differ (the adapter was trained on a different base model?):\n    "
+                        + "\n    ".join(wrong_shape[:8]))
+    if missing:
+        problems.append(f"{len(missing)} tensors missing from the file, e.g. {PREFIX + missing[0]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensors name modules this model does not have, e.g. {unexpected[0]}")
+    if problems:
+        raise AdapterError(f"adapter {source} does not fit this model:\n  " + "\n  ".join(problems))
+
+
+# ---------------------------------------------------------------------- fingerprint
+def fingerprint(model: nn.Module, target_names: list[str]) -> dict[str, Any]:
+    """What identifies a base model: architecture, shapes of the targeted weights, and a few sampled values.
+
+    Values are sampled (not hashed) so the same model in fp32, bf16 or fp16 still matches.
+    """
+    config = getattr(model, "config", None)
+    shapes, samples = {}, {}
+    for name in target_names:
+        module = model.get_submodule(name)
+        weight = getattr(module, "base_layer", module).weight
+        shapes[name] = list(weight.shape)
+    picks = sorted(set(target_names[i] for i in (0, len(target_names) // 2, -1))) if target_names else []
+    for name in picks:
+        module = model.get_submodule(name)
+        w = getattr(module, "base_layer", module).weight.detach().reshape(-1)
+        idx = torch.linspace(0, w.numel() - 1, SAMPLES, device=w.device).long()
+        samples[name] = [round(float(v), 6) for v in w[idx].float().cpu()]
+    digest = hashlib.sha256(json.dumps([shapes, {k: [round(v, 2) for v in s] for k, s in samples.items()}],
+                                       sort_keys=True).encode()).hexdigest()[:16]
+    return {"architecture": getattr(config, "model_type", None) or type(model).__name__,
+            "model_class": type(model).__name__, "shapes": shapes, "samples": samples, "digest": digest}
+
+
+def fingerprint_mismatch(expected: dict[str, Any], actual_model: nn.Module) -> Optional[str]:
+    """None when the model fits the saved fingerprint, else a sentence saying what differs."""
+    if not expected:
+        return None
+    names = [n for n in expected.get("shapes", {}) if _has_module(actual_model, n)]
+    absent = [n for n in expected.get("shapes", {}) if n not in names]
+    if absent:
+        return f"the base model has no module {absent[0]} (and {len(absent) - 1} more)"
+    actual = fingerprint(actual_model, names)
+    if expected.get("architecture") and expected["architecture"] != actual["architecture"]:
+        return f"architecture is {actual['architecture']!r}, the adapter was made for {expected['architecture']!r}"
+    for name, shape in expected["shapes"].items():
+        if actual["shapes"][name] != shape:
+            return f"{name} has shape {actual['shapes'][name]}, the adapter expects {shape}"
+    for name, values in expected.get("samples", {}).items():
+        module = actual_model.get_submodule(name)
+        w = getattr(module, "base_layer", module).weight.detach().reshape(-1)
+        idx = torch.linspace(0, w.numel() - 1, len(values), device=w.device).long()
+        if not torch.allclose(w[idx].float().cpu(), torch.tensor(values), rtol=2e-2, atol=2e-3):
+            return f"the weights of {name} differ from those the adapter was trained on (another checkpoint?)"
+    return None
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def make_meta(fingerprint_: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    import safetensors
+
+    from .. import __version__
+
+    versions = {"lorakit": __version__, "torch": torch.__version__, "safetensors": safetensors.__version__}
+    try:
+        import transformers
+
+        versions["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return {"format": 1, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "versions": versions, "base_fingerprint": fingerprint_, **extra}

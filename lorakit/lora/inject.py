@@ -1,0 +1,216 @@
+"""Injection: find the target modules, swap each for a LoRA layer, wrap modules_to_save, freeze the rest."""
+from __future__ import annotations
+
+import copy
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..config import TASK_HEADS, LoraConfig, TaskType
+from ..errors import ConfigError, TargetError
+from .layer import BASE_ADAPTER, _ROW_ADAPTERS, LoraConv, LoraEmbedding, LoraLayer, LoraLinear, _rows_by_adapter
+from .targets import (closest_names, default_targets, is_conv1d_gpt2, layer_index, linear_types, name_matches,
+                      output_head_names, supported_types)
+
+
+class ModulesToSave(nn.Module):
+    """A module trained in full: the frozen original plus one trainable copy per adapter."""
+
+    def __init__(self, original_module: nn.Module, adapter_name: str):
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.disabled = False
+        self.add_adapter(adapter_name)
+
+    def add_adapter(self, name: str) -> None:
+        clone = copy.deepcopy(self.original_module)
+        for p in clone.parameters():
+            p.requires_grad_(True)
+        self.modules_to_save[name] = clone
+        if name not in self.active_adapters:
+            self.active_adapters.append(name)
+
+    def delete_adapter(self, name: str) -> None:
+        self.modules_to_save.pop(name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "original_module":
+                raise
+            return getattr(self.original_module, name)
+
+    def _module_for(self, names: Sequence[str]) -> nn.Module:
+        for n in names:
+            if n in self.modules_to_save:
+                return self.modules_to_save[n]
+        return self.original_module
+
+    def forward(self, x, *args, **kwargs):
+        if self.disabled:
+            return self.original_module(x, *args, **kwargs)
+        rows = _ROW_ADAPTERS.get()
+        if rows is None:
+            return self._module_for(self.active_adapters)(x, *args, **kwargs)
+        out = None
+        for name, idx in _rows_by_adapter(rows, x.shape[0], x.device).items():
+            module = self.original_module if name == BASE_ADAPTER else self._module_for([name])
+            part = module(x.index_select(0, idx), *args, **kwargs)
+            out = part.new_empty((x.shape[0],) + part.shape[1:]) if out is None else out
+            out[idx] = part
+        return out
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        return dict(self.modules_to_save[name].state_dict(keep_vars=True)) if name in self.modules_to_save else {}
+
+
+ADAPTER_MODULES = (LoraLayer, ModulesToSave)
+
+
+def _wrap(module: nn.Module, fan_in_fan_out: bool) -> LoraLayer:
+    if is_conv1d_gpt2(module):
+        return LoraLinear(module, fan_in_fan_out=True)
+    if isinstance(module, nn.Linear):
+        return LoraLinear(module, fan_in_fan_out=fan_in_fan_out)
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding(module)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return LoraConv(module)
+    raise AssertionError(type(module))
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _saved_module_specs(model: nn.Module, config: LoraConfig) -> tuple[list[str], list[str]]:
+    """(user-named modules_to_save, task heads kept trainable for this task type)."""
+    task = config.task_type if isinstance(config.task_type, TaskType) else None
+    return list(config.modules_to_save or []), TASK_HEADS.get(task, []) if task else []
+
+
+def find_targets(model: nn.Module, config: LoraConfig, exclude_names: set[str] = frozenset()) -> list[str]:
+    """Names of the modules `config` adapts. Raises TargetError when nothing matches."""
+    spec = config.target_modules if config.target_modules is not None else default_targets(model)
+    all_linear = spec == "all-linear"
+    heads = output_head_names(model) if all_linear else set()
+    found, unsupported = [], []
+    for name, module in model.named_modules():
+        if not name or name in exclude_names or any(name.startswith(e + ".") for e in exclude_names):
+            continue
+        if isinstance(module, ModulesToSave) or ".modules_to_save." in name or ".original_module" in name:
+            continue
+        target = module.base_layer if isinstance(module, LoraLayer) else module
+        if all_linear:
+            hit = isinstance(target, linear_types()) and name not in heads
+        else:
+            hit = name_matches(spec, name)
+        if not hit or name_matches(config.exclude_modules, name):
+            continue
+        if config.layers_to_transform is not None:
+            wanted = config.layers_to_transform
+            wanted = [wanted] if isinstance(wanted, int) else wanted
+            if layer_index(name, config.layers_pattern) not in wanted:
+                continue
+        if not isinstance(target, supported_types()):
+            unsupported.append(f"{name} ({type(target).__name__})")
+            continue
+        found.append(name)
+    if unsupported and isinstance(spec, list):
+        raise TargetError(f"target_modules matched modules LoRA cannot wrap: {', '.join(unsupported[:5])}. "
+                          "Supported: nn.Linear, nn.Embedding, nn.Conv1d/2d/3d, transformers Conv1D; "
+                          "name their linear sub-layers instead")
+    if not found:
+        wanted = spec if isinstance(spec, list) else [spec]
+        raise TargetError(f"target_modules {spec!r} matched no module of {type(model).__name__}. "
+                          f"Closest module names: {closest_names(model, wanted)}")
+    return found
+
+
+def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
+    """Add adapter `adapter_name` to `model` in place; returns the adapted module names."""
+    if config.use_dora and config.init_lora_weights not in (True, False, "gaussian"):
+        raise ConfigError([f"use_dora cannot be combined with init_lora_weights={config.init_lora_weights!r}"])
+    saved, heads = _saved_module_specs(model, config)
+    saved_names = _wrap_modules_to_save(model, saved, heads, adapter_name)
+    targets = find_targets(model, config, exclude_names=saved_names)
+    for name in targets:
+        module = model.get_submodule(name)
+        if not isinstance(module, LoraLayer):
+            module = _wrap(module, config.fan_in_fan_out)
+            _set_submodule(model, name, module)
+        module.add_adapter(adapter_name, r=config.rank_for(name), lora_alpha=config.alpha_for(name),
+                           lora_dropout=config.lora_dropout, init_lora_weights=config.init_lora_weights,
+                           use_rslora=config.use_rslora, use_dora=config.use_dora)
+    mark_trainable(model, config)
+    return targets
+
+
+def _wrap_modules_to_save(model: nn.Module, saved: list[str], heads: list[str], adapter_name: str) -> set[str]:
+    wrapped, matched = set(), set()
+    for name, module in list(model.named_modules()):
+        if not name or ".modules_to_save." in name or ".original_module" in name or isinstance(module, LoraLayer):
+            continue
+        hits = [s for s in saved + heads if name_matches([s], name)]
+        if not hits:
+            continue
+        matched.update(hits)
+        if isinstance(module, ModulesToSave):
+            module.add_adapter(adapter_name)
+        else:
+            _set_submodule(model, name, ModulesToSave(module, adapter_name))
+        wrapped.add(name)
+    missing = [s for s in saved if s not in matched]
+    if missing:
+        raise TargetError(f"modules_to_save {missing} matched no module. Closest module names: "
+                          f"{closest_names(model, missing)}")
+    return wrapped
+
+
+def mark_trainable(model: nn.Module, config: LoraConfig) -> None:
+    """Freeze everything, then unfreeze LoRA factors, DoRA magnitudes, saved-module copies and biases."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            for adapter in module.r:
+                for p in module._adapter_parameters(adapter):
+                    p.requires_grad_(True)
+            if config.bias == "lora_only" and getattr(module.base_layer, "bias", None) is not None:
+                module.base_layer.bias.requires_grad_(True)
+        elif isinstance(module, ModulesToSave):
+            for p in module.modules_to_save.parameters():
+                p.requires_grad_(True)
+    if config.bias == "all":
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and ".original_module." not in name:
+                p.requires_grad_(True)
+
+
+def adapter_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ADAPTER_MODULES)]
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def unwrap(model: nn.Module, merge: bool, safe_merge: bool = False,
+           adapter_names: Optional[Sequence[str]] = None) -> nn.Module:
+    """Put every base layer back (merging first when asked); returns the plain model."""
+    for name, module in adapter_modules(model):
+        if isinstance(module, LoraLayer):
+            if merge:
+                module.merge(adapter_names, safe_merge=safe_merge)
+            _set_submodule(model, name, module.base_layer)
+        else:
+            chosen = module._module_for(module.active_adapters) if merge else module.original_module
+            _set_submodule(model, name, chosen)
+    return model

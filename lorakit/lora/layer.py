@@ -1,0 +1,311 @@
+"""The LoRA layer: y = base(x) + scaling * lora_B(lora_A(dropout(x))), for any number of named adapters.
+
+Every supported base layer is seen through one *canonical matrix* view: the frozen weight as
+W (out, in_flat), A as (r, in_flat) and B as (out, r), so ΔW = scaling · B @ A. nn.Linear is that
+already; GPT-2's Conv1D and nn.Embedding store W transposed; a ConvNd flattens (in, *kernel).
+Merging, DoRA, PiSSA/OLoRA init, combination and rank analysis all work on that view.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from contextvars import ContextVar
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import AdapterError
+from .variants import VARIANTS, init_factors
+
+BASE_ADAPTER = "__base__"
+"""In `adapter_names=[...]`, the rows that use no adapter at all."""
+
+# Per-row adapter names for mixed-batch inference; a ContextVar so concurrent requests don't collide.
+_ROW_ADAPTERS: ContextVar[Optional[list[str]]] = ContextVar("lorakit_row_adapters", default=None)
+
+
+@contextlib.contextmanager
+def route_rows(adapter_names: Sequence[str]) -> Iterator[None]:
+    """Within this block, row i of every batch goes through adapter `adapter_names[i]` only."""
+    token = _ROW_ADAPTERS.set(list(adapter_names))
+    try:
+        yield
+    finally:
+        _ROW_ADAPTERS.reset(token)
+
+
+def _rows_by_adapter(names: list[str], batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """{adapter: row indices}; names are repeated per row when the batch was expanded (beams, samples)."""
+    if batch != len(names):
+        if len(names) == 0 or batch % len(names):
+            raise AdapterError(f"adapter_names has {len(names)} entries but the batch has {batch} rows")
+        names = [n for n in names for _ in range(batch // len(names))]
+    groups: dict[str, list[int]] = {}
+    for i, n in enumerate(names):
+        groups.setdefault(n, []).append(i)
+    return {n: torch.tensor(idx, device=device) for n, idx in groups.items()}
+
+
+class LoraLayer(nn.Module):
+    """A frozen base layer plus trainable low-rank updates, one (A, B) pair per adapter name."""
+
+    factor_names = ("lora_A", "lora_B")  # attributes holding the per-adapter A and B (PEFT's key names)
+    factor_store: type = nn.ModuleDict
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
+        super().__init__()
+        self.base_layer = base_layer
+        for attr in self.factor_names:
+            setattr(self, attr, self.factor_store())
+        self.fan_in_fan_out = fan_in_fan_out
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA only
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.variant: dict[str, str] = {}  # adapter -> key of VARIANTS ("lora" | "dora")
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self._merge_state: dict[str, torch.Tensor] = {}  # DoRA: the factor applied at merge, for unmerge
+        self._initial_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # PiSSA/OLoRA start point
+        # Base checkpoints keep loading with no key remapping: "q_proj.weight" -> "q_proj.base_layer.weight".
+        self.register_load_state_dict_pre_hook(_accept_base_keys)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)  # in_features, weight, padding_idx ... pass through
+
+    # ------------------------------------------------------------------ per-type hooks
+    def _make_factors(self, name: str, r: int) -> None:
+        raise NotImplementedError
+
+    def factor_params(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The raw A and B parameters in their own layouts (2-D, or conv-shaped)."""
+        a, b = (getattr(self, attr)[name] for attr in self.factor_names)
+        return (a, b) if isinstance(a, nn.Parameter) else (a.weight, b.weight)
+
+    def factor_matrices(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A (r, in_flat), B (out, r)) as views sharing storage with the parameters."""
+        A, B = self.factor_params(name)
+        return A.view(A.shape[0], -1), B.view(B.shape[0], -1)
+
+    def _lora_branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """B(A(x)) without scaling, shaped like the base output."""
+        raise NotImplementedError
+
+    def weight_matrix(self) -> torch.Tensor:
+        """The frozen weight as a canonical (out, in_flat) view."""
+        return self.base_layer.weight.T if self.fan_in_fan_out else self.base_layer.weight
+
+    def _to_weight_layout(self, matrix: torch.Tensor) -> torch.Tensor:
+        """Inverse of weight_matrix: a canonical (out, in_flat) matrix in the base weight's layout."""
+        return matrix.T if self.fan_in_fan_out else matrix
+
+    def _channel_view(self, v: torch.Tensor) -> torch.Tensor:
+        """Broadcast a per-output vector over the base output (the last dim for linear layers)."""
+        return v
+
+    # ------------------------------------------------------------------ adapters
+    def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                    init_lora_weights=True, use_rslora: bool = False, use_dora: bool = False) -> None:
+        """Create adapter `name` with rank r; its update starts at zero unless init says otherwise."""
+        self.r[name], self.lora_alpha[name] = r, lora_alpha
+        self.scaling[name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self._make_factors(name, r)
+        self.variant[name] = "dora" if use_dora else "lora"
+        weight = self.base_layer.weight
+        for p in self._adapter_parameters(name):
+            p.data = p.data.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else p.dtype)
+        init_factors(self, name, init_lora_weights)
+        VARIANTS[self.variant[name]].init(self, name)
+        if name not in self.active_adapters:
+            self.active_adapters.append(name)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise AdapterError(f"adapter {name!r} is merged into the base weights; unmerge before deleting it")
+        for store in self._adapter_stores():
+            store.pop(name, None)
+        for d in (self.r, self.lora_alpha, self.scaling, self.variant, self._initial_factors):
+            d.pop(name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def _adapter_stores(self) -> list:
+        return [self.lora_dropout, self.lora_magnitude_vector] + [getattr(self, a) for a in self.factor_names]
+
+    def _adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        out = []
+        for store in self._adapter_stores():
+            if name in store:
+                item = store[name]
+                out.extend(item.parameters() if isinstance(item, nn.Module) else [item])
+        return out
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """This adapter's tensors under PEFT's relative keys: the adapter-name segment dropped."""
+        out = {}
+        for key, value in self.state_dict(keep_vars=True).items():
+            parts = key.split(".")
+            if name in parts and not key.startswith("base_layer."):
+                parts.remove(name)
+                out[".".join(parts)] = value
+        return out
+
+    def delta_weight(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """scaling · B @ A as a canonical (out, in_flat) matrix, computed in `dtype`."""
+        A, B = self.factor_matrices(name)
+        return self.scaling[name] * (B.to(dtype) @ A.to(dtype))  # (out, r) @ (r, in) -> (out, in)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        rows = _ROW_ADAPTERS.get()
+        if rows is not None:
+            return self._forward_routed(x, result, rows)
+        if self.merged_adapters:
+            return result  # the active adapters are inside W already
+        for name in self.active_adapters:
+            if name in self.r:
+                result = result + self._delta_output(name, x, result)
+        return result
+
+    def _delta_output(self, name: str, x: torch.Tensor, base_result: torch.Tensor) -> torch.Tensor:
+        """What adapter `name` adds to the base output for input x."""
+        dtype = self.factor_matrices(name)[0].dtype
+        x_cast = x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
+        delta = VARIANTS[self.variant[name]].forward(self, name, x_cast, base_result)
+        return delta.to(base_result.dtype)
+
+    def _forward_routed(self, x: torch.Tensor, result: torch.Tensor, rows: list[str]) -> torch.Tensor:
+        if self.merged_adapters:
+            raise AdapterError("per-row adapter_names cannot be used while adapters are merged; "
+                               "call model.unmerge_adapter() first")
+        for name, idx in _rows_by_adapter(rows, x.shape[0], x.device).items():
+            if name == BASE_ADAPTER or name not in self.r:
+                continue
+            delta = self._delta_output(name, x.index_select(0, idx), result.index_select(0, idx))
+            result = result.index_add(0, idx, delta)
+        return result
+
+    # ------------------------------------------------------------------ merge
+    @torch.no_grad()
+    def merge(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
+        """W <- W + ΔW for each adapter (computed in fp32, cast back). Idempotent."""
+        for name in adapter_names if adapter_names is not None else self.active_adapters:
+            if name in self.merged_adapters or name not in self.r:
+                continue
+            merged = VARIANTS[self.variant[name]].merge(self, name, self.weight_matrix().float())
+            if safe_merge and not torch.isfinite(merged).all():
+                raise AdapterError(f"merging adapter {name!r} gives non-finite weights in this layer; "
+                                   "the base weights were left unchanged")
+            self._write_weight(merged)
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo every merge, last merged first."""
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            restored = VARIANTS[self.variant[name]].unmerge(self, name, self.weight_matrix().float())
+            self._write_weight(restored)
+
+    @torch.no_grad()
+    def _write_weight(self, matrix: torch.Tensor) -> None:
+        weight = self.base_layer.weight
+        weight.data.copy_(self._to_weight_layout(matrix).reshape(weight.shape).to(weight.dtype))
+
+    def extra_repr(self) -> str:
+        return f"adapters={ {n: self.r[n] for n in self.r} }, active={self.active_adapters}"
+
+
+def _accept_base_keys(module, state_dict, prefix, *args) -> None:
+    for pname, _ in module.base_layer.named_parameters(recurse=False):
+        old, new = prefix + pname, prefix + "base_layer." + pname
+        if old in state_dict and new not in state_dict:
+            state_dict[new] = state_dict.pop(old)
+
+
+class LoraLinear(LoraLayer):
+    """LoRA for nn.Linear and GPT-2's Conv1D (fan_in_fan_out: weight stored as (in, out))."""
+
+    def _features(self) -> tuple[int, int]:
+        w = self.base_layer.weight
+        return (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+
+    def _make_factors(self, name: str, r: int) -> None:
+        in_f, out_f = self._features()
+        self.lora_A[name] = nn.Linear(in_f, r, bias=False)
+        self.lora_B[name] = nn.Linear(r, out_f, bias=False)
+
+    def _lora_branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_B[name](self.lora_A[name](x))  # (..., in) -> (..., r) -> (..., out)
+
+    def base_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """W x without the bias."""
+        return F.linear(x, self.weight_matrix().to(x.dtype))
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA for nn.Embedding: A (r, num_embeddings) is looked up, then B (dim, r) projects.
+
+    Canonically the embedding is a linear map from one-hot ids, so W_canonical = weight.T.
+    """
+
+    factor_names = ("lora_embedding_A", "lora_embedding_B")
+    factor_store = nn.ParameterDict
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = True):
+        super().__init__(base_layer, fan_in_fan_out=True)
+
+    def _make_factors(self, name: str, r: int) -> None:
+        num, dim = self.base_layer.weight.shape
+        self.lora_embedding_A[name] = nn.Parameter(torch.zeros(r, num))
+        self.lora_embedding_B[name] = nn.Parameter(torch.zeros(dim, r))
+
+    def _lora_branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        after_a = F.embedding(x, self.lora_embedding_A[name].T, base.padding_idx, base.max_norm,
+                              base.norm_type, base.scale_grad_by_freq, base.sparse)  # (batch, seq, r)
+        return after_a @ self.lora_embedding_B[name].T  # (batch, seq, dim)
+
+
+class LoraConv(LoraLayer):
+    """LoRA for nn.Conv1d/2d/3d: A is a conv with the base's kernel (r filters), B a 1x1 conv to out."""
+
+    def _make_factors(self, name: str, r: int) -> None:
+        base = self.base_layer
+        if base.groups != 1:
+            raise AdapterError(f"LoRA on grouped convolutions (groups={base.groups}) is not supported; "
+                               "exclude this module with exclude_modules")
+        conv = type(base)
+        ones = (1,) * len(base.kernel_size)
+        self.lora_A[name] = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding,
+                                 base.dilation, bias=False, padding_mode=base.padding_mode)
+        self.lora_B[name] = conv(r, base.out_channels, ones, ones, bias=False)
+
+    def weight_matrix(self) -> torch.Tensor:
+        w = self.base_layer.weight
+        return w.view(w.shape[0], -1)
+
+    def _to_weight_layout(self, matrix: torch.Tensor) -> torch.Tensor:
+        return matrix.reshape(self.base_layer.weight.shape)
+
+    def _channel_view(self, v: torch.Tensor) -> torch.Tensor:
+        return v.view(1, -1, *([1] * len(self.base_layer.kernel_size)))
+
+    def _lora_branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_B[name](self.lora_A[name](x))  # (b, in, *sp) -> (b, r, *sp') -> (b, out, *sp')
+
+    def base_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        return base._conv_forward(x, base.weight.to(x.dtype), None)

@@ -1,0 +1,201 @@
+"""LoraModel: a transformers (or any torch) model with LoRA layers injected, and the operations over them.
+
+It holds the wrapped model as `.model`, so a PeftModel's keys read `base_model.model.<module>...`
+exactly as PEFT's do.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..config import LoraConfig
+from ..errors import AdapterError, ConfigError
+from .combine import COMBINATIONS, combine_layer
+from .inject import ModulesToSave, adapter_modules, find_targets, inject_adapter, lora_layers, unwrap
+from .targets import default_targets
+
+
+class LoraModel(nn.Module):
+    """The base model with every adapter's layers in place; one adapter set (or several) active at a time."""
+
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default"):
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, LoraConfig] = {}
+        self.active_adapters: list[str] = []
+        self.frozen_adapters: set[str] = set()  # loaded for inference: never trainable
+        self.inject_adapter(config, adapter_name)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    # ------------------------------------------------------------------ adapters
+    def inject_adapter(self, config: LoraConfig, adapter_name: str) -> list[str]:
+        if adapter_name in self.peft_config:
+            raise AdapterError(f"an adapter named {adapter_name!r} exists already; pick another name "
+                               "or delete_adapter() it first")
+        config = resolve_config(self.model, config)
+        targets = inject_adapter(self.model, config, adapter_name)
+        self.peft_config[adapter_name] = config
+        if not self.active_adapters:
+            self.active_adapters = [adapter_name]
+        self._apply_activity()
+        return targets
+
+    def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
+        """Make these adapters active; several active adapters add their updates."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown or not names:
+            raise AdapterError(f"unknown adapter(s) {unknown}; this model has {sorted(self.peft_config)}")
+        if any(m.merged_adapters for _, m in lora_layers(self.model)):
+            raise AdapterError("adapters are merged into the weights; call unmerge_adapter() before set_adapter()")
+        self.active_adapters = names
+        self._apply_activity()
+
+    def _apply_activity(self) -> None:
+        """Push the active list to every layer; only active, non-frozen adapters train."""
+        for _, module in adapter_modules(self.model):
+            module.active_adapters = [n for n in self.active_adapters]
+        trainable = [n for n in self.active_adapters if n not in self.frozen_adapters]
+        for _, module in lora_layers(self.model):
+            for name in module.r:
+                for p in module._adapter_parameters(name):
+                    p.requires_grad_(name in trainable)
+        for _, module in adapter_modules(self.model):
+            if isinstance(module, ModulesToSave):
+                for name, copy_ in module.modules_to_save.items():
+                    for p in copy_.parameters():
+                        p.requires_grad_(name in trainable)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise AdapterError(f"no adapter named {adapter_name!r}; this model has {sorted(self.peft_config)}")
+        for _, module in adapter_modules(self.model):
+            module.delete_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+        self.frozen_adapters.discard(adapter_name)
+        remaining = [n for n in self.active_adapters if n != adapter_name]
+        self.active_adapters = remaining or list(self.peft_config)[:1]
+        self._apply_activity()
+
+    # ------------------------------------------------------------------ merge / disable / unload
+    def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
+        for _, layer in lora_layers(self.model):
+            layer.merge(adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in lora_layers(self.model):
+            layer.unmerge()
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within this block the model is the base model exactly (merged adapters are taken out and put back)."""
+        merged = {id(l): list(l.merged_adapters) for _, l in lora_layers(self.model)}
+        self.unmerge_adapter()
+        modules = [m for _, m in adapter_modules(self.model)]
+        for m in modules:
+            m.disabled = True
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.disabled = False
+            for _, layer in lora_layers(self.model):
+                if merged.get(id(layer)):
+                    layer.merge(merged[id(layer)])
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Optional[Sequence[str]] = None) -> nn.Module:
+        """Merge the active adapters into W and return the plain model, with no LoRA modules left."""
+        return unwrap(self.model, merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Remove every LoRA module without merging; returns the original model."""
+        for _, layer in lora_layers(self.model):
+            layer.unmerge()
+        return unwrap(self.model, merge=False)
+
+    # ------------------------------------------------------------------ combination
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: Optional[int] = None,
+                             svd_clamp: Optional[float] = None, density: Optional[float] = None,
+                             majority_sign_method: str = "total", **_ignored) -> None:
+        """Create adapter `adapter_name` = a weighted combination of existing adapters (not activated)."""
+        self._check_combination(adapters, weights, adapter_name, combination_type, density)
+        ranks: dict[str, int] = {}
+        for name, layer in lora_layers(self.model):
+            if not any(a in layer.r for a in adapters):
+                continue
+            A, B = combine_layer(layer, adapters, weights, combination_type, svd_rank,
+                                 1.0 if density is None else density, majority_sign_method, svd_clamp)
+            k = A.shape[0]
+            layer.add_adapter(adapter_name, r=k, lora_alpha=k)
+            a_param, b_param = layer.factor_params(adapter_name)
+            with torch.no_grad():
+                a_param.copy_(A.reshape(a_param.shape))
+                b_param.copy_(B.reshape(b_param.shape))
+            ranks[name] = k
+        self._copy_saved_modules(adapters, adapter_name)
+        self.peft_config[adapter_name] = _combined_config(self.peft_config[adapters[0]], ranks)
+        self._apply_activity()
+
+    def _check_combination(self, adapters, weights, adapter_name, combination_type, density) -> None:
+        problems = [f"unknown adapter {a!r}" for a in adapters if a not in self.peft_config]
+        if len(adapters) != len(weights):
+            problems.append(f"{len(adapters)} adapters but {len(weights)} weights")
+        if combination_type not in COMBINATIONS:
+            problems.append(f"combination_type must be one of {COMBINATIONS}, got {combination_type!r}")
+        if adapter_name in self.peft_config:
+            problems.append(f"an adapter named {adapter_name!r} exists already")
+        if any(self.peft_config[a].use_dora for a in adapters if a in self.peft_config):
+            problems.append("DoRA adapters cannot be combined (their magnitude vectors do not add)")
+        needs_density = combination_type not in ("linear", "cat", "svd")
+        if needs_density and (density is None or not 0 < density <= 1):
+            problems.append(f"combination_type={combination_type!r} needs density in (0, 1], got {density!r}")
+        if problems:
+            raise ConfigError(problems, where="add_weighted_adapter")
+
+    def _copy_saved_modules(self, sources: Sequence[str], new: str) -> None:
+        """modules_to_save of the new adapter: the first source's trained copy (heads do not average)."""
+        for _, module in adapter_modules(self.model):
+            if isinstance(module, ModulesToSave):
+                src = next((s for s in sources if s in module.modules_to_save), None)
+                if src is not None:
+                    module.modules_to_save[new] = copy.deepcopy(module.modules_to_save[src])
+
+
+def resolve_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """A private copy with what the model implies filled in (the caller's object is never touched)."""
+    config = copy.deepcopy(config)
+    if config.target_modules is None:
+        config.target_modules = default_targets(model)
+    if not config.fan_in_fan_out and any(type(m).__name__ == "Conv1D" for m in model.modules()):
+        config.fan_in_fan_out = _targets_conv1d(model, config)  # recorded so PEFT reads the file right
+    return config
+
+
+def _combined_config(first: LoraConfig, ranks: dict[str, int]) -> LoraConfig:
+    r = max(ranks.values())
+    odd = {n: k for n, k in ranks.items() if k != r}
+    return first.copy(r=r, lora_alpha=r, rank_pattern=odd, alpha_pattern=dict(odd), use_rslora=False,
+                      use_dora=False, init_lora_weights=True, target_modules=sorted(ranks), lora_dropout=0.0,
+                      layers_to_transform=None, layers_pattern=None, exclude_modules=None)
+
+
+def _targets_conv1d(model: nn.Module, config: LoraConfig) -> bool:
+    names = find_targets(model, config)
+    return any(type(getattr(model.get_submodule(n), "base_layer", model.get_submodule(n))).__name__ == "Conv1D"
+               for n in names)

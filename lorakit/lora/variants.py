@@ -1,0 +1,163 @@
+"""How an adapter starts (init strategies) and how it acts (plain LoRA or DoRA), as small tables.
+
+Everything here works on a layer's canonical matrices: W (out, in), A (r, in), B (out, r).
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from .layer import LoraLayer
+
+
+# ---------------------------------------------------------------------- init strategies
+def _init_kaiming(layer: "LoraLayer", name: str) -> None:
+    """A Kaiming-uniform, B zero: the update starts at exactly zero (embeddings: A zero, B normal)."""
+    A, B = layer.factor_matrices(name)
+    if layer.factor_names[0] == "lora_embedding_A":
+        nn.init.zeros_(A)
+        nn.init.normal_(B)
+        return
+    nn.init.kaiming_uniform_(layer.factor_params(name)[0], a=math.sqrt(5))
+    nn.init.zeros_(B)
+
+
+def _init_gaussian(layer: "LoraLayer", name: str) -> None:
+    A, B = layer.factor_matrices(name)
+    if layer.factor_names[0] == "lora_embedding_A":
+        return _init_kaiming(layer, name)
+    nn.init.normal_(A, std=1.0 / layer.r[name])
+    nn.init.zeros_(B)
+
+
+def _init_random(layer: "LoraLayer", name: str) -> None:
+    """Both factors random, so the update is non-zero from the start (tests of merge and I/O)."""
+    if layer.factor_names[0] == "lora_embedding_A":
+        for t in layer.factor_matrices(name):
+            nn.init.normal_(t)
+    # Linear and Conv factors keep their constructors' random init.
+
+
+def _move_principal_part(layer: "LoraLayer", name: str, A0: torch.Tensor, B0: torch.Tensor) -> None:
+    """Set A, B to A0, B0 and remove their product from W, so the layer's output is unchanged."""
+    A, B = layer.factor_matrices(name)
+    A.data.copy_(A0.to(A.dtype))
+    B.data.copy_(B0.to(B.dtype))
+    W = layer.weight_matrix().float()
+    layer._write_weight(W - layer.scaling[name] * (B0 @ A0))
+    layer._initial_factors[name] = tuple(p.detach().clone() for p in layer.factor_params(name))
+
+
+def _init_pissa(layer: "LoraLayer", name: str, niter: int | None = None) -> None:
+    """PiSSA: the top-r singular directions of W become A, B; W keeps the residual."""
+    W, r, s = layer.weight_matrix().float(), layer.r[name], layer.scaling[name]
+    if niter is None:
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    else:
+        U, S, V = torch.svd_lowrank(W, q=r, niter=niter)
+        Vh = V.T
+    root = torch.sqrt(S[:r] / s)  # (r,)
+    A0 = root[:, None] * Vh[:r]  # (r, in)
+    B0 = U[:, :r] * root[None, :]  # (out, r)
+    _move_principal_part(layer, name, A0, B0)
+
+
+def _init_olora(layer: "LoraLayer", name: str) -> None:
+    """OLoRA: W = Q R; the first r columns of Q become B and the first r rows of R become A."""
+    Q, R = torch.linalg.qr(layer.weight_matrix().float())
+    r = layer.r[name]
+    _move_principal_part(layer, name, R[:r].contiguous(), Q[:, :r].contiguous())
+
+
+INITS: dict[object, Callable[["LoraLayer", str], None]] = {
+    True: _init_kaiming,
+    "gaussian": _init_gaussian,
+    False: _init_random,
+    "pissa": _init_pissa,
+    "olora": _init_olora,
+}
+
+
+@torch.no_grad()
+def init_factors(layer: "LoraLayer", name: str, init) -> None:
+    if isinstance(init, str) and init.startswith("pissa_niter_"):
+        return _init_pissa(layer, name, niter=int(init.rsplit("_", 1)[1]))
+    INITS[init](layer, name)
+
+
+# ---------------------------------------------------------------------- variants
+class LoraVariant:
+    """Plain LoRA: output += scaling · B A dropout(x); merge W += scaling · B A."""
+
+    @staticmethod
+    def init(layer: "LoraLayer", name: str) -> None:
+        pass
+
+    @staticmethod
+    def forward(layer: "LoraLayer", name: str, x: torch.Tensor, base_result: torch.Tensor) -> torch.Tensor:
+        return layer.scaling[name] * layer._lora_branch(name, layer.lora_dropout[name](x))
+
+    @staticmethod
+    def merge(layer: "LoraLayer", name: str, W: torch.Tensor) -> torch.Tensor:
+        return W + layer.delta_weight(name)
+
+    @staticmethod
+    def unmerge(layer: "LoraLayer", name: str, W: torch.Tensor) -> torch.Tensor:
+        return W - layer.delta_weight(name)
+
+
+class DoraVariant:
+    """DoRA: W' = m · (W + ΔW) / ||W + ΔW|| per output row, with the norm detached (as in the paper).
+
+    Unmerged forward: base + (g - 1) · W x_d + g · scaling · B A x_d, where g = m / ||W + ΔW||
+    and x_d = dropout(x); in eval this equals the merged layer exactly.
+    """
+
+    @staticmethod
+    def _norm(layer: "LoraLayer", name: str) -> torch.Tensor:
+        W = layer.weight_matrix()
+        return (W.float() + layer.delta_weight(name)).norm(dim=1)  # (out,)
+
+    @staticmethod
+    def init(layer: "LoraLayer", name: str) -> None:
+        if not hasattr(layer, "base_matmul"):
+            raise ConfigError([f"use_dora is not supported for {type(layer.base_layer).__name__} layers; "
+                               "exclude them from target_modules or turn DoRA off"])
+        with torch.no_grad():
+            magnitude = DoraVariant._norm(layer, name).to(layer.weight_matrix().dtype)
+        layer.lora_magnitude_vector[name] = nn.Parameter(magnitude)
+
+    @staticmethod
+    def forward(layer: "LoraLayer", name: str, x: torch.Tensor, base_result: torch.Tensor) -> torch.Tensor:
+        dropout = layer.lora_dropout[name]
+        x_d = dropout(x)
+        if x_d is x:  # no dropout: reuse the base output, minus its bias
+            bias = getattr(layer.base_layer, "bias", None)
+            wx = base_result if bias is None else base_result - layer._channel_view(bias)
+        else:
+            wx = layer.base_matmul(x_d)
+        with torch.no_grad():
+            norm = DoraVariant._norm(layer, name)
+        g = layer._channel_view((layer.lora_magnitude_vector[name] / norm.to(x.dtype)).to(x.dtype))
+        lora = layer.scaling[name] * layer._lora_branch(name, x_d)
+        return (g - 1) * wx.to(x.dtype) + g * lora
+
+    @staticmethod
+    def merge(layer: "LoraLayer", name: str, W: torch.Tensor) -> torch.Tensor:
+        factor = layer.lora_magnitude_vector[name].float() / DoraVariant._norm(layer, name)  # (out,)
+        layer._merge_state[name] = factor
+        return factor[:, None] * (W + layer.delta_weight(name))
+
+    @staticmethod
+    def unmerge(layer: "LoraLayer", name: str, W: torch.Tensor) -> torch.Tensor:
+        factor = layer._merge_state.pop(name)
+        return W / factor[:, None] - layer.delta_weight(name)
+
+
+VARIANTS = {"lora": LoraVariant, "dora": DoraVariant}

@@ -1,0 +1,243 @@
+"""PeftModel and get_peft_model: PEFT's user-facing API over a LoraModel.
+
+    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=[...]))
+    model.save_pretrained("out/adapter")
+    model = PeftModel.from_pretrained(fresh_base, "out/adapter")
+    merged = model.merge_and_unload()
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .config import LoraConfig
+from .errors import AdapterError
+from .lora.files import (adapter_state_dict, fingerprint, fingerprint_mismatch, load_into, make_meta,
+                         read_adapter_tensors, read_meta, save_adapter)
+from .lora.inject import find_targets, lora_layers
+from .lora.layer import BASE_ADAPTER, route_rows
+from .lora.model import LoraModel, resolve_config
+
+
+class PeftModel(nn.Module):
+    """A model with LoRA adapters. Attributes and methods of the wrapped model pass through."""
+
+    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
+                 adapter_dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        fp = _fingerprint_before(model, peft_config)
+        self.base_model = LoraModel(model, peft_config, adapter_name)
+        self.adapter_dtype = adapter_dtype
+        self.fingerprints: dict[str, dict] = {adapter_name: fp}
+        self.adapter_metadata: dict[str, dict[str, Any]] = {adapter_name: {}}
+        self._cast_adapter(adapter_name)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def peft_config(self) -> dict[str, LoraConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapter(self) -> Union[str, list[str]]:
+        active = self.base_model.active_adapters
+        return active[0] if len(active) == 1 else list(active)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self.base_model.active_adapters)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    def _cast_adapter(self, name: str) -> None:
+        if self.adapter_dtype is None:
+            return
+        for _, layer in lora_layers(self.base_model.model):
+            for p in layer._adapter_parameters(name):
+                p.data = p.data.to(self.adapter_dtype)
+
+    # ------------------------------------------------------------------ forward / generate
+    def _routing(self, adapter_names: Optional[Sequence[str]]):
+        if adapter_names is None:
+            return contextlib.nullcontext()
+        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.peft_config})
+        if unknown:
+            raise AdapterError(f"adapter_names mentions unknown adapters {unknown}; this model has "
+                               f"{sorted(self.peft_config)} (and {BASE_ADAPTER!r} for none)")
+        return route_rows(adapter_names)
+
+    def forward(self, *args, adapter_names: Optional[Sequence[str]] = None, **kwargs):
+        """The wrapped model's forward; `adapter_names[i]` picks the adapter of row i (mixed batches)."""
+        with self._routing(adapter_names):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, adapter_names: Optional[Sequence[str]] = None, **kwargs):
+        with self._routing(adapter_names):
+            return self.base_model.model.generate(*args, **kwargs)
+
+    # ------------------------------------------------------------------ parameters
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
+
+    # ------------------------------------------------------------------ adapters
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
+        """Add a new, freshly initialised adapter (not activated: call set_adapter)."""
+        fp = _fingerprint_before(self.base_model.model, peft_config)
+        active = self.base_model.active_adapters
+        self.base_model.inject_adapter(peft_config, adapter_name)
+        self.base_model.set_adapter(active)
+        self.fingerprints[adapter_name] = fp
+        self.adapter_metadata[adapter_name] = {}
+        self._cast_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.delete_adapter(adapter_name)
+        self.fingerprints.pop(adapter_name, None)
+        self.adapter_metadata.pop(adapter_name, None)
+
+    def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
+        self.base_model.set_adapter(adapter_name)
+
+    def disable_adapter(self):
+        return self.base_model.disable_adapter()
+
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                             combination_type: str = "svd", **kwargs) -> None:
+        self.base_model.add_weighted_adapter(adapters, weights, adapter_name, combination_type, **kwargs)
+        self.fingerprints[adapter_name] = self.fingerprints[adapters[0]]
+        self.adapter_metadata[adapter_name] = {"combined_from": dict(zip(adapters, map(float, weights))),
+                                               "combination_type": combination_type}
+
+    # ------------------------------------------------------------------ files
+    def save_pretrained(self, save_directory: Union[str, os.PathLike],
+                        selected_adapters: Optional[Sequence[str]] = None, is_main_process: bool = True,
+                        convert_to_lora: bool = True, **_ignored) -> None:
+        """Write each adapter as a PEFT folder: 'default' at the root, others in sub-folders by name.
+
+        PiSSA/OLoRA adapters are converted (convert_to_lora=True) into plain LoRA of rank 2r that applies
+        to the original, unmodified base model, so they load anywhere without the residual weights.
+        """
+        if not is_main_process:
+            return
+        names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise AdapterError(f"cannot save unknown adapter(s) {unknown}; this model has {sorted(self.peft_config)}")
+        for name in names:
+            config = self.peft_config[name]
+            tensors = adapter_state_dict(self.base_model.model, name, config.bias)
+            if convert_to_lora and str(config.init_lora_weights).startswith(("pissa", "olora")):
+                tensors, config = self._as_plain_lora(name, tensors, config)
+            config_dict = config.to_dict()
+            config_dict["inference_mode"] = True
+            config_dict.setdefault("base_model_name_or_path", None)
+            config_dict["base_model_name_or_path"] = config_dict["base_model_name_or_path"] or \
+                getattr(getattr(self.base_model.model, "config", None), "_name_or_path", None)
+            directory = Path(save_directory) if name == "default" else Path(save_directory) / name
+            meta = make_meta(self.fingerprints.get(name, {}), {"adapter_name": name, **self.adapter_metadata.get(name, {})})
+            save_adapter(directory, tensors, config_dict, meta)
+
+    def _as_plain_lora(self, name: str, tensors: dict, config: LoraConfig) -> tuple[dict, LoraConfig]:
+        """ΔW = s·B A − s·B0 A0 = s·[B, −B0] [A; A0]: a rank-2r LoRA on the original weights."""
+        tensors = dict(tensors)
+        for layer_name, layer in lora_layers(self.base_model.model):
+            if name not in layer._initial_factors:
+                continue
+            A0, B0 = layer._initial_factors[name]
+            A, B = layer.factor_params(name)
+            key_a, key_b = (f"{layer_name}.{attr}" + ("" if layer.factor_store is nn.ParameterDict else ".weight")
+                            for attr in layer.factor_names)
+            tensors[key_a] = torch.cat([A.detach(), A0], 0)
+            tensors[key_b] = torch.cat([B.detach(), -B0], 1)
+        grow = math.sqrt(2) if config.use_rslora else 2  # keeps alpha / r (or alpha / sqrt r) unchanged
+        return tensors, config.copy(
+            r=2 * config.r, lora_alpha=config.lora_alpha * grow, init_lora_weights=True,
+            rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+            alpha_pattern={k: v * grow for k, v in config.alpha_pattern.items()})
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: Union[str, os.PathLike], adapter_name: str = "default",
+                        is_trainable: bool = False, config: Optional[LoraConfig] = None,
+                        allow_pickle: bool = False, ignore_base_mismatch: bool = False, **_ignored) -> "PeftModel":
+        """Load a saved adapter (lorakit's or PEFT's) onto a fresh base model."""
+        config = _loadable_config(config or LoraConfig.from_pretrained(model_id), is_trainable)
+        meta = read_meta(model_id)
+        _check_base(meta, model, str(model_id), ignore_base_mismatch)
+        tensors = read_adapter_tensors(model_id, allow_pickle)
+        peft_model = cls(model, config, adapter_name)
+        peft_model._finish_load(adapter_name, tensors, config, meta, str(model_id), is_trainable)
+        return peft_model
+
+    def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False,
+                     allow_pickle: bool = False, ignore_base_mismatch: bool = False, **_ignored) -> None:
+        """Load another saved adapter into this model under `adapter_name` (not activated)."""
+        config = _loadable_config(LoraConfig.from_pretrained(model_id), is_trainable)
+        meta = read_meta(model_id)
+        _check_base(meta, self.base_model.model, str(model_id), ignore_base_mismatch)
+        tensors = read_adapter_tensors(model_id, allow_pickle)
+        self.add_adapter(adapter_name, config)
+        self._finish_load(adapter_name, tensors, config, meta, str(model_id), is_trainable)
+
+    def _finish_load(self, name: str, tensors: dict, config: LoraConfig, meta: dict, source: str,
+                     is_trainable: bool) -> None:
+        load_into(self.base_model.model, name, tensors, config.bias, source)
+        if meta.get("base_fingerprint"):
+            self.fingerprints[name] = meta["base_fingerprint"]
+        self.adapter_metadata[name] = {k: v for k, v in meta.items()
+                                       if k not in ("base_fingerprint", "versions", "format", "created", "adapter_name")}
+        if not is_trainable:
+            self.base_model.frozen_adapters.add(name)
+            self.base_model._apply_activity()
+            self.eval()
+
+
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
+                   adapter_dtype: Optional[torch.dtype] = None, **_ignored) -> PeftModel:
+    """Inject LoRA into `model` (in place) and wrap it. Only adapter parameters (and modules_to_save) train.
+
+    Args:
+        model: any torch model; transformers models get per-architecture default targets.
+        peft_config: the LoraConfig (copied, never modified).
+        adapter_name: name of this first adapter.
+        adapter_dtype: dtype for adapter weights; None follows the base weights' dtype.
+    """
+    return PeftModel(model, peft_config, adapter_name, adapter_dtype=adapter_dtype)
+
+
+def _fingerprint_before(model: nn.Module, config: LoraConfig) -> dict:
+    """The base fingerprint over the modules this config will target, taken before any init touches W."""
+    return fingerprint(model, find_targets(model, resolve_config(model, config)))
+
+
+def _loadable_config(config: LoraConfig, is_trainable: bool) -> LoraConfig:
+    # Saved weights replace the init, so never re-run PiSSA/OLoRA (they would rewrite the base weights).
+    return config.copy(init_lora_weights=True, inference_mode=not is_trainable)
+
+
+def _check_base(meta: dict, model: nn.Module, source: str, ignore: bool) -> None:
+    problem = fingerprint_mismatch(meta.get("base_fingerprint") or {}, model)
+    if problem and not ignore:
+        raise AdapterError(f"adapter {source} was trained on a different base model: {problem}. Load the base it "
+                           "was made for, or pass ignore_base_mismatch=True (CLI: --ignore-base-mismatch) "
+                           "if you know they match")
