@@ -34,7 +34,8 @@ class ModulesToSave(nn.Module):
             self.active_adapters.append(name)
 
     def delete_adapter(self, name: str) -> None:
-        self.modules_to_save.pop(name, None)
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
     def __getattr__(self, name: str):
@@ -167,7 +168,7 @@ def _wrap_modules_to_save(model: nn.Module, saved: list[str], heads: list[str], 
         else:
             _set_submodule(model, name, ModulesToSave(module, adapter_name))
         wrapped.add(name)
-    missing = [s for s in saved if s not in matched]
+    missing = [s for s in saved if s not in matched and s not in heads]  # PEFT lists every possible head
     if missing:
         raise TargetError(f"modules_to_save {missing} matched no module. Closest module names: "
                           f"{closest_names(model, missing)}")

@@ -133,7 +133,8 @@ class LoraLayer(nn.Module):
         if name in self.merged_adapters:
             raise AdapterError(f"adapter {name!r} is merged into the base weights; unmerge before deleting it")
         for store in self._adapter_stores():
-            store.pop(name, None)
+            if name in store:
+                del store[name]
         for d in (self.r, self.lora_alpha, self.scaling, self.variant, self._initial_factors):
             d.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]

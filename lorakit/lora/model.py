@@ -93,8 +93,13 @@ class LoraModel(nn.Module):
 
     # ------------------------------------------------------------------ merge / disable / unload
     def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
-        for _, layer in lora_layers(self.model):
-            layer.merge(adapter_names, safe_merge=safe_merge)
+        """Fold the adapters into W. With safe_merge, a non-finite result anywhere leaves every layer unmerged."""
+        try:
+            for _, layer in lora_layers(self.model):
+                layer.merge(adapter_names, safe_merge=safe_merge)
+        except AdapterError:
+            self.unmerge_adapter()
+            raise
 
     def unmerge_adapter(self) -> None:
         for _, layer in lora_layers(self.model):
@@ -120,7 +125,8 @@ class LoraModel(nn.Module):
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: Optional[Sequence[str]] = None) -> nn.Module:
         """Merge the active adapters into W and return the plain model, with no LoRA modules left."""
-        return unwrap(self.model, merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        return unwrap(self.model, merge=True, adapter_names=adapter_names)
 
     def unload(self) -> nn.Module:
         """Remove every LoRA module without merging; returns the original model."""

@@ -1,0 +1,285 @@
+"""Resumable checkpoints: `<run>/checkpoints/step-<N>/`, written atomically, verified on load.
+
+Layout of one checkpoint folder:
+
+    trainable.safetensors   every parameter with requires_grad, keyed by its named_parameters() name
+    optimizer.pt            {"optimizer": AdamW state, "scheduler": LambdaLR state, "grad_scaler": ...}
+    rng.pt                  python, numpy, torch CPU (and CUDA) generator states
+    trainer_state.json      step, epoch, position in the epoch, token counts, ... (`TrainState`)
+    config.json             the TrainConfig of the run that wrote it
+    checksums.json          sha256 of every file above; a checkpoint whose files are missing or
+                            differ is skipped with a warning and the previous good one is used
+
+`.pt` files are read with `torch.load(weights_only=True)`: they hold tensors and plain data only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+import re
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lorakit.atomic import atomic_directory
+from lorakit.errors import LorakitError
+from lorakit.train.optim import trainable_parameters
+
+PARAMS_FILE = "trainable.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng.pt"
+STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "config.json"
+CHECKSUMS_FILE = "checksums.json"
+REQUIRED_FILES = (PARAMS_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE, CONFIG_FILE)
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+class CheckpointError(LorakitError):
+    """A checkpoint cannot be used: corrupted, incomplete, or made for a different model."""
+
+
+@dataclass
+class TrainState:
+    """Where training stands; everything besides tensors that an exact resume needs."""
+
+    step: int = 0
+    """Optimizer steps completed."""
+    epoch: int = 0
+    """The epoch being read (0-based)."""
+    micro_batch: int = 0
+    """Micro-batches of `epoch` already consumed (always at an accumulation-window boundary)."""
+    input_tokens: int = 0
+    """Non-padding input tokens processed so far."""
+    label_tokens: int = 0
+    """Units the loss averaged over so far (label tokens, or examples for classification / QA)."""
+    skipped_batches: int = 0
+    """Accumulation windows dropped because of a NaN/inf loss (nan_policy=skip)."""
+    train_seconds: float = 0.0
+    """Wall-clock seconds spent in fit(), summed over resumed sessions."""
+    log_loss_sum: float = 0.0
+    """Sum of step losses since the last metrics line (so resumed log lines match)."""
+    log_loss_steps: int = 0
+    """Steps since the last metrics line."""
+    last_logged_loss: Optional[float] = None
+    """The loss written in the last metrics line."""
+    last_eval: Optional[dict] = None
+    """The last evaluation figures (eval_loss, eval_perplexity, eval_tokens)."""
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainState":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+# --- RNG ------------------------------------------------------------------------------------
+
+def capture_rng() -> dict[str, Any]:
+    """Every global generator's state, as tensors and plain data (safe for weights_only load)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["numpy"]
+    np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32),
+                         np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# --- files ----------------------------------------------------------------------------------
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_dir(run_dir: Path | str, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step-{step}"
+
+
+def list_checkpoints(checkpoints: Path | str) -> list[tuple[int, Path]]:
+    """(step, folder) of every `step-<N>` folder, oldest first. Does not verify them."""
+    root = Path(checkpoints)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if p.is_dir() and (m := _STEP_DIR.fullmatch(p.name))]
+    return sorted(found)
+
+
+def verify_checkpoint(path: Path | str) -> list[str]:
+    """Problems that make the checkpoint unusable; an empty list means it is intact."""
+    path = Path(path)
+    try:
+        expected = json.loads((path / CHECKSUMS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return [f"{CHECKSUMS_FILE} missing or unreadable ({err.__class__.__name__})"]
+    problems = [f"{name} is not listed in {CHECKSUMS_FILE}" for name in REQUIRED_FILES
+                if name not in expected]
+    for name, digest in expected.items():
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{name} is missing")
+        elif sha256_file(file) != digest:
+            problems.append(f"{name} does not match its checksum")
+    return problems
+
+
+def latest_good_checkpoint(where: Path | str) -> Optional[Path]:
+    """The newest intact checkpoint in a run folder or a `checkpoints/` folder, else None.
+
+    Broken ones are skipped with a warning that says what is wrong with them.
+    """
+    where = Path(where)
+    root = where / "checkpoints" if (where / "checkpoints").is_dir() else where
+    for step, path in reversed(list_checkpoints(root)):
+        problems = verify_checkpoint(path)
+        if not problems:
+            return path
+        warnings.warn(f"skipping checkpoint {path}: {'; '.join(problems)}", stacklevel=2)
+    return None
+
+
+def resolve_resume(resume: bool | str | None, run_dir: Path | str) -> Optional[Path]:
+    """The checkpoint folder `--resume` points at, or None to start fresh.
+
+    True: the newest good checkpoint of `run_dir` (None if it has none). A path: a checkpoint
+    folder (must be intact), or a run / checkpoints folder (its newest good checkpoint).
+    Raises:
+        CheckpointError: a named path is missing, broken, or holds no good checkpoint.
+    """
+    if resume is None or resume is False or resume == "":
+        return None
+    if resume is True:
+        return latest_good_checkpoint(run_dir)
+    path = Path(resume)
+    if (path / CHECKSUMS_FILE).exists() or _STEP_DIR.fullmatch(path.name):
+        problems = verify_checkpoint(path)
+        if problems:
+            fallback = latest_good_checkpoint(path.parent)
+            hint = f"; the newest good one is {fallback}" if fallback else ""
+            raise CheckpointError(f"cannot resume from {path}: {'; '.join(problems)}{hint}")
+        return path
+    if not path.is_dir():
+        raise CheckpointError(f"cannot resume: {path} does not exist")
+    found = latest_good_checkpoint(path)
+    if found is None:
+        raise CheckpointError(f"cannot resume: no intact checkpoint under {path}")
+    return found
+
+
+# --- save / load ----------------------------------------------------------------------------
+
+def save_checkpoint(run_dir: Path | str, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, grad_scaler: Any, state: TrainState,
+                    config: dict[str, Any], keep: int) -> Path:
+    """Write `<run>/checkpoints/step-<state.step>/` atomically, then keep only the newest `keep`."""
+    target = checkpoint_dir(run_dir, state.step)
+    _remove_leftovers(target.parent)
+    params = trainable_parameters(model)
+    with atomic_directory(target) as tmp:
+        save_file({n: p.detach().contiguous().cpu() for n, p in params}, str(tmp / PARAMS_FILE))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "grad_scaler": grad_scaler.state_dict()}, tmp / OPTIMIZER_FILE)
+        torch.save(capture_rng(), tmp / RNG_FILE)
+        trainer_state = {"format": FORMAT_VERSION, **dataclasses.asdict(state),
+                         "param_names": [n for n, _ in params]}
+        _write_json(tmp / STATE_FILE, trainer_state)
+        _write_json(tmp / CONFIG_FILE, config)
+        _write_json(tmp / CHECKSUMS_FILE, {n: sha256_file(tmp / n) for n in REQUIRED_FILES})
+    prune_checkpoints(target.parent, keep)
+    return target
+
+
+def load_checkpoint(path: Path | str, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, grad_scaler: Any) -> TrainState:
+    """Restore parameters, optimizer, scheduler, scaler and RNG from `path`; return its TrainState.
+
+    Raises:
+        CheckpointError: the folder fails verification, or its parameters do not match the
+            model's trainable parameters (names or shapes).
+    """
+    path = Path(path)
+    problems = verify_checkpoint(path)
+    if problems:
+        raise CheckpointError(f"checkpoint {path} is broken: {'; '.join(problems)}")
+    _load_trainable(path / PARAMS_FILE, model)
+    saved = torch.load(path / OPTIMIZER_FILE, weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    grad_scaler.load_state_dict(saved["grad_scaler"])
+    pass
+    return TrainState.from_dict(json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
+
+
+def _load_trainable(file: Path, model: nn.Module) -> None:
+    saved = load_file(str(file))
+    params = dict(trainable_parameters(model))
+    missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+    wrong = [n for n in params.keys() & saved.keys() if params[n].shape != saved[n].shape]
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"checkpoint {file.parent} does not fit this model's trainable parameters: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape differs {wrong[:5]} "
+            "(was it written with other targets, rank or model?)")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(saved[name])
+
+
+def prune_checkpoints(checkpoints: Path, keep: int) -> None:
+    """Delete all but the `keep` newest `step-<N>` folders."""
+    for _, path in list_checkpoints(checkpoints)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def set_aside_later_checkpoints(run_dir: Path | str, step: int) -> list[Path]:
+    """Rename checkpoints newer than `step` to `superseded-step-<N>` (a resume from an older one
+    starts a new timeline; pruning would otherwise keep the stale future ones)."""
+    moved = []
+    for later, path in list_checkpoints(Path(run_dir) / "checkpoints"):
+        if later > step:
+            new = path.with_name(f"superseded-{path.name}")
+            shutil.rmtree(new, ignore_errors=True)
+            path.rename(new)
+            moved.append(new)
+    return moved
+
+
+def _remove_leftovers(checkpoints: Path) -> None:
+    """Temporary folders left by a run killed while writing (see lorakit.atomic)."""
+    if checkpoints.is_dir():
+        for p in checkpoints.glob(".step-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")

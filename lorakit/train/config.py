@@ -1,0 +1,238 @@
+"""`TrainConfig`: the single definition of every `lorakit train` option.
+
+The CLI exposes these fields through jsonargparse (`attribute_docstrings`: the string under each
+field is its `--help` text) and YAML configs use the same names. Nothing here imports torch.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Union
+
+from lorakit.errors import ConfigError
+
+TASKS = ("causal-lm", "seq-cls", "token-cls", "qa", "seq2seq")
+# PEFT's TaskType value for each --task
+TASK_TYPES = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS", "token-cls": "TOKEN_CLS",
+              "qa": "QUESTION_ANS", "seq2seq": "SEQ_2_SEQ_LM"}
+LR_SCHEDULES = ("cosine", "linear", "constant")
+NAN_POLICIES = ("stop", "skip")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+INIT_LORA_WEIGHTS = (True, False, "gaussian", "pissa", "olora")
+
+
+@dataclass
+class TrainConfig:
+    """Options of `lorakit train`: model, data, LoRA shape, optimisation, checkpoints, logging."""
+
+    # --- what to train on -------------------------------------------------------------------
+    model: str = "smollm2-135m"
+    """Base model: an embedded name (smollm2-135m, minilm-l6), a local transformers folder, a .gguf file or a hub id."""
+    data: Optional[str] = None
+    """Training data: a .jsonl/.json/.csv/.tsv/.parquet file, a folder of them, or a datasets name. None = the built-in demo data."""
+    eval_data: Optional[str] = None
+    """Held-out data scored during and after training (same formats as --data). None = split from --data or the demo's held-out set."""
+    task: Literal["causal-lm", "seq-cls", "token-cls", "qa", "seq2seq"] = "causal-lm"
+    """What the model learns: causal-lm, seq-cls, token-cls, qa or seq2seq."""
+    out: Optional[str] = None
+    """Run folder. None = runs/<name>, or runs/<timestamp> when no --name is given."""
+    name: Optional[str] = None
+    """Run name, used for the run folder runs/<name> when --out is not given."""
+
+    # --- how long ---------------------------------------------------------------------------
+    epochs: float = 1.0
+    """Passes over the training data (fractions allowed). Ignored when --max-steps is set."""
+    max_steps: int = -1
+    """Optimizer steps to run; -1 = derive from --epochs."""
+    batch_size: int = 4
+    """Examples per micro-batch (one forward/backward)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step; the effective batch is batch_size x grad_accum."""
+    seq_len: int = 512
+    """Maximum tokens per example (longer ones are truncated)."""
+    packing: bool = False
+    """Concatenate short examples into full seq_len rows (causal-lm only)."""
+
+    # --- LoRA shape -------------------------------------------------------------------------
+    r: int = 16
+    """LoRA rank: the inner dimension of the A (r x in) and B (out x r) matrices."""
+    alpha: float = 32
+    """LoRA alpha: the update is scaled by alpha / r (alpha / sqrt(r) with --use-rslora)."""
+    targets: Union[str, list[str], None] = None
+    """Layers that get LoRA: None = the architecture's attention and MLP projections; a list of names (exact or .suffix), a full-match regex, or "all-linear"."""
+    dropout: float = 0.05
+    """Dropout applied to the LoRA branch input during training."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r."""
+    init_lora_weights: Union[bool, Literal["gaussian", "pissa", "olora"]] = True
+    """LoRA init: true = Kaiming-uniform A and zero B; gaussian; pissa; olora; false = random B (tests only)."""
+
+    # --- optimisation -----------------------------------------------------------------------
+    lr: float = 2e-4
+    """Peak learning rate of AdamW."""
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warmup: cosine, linear (both to zero at the end) or constant."""
+    warmup_ratio: float = 0.03
+    """Fraction of all optimizer steps spent ramping the learning rate up linearly."""
+    warmup_steps: Optional[int] = None
+    """Warmup length in steps; overrides --warmup-ratio when set."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (never applied to biases, norms or DoRA magnitude vectors)."""
+    max_grad_norm: Optional[float] = 1.0
+    """Clip the global gradient norm to this value; None or 0 = no clipping."""
+    lora_plus_ratio: Optional[float] = None
+    """LoRA+: the learning rate of the lora_B matrices is lr x this ratio (the paper suggests 16). None = off."""
+    seed: int = 42
+    """Seed for initialisation, dropout and the data order of every epoch."""
+
+    # --- hardware ---------------------------------------------------------------------------
+    device: str = "auto"
+    """Where to train: auto (CUDA if available, else CPU), cpu, cuda, cuda:1, mps."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Compute dtype: auto = bf16 autocast on CUDA, fp32 on CPU; float16 uses a gradient scaler."""
+    quantize: Optional[Literal["nf4"]] = None
+    """Quantize the frozen base weights (QLoRA): nf4 needs CUDA and bitsandbytes. None = off."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 30% slower."""
+
+    # --- run bookkeeping --------------------------------------------------------------------
+    resume: Union[bool, str] = False
+    """Continue from a checkpoint: true = the latest good one in the run folder; or a checkpoint or run folder path."""
+    log_every: int = 10
+    """Write the training loss to metrics.jsonl every N optimizer steps."""
+    eval_every: int = 100
+    """Score --eval-data every N optimizer steps (and always at the end); 0 = only at the end."""
+    save_every: int = 100
+    """Write a resumable checkpoint every N optimizer steps (and always at the end); 0 = only at the end."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
+    nan_policy: Literal["stop", "skip"] = "stop"
+    """On a NaN/inf loss: stop (keep the last good checkpoint, raise an error) or skip that batch and count it."""
+
+    def validate(self) -> "TrainConfig":
+        """Check every field; raise one `ConfigError` listing all problems. Returns self."""
+        problems = _choice_problems(self) + _number_problems(self) + _target_problems(self.targets)
+        problems += _combination_problems(self)
+        if problems:
+            raise ConfigError(problems, where="train config")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """A deep copy of the fields as plain data (YAML/JSON ready)."""
+        return copy.deepcopy(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+        """Build from a mapping (e.g. a YAML file); unknown keys are reported, all at once."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError([f"unknown option {k!r}" for k in unknown], where="train config")
+        return cls(**copy.deepcopy(dict(values)))
+
+    def lora_kwargs(self) -> dict[str, Any]:
+        """The `LoraConfig(...)` keyword arguments these options stand for (PEFT names)."""
+        targets = copy.deepcopy(self.targets)
+        return {"r": self.r, "lora_alpha": self.alpha, "target_modules": targets,
+                "lora_dropout": self.dropout, "use_rslora": self.use_rslora,
+                "init_lora_weights": self.init_lora_weights, "task_type": TASK_TYPES.get(self.task)}
+
+    def run_dir(self, now: Optional[datetime] = None) -> Path:
+        """The run folder: --out, else runs/<name>, else runs/<YYYYmmdd-HHMMSS>."""
+        if self.out:
+            return Path(self.out)
+        stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+        return Path("runs") / (self.name or stamp)
+
+
+def _choice_problems(c: TrainConfig) -> list[str]:
+    choices = [("task", c.task, TASKS), ("lr_schedule", c.lr_schedule, LR_SCHEDULES),
+               ("nan_policy", c.nan_policy, NAN_POLICIES), ("dtype", c.dtype, DTYPES),
+               ("quantize", c.quantize, (None, "nf4"))]
+    problems = [f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}"
+                for name, value, allowed in choices if value not in allowed]
+    if not any(c.init_lora_weights is v or c.init_lora_weights == v and isinstance(v, str)
+               for v in INIT_LORA_WEIGHTS):
+        problems.append("init_lora_weights must be true, false, gaussian, pissa or olora; "
+                        f"got {c.init_lora_weights!r}")
+    if not isinstance(c.resume, (bool, str)):
+        problems.append(f"resume must be true, false or a path; got {c.resume!r}")
+    if not isinstance(c.device, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", c.device):
+        problems.append(f"device must be auto, cpu, mps, cuda or cuda:N; got {c.device!r}")
+    if not c.model:
+        problems.append("model must name a model (an embedded name, a folder, a .gguf file or a hub id)")
+    return problems
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _number_problems(c: TrainConfig) -> list[str]:
+    # (field, value, test, what the value must be)
+    rules = [
+        ("epochs", c.epochs, lambda v: v > 0, "> 0"),
+        ("max_steps", c.max_steps, lambda v: v == -1 or v > 0, "-1 or > 0"),
+        ("batch_size", c.batch_size, lambda v: v >= 1, ">= 1"),
+        ("grad_accum", c.grad_accum, lambda v: v >= 1, ">= 1"),
+        ("seq_len", c.seq_len, lambda v: v >= 2, ">= 2"),
+        ("r", c.r, lambda v: v >= 1, ">= 1"),
+        ("alpha", c.alpha, lambda v: v > 0, "> 0"),
+        ("dropout", c.dropout, lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("lr", c.lr, lambda v: v > 0, "> 0"),
+        ("warmup_ratio", c.warmup_ratio, lambda v: 0 <= v <= 1, "in [0, 1]"),
+        ("weight_decay", c.weight_decay, lambda v: v >= 0, ">= 0"),
+        ("log_every", c.log_every, lambda v: v >= 1, ">= 1"),
+        ("eval_every", c.eval_every, lambda v: v >= 0, ">= 0"),
+        ("save_every", c.save_every, lambda v: v >= 0, ">= 0"),
+        ("keep_checkpoints", c.keep_checkpoints, lambda v: v >= 1, ">= 1"),
+    ]
+    optional = [("warmup_steps", c.warmup_steps, lambda v: v >= 0, ">= 0 or None"),
+                ("max_grad_norm", c.max_grad_norm, lambda v: v >= 0, ">= 0 or None"),
+                ("lora_plus_ratio", c.lora_plus_ratio, lambda v: v > 0, "> 0 or None")]
+    rules += [rule for rule in optional if rule[1] is not None]
+    integers = {"max_steps", "batch_size", "grad_accum", "seq_len", "r", "log_every", "eval_every",
+                "save_every", "keep_checkpoints", "warmup_steps", "seed"}
+    problems = []
+    for name, value, ok, must in rules:
+        if not _is_number(value) or (name in integers and not isinstance(value, int)):
+            kind = "an integer" if name in integers else "a number"
+            problems.append(f"{name} must be {kind} {must}; got {value!r}")
+        elif not ok(value):
+            problems.append(f"{name} must be {must}; got {value!r}")
+    if not isinstance(c.seed, int) or isinstance(c.seed, bool) or c.seed < 0:
+        problems.append(f"seed must be an integer >= 0; got {c.seed!r}")
+    return problems
+
+
+def _target_problems(targets: Any) -> list[str]:
+    if targets is None or targets == "all-linear":
+        return []
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as err:
+            return [f"targets {targets!r} is not a valid regular expression: {err}"]
+        return []
+    if isinstance(targets, (list, tuple)):
+        if not targets:
+            return ["targets is an empty list; give layer names, a regex, 'all-linear' or None"]
+        bad = [t for t in targets if not isinstance(t, str) or not t]
+        return [f"targets must be non-empty names; got {bad!r}"] if bad else []
+    return [f"targets must be None, a list of names, a regex or 'all-linear'; got {targets!r}"]
+
+
+def _combination_problems(c: TrainConfig) -> list[str]:
+    problems = []
+    if c.quantize == "nf4" and c.device in ("cpu", "mps"):
+        problems.append(f"quantize=nf4 needs a CUDA device; device is {c.device!r}")
+    if c.packing and c.task != "causal-lm":
+        problems.append(f"packing works only with task causal-lm; task is {c.task!r}")
+    if c.dtype == "float16" and c.device == "cpu":
+        problems.append("dtype float16 is not supported for training on CPU; use float32 or bfloat16")
+    return problems

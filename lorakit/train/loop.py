@@ -1,0 +1,383 @@
+"""The training loop: `Trainer(model, data, collate_fn, config, run_dir).fit() -> TrainResult`.
+
+The Trainer knows nothing about model loading or data formats: it gets an `nn.Module` whose
+`forward(**batch)` returns an object with `.loss`, a sequence of examples, and a `collate_fn`
+turning a list of examples into a batch dict. Trainable parameters are exactly those with
+`requires_grad`.
+
+Gradient accumulation. Each micro-batch's `.loss` is a mean over its own loss units (label tokens
+after the causal shift, or examples for classification / QA; see `batching.loss_unit_counter`).
+Before any backward pass the trainer counts the units n_i of every micro-batch in the window and
+back-propagates loss_i * n_i / sum(n). The window's gradient is therefore the gradient of the mean
+loss over *all* its tokens, the same as one big batch, however unevenly the tokens are spread;
+a plain average of the micro-batch losses would over-weight short micro-batches.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lorakit.errors import LorakitError
+from lorakit.train import batching
+from lorakit.train.checkpoint import (TrainState, latest_good_checkpoint, load_checkpoint,
+                                      resolve_resume, save_checkpoint, set_aside_later_checkpoints)
+from lorakit.train.config import TrainConfig
+from lorakit.train.interrupt import StopFlag, stop_on_signals
+from lorakit.train.metrics import MetricsLog
+from lorakit.train.optim import build_optimizer, build_scheduler, trainable_parameters
+from lorakit.train.report import PLOT_FILE, plot_metrics, write_resolved_config
+from lorakit.train import runtime
+
+METRICS_FILE = "metrics.jsonl"
+Callback = Callable[["Trainer", dict], None]
+
+
+class NonFiniteLossError(LorakitError):
+    """The loss became NaN or infinite and nan_policy is "stop"."""
+
+
+@dataclass
+class TrainResult:
+    """Figures of a finished (or interrupted) fit(); `summary_figures()` feeds summary.json."""
+
+    run_dir: str
+    steps: int
+    total_steps: int
+    epochs: float
+    train_seconds: float
+    train_tokens: int
+    """Non-padding input tokens processed by successful optimizer steps."""
+    train_label_tokens: int
+    """Loss units (label tokens, or examples for seq-cls / qa) those steps learned from."""
+    tokens_per_second: float
+    final_loss: Optional[float]
+    final_eval_loss: Optional[float]
+    final_eval_perplexity: Optional[float]
+    skipped_batches: int
+    interrupted: bool
+    resumed_from_step: Optional[int]
+    last_checkpoint: Optional[str]
+
+    def summary_figures(self) -> dict[str, Any]:
+        keys = ("train_seconds", "train_tokens", "train_label_tokens", "tokens_per_second",
+                "steps", "epochs", "final_loss", "final_eval_loss", "final_eval_perplexity",
+                "skipped_batches", "interrupted")
+        return {k: v for k, v in asdict(self).items() if k in keys}
+
+
+@dataclass
+class _StepOutcome:
+    loss: float  # mean loss per unit over the window
+    grad_norm: float  # before clipping
+    lr: float  # base lr used for this step
+    units: int
+    input_tokens: int
+
+
+class Trainer:
+    """Fine-tunes the trainable parameters of `model` as `config` says, writing into `run_dir`.
+
+    Args:
+        model: the model to train (already on its device; e.g. a PEFT / lorakit LoRA model).
+        train_data: examples, indexed by position; never modified.
+        collate_fn: list of examples -> dict of tensors for `model(**batch)` (with labels).
+        config: the options; deep-copied and validated (ConfigError lists every problem).
+        run_dir: the run folder; None = `config.run_dir()`.
+        eval_data: examples scored every `eval_every` steps and at the end (mean loss per unit).
+        count_loss_units: batch -> how many units its mean loss averages over; default by task.
+        callbacks: called as `callback(trainer, event)` after each metrics event is written.
+        progress: show a tqdm bar (loss, tokens/s, ETA).
+    """
+
+    def __init__(self, model: nn.Module, train_data: Sequence[Any],
+                 collate_fn: Callable[[list], dict], config: TrainConfig,
+                 run_dir: Optional[Path | str] = None, eval_data: Optional[Sequence[Any]] = None,
+                 *, count_loss_units: Optional[batching.LossUnitCounter] = None,
+                 callbacks: Sequence[Callback] = (), progress: bool = True):
+        self.config = copy.deepcopy(config).validate()
+        if len(train_data) == 0:
+            raise ValueError("the training data is empty")
+        self.model, self.train_data, self.eval_data = model, train_data, eval_data
+        self.collate_fn = collate_fn
+        self.run_dir = Path(run_dir) if run_dir is not None else self.config.run_dir()
+        self.count_loss_units = count_loss_units or batching.loss_unit_counter(self.config.task)
+        self.callbacks, self.progress = list(callbacks), progress
+        self.device = runtime.model_device(model)
+        self.amp_dtype = runtime.autocast_dtype(self.device, self.config.dtype)
+        c = self.config
+        self.micro_batches_per_epoch = batching.micro_batches_per_epoch(len(train_data), c.batch_size)
+        self.steps_per_epoch = batching.steps_per_epoch(len(train_data), c.batch_size, c.grad_accum)
+        by_epochs = c.max_steps == -1
+        self.total_steps = math.ceil(c.epochs * self.steps_per_epoch) if by_epochs else c.max_steps
+        self.max_epochs = math.ceil(c.epochs) if by_epochs else None
+        self.params = [p for _, p in trainable_parameters(model)]
+        self.optimizer = build_optimizer(model, c)
+        self.scheduler = build_scheduler(self.optimizer, c, self.total_steps)
+        self.grad_scaler = runtime.grad_scaler(self.device, self.amp_dtype)
+        self.state = TrainState()
+        self.stop_flag = StopFlag()
+        self.metrics = MetricsLog(self.run_dir / METRICS_FILE)
+        self.last_checkpoint: Optional[Path] = None
+        self._saved_step = -1
+
+    # --- public -------------------------------------------------------------------------------
+
+    def request_stop(self, reason: str = "stop requested") -> None:
+        """End training after the current step, with a checkpoint (what SIGINT/SIGTERM do)."""
+        self.stop_flag.request(reason)
+
+    def fit(self) -> TrainResult:
+        """Train until max_steps / epochs are done or a stop is requested; return the figures.
+
+        Raises:
+            NonFiniteLossError: NaN/inf loss with nan_policy "stop" (checkpoints stay as they were).
+            CheckpointError: `resume` names a broken or unfitting checkpoint.
+        """
+        resumed_from = self._start()
+        self._session = (time.perf_counter(), self.state.train_seconds, self.state.input_tokens)
+        self._interval = (time.perf_counter(), self.state.input_tokens)
+        with stop_on_signals(self.stop_flag), self._progress_bar() as bar:
+            try:
+                self._run_epochs(bar)
+            finally:
+                self._tick()
+                plot_metrics(self.metrics.path, self.run_dir / PLOT_FILE)
+        return self._finish(resumed_from)
+
+    def evaluate(self, data: Optional[Sequence[Any]] = None) -> dict[str, float]:
+        """Mean loss per unit over `data` (default: the eval set), and its perplexity."""
+        data = self.eval_data if data is None else data
+        was_training = self.model.training
+        self.model.eval()
+        loss_sum, units, size = 0.0, 0, self.config.batch_size
+        try:
+            with torch.no_grad():
+                for start in range(0, len(data), size):
+                    batch = self.collate_fn([data[i] for i in range(start, min(start + size, len(data)))])
+                    n = self.count_loss_units(batch)
+                    if n == 0:
+                        continue
+                    with runtime.autocast(self.device, self.amp_dtype):
+                        out = self.model(**batching.to_device(batch, self.device))
+                    loss_sum += out.loss.float().item() * n
+                    units += n
+        finally:
+            self.model.train(was_training)
+        eval_loss = loss_sum / units if units else float("nan")
+        return {"eval_loss": eval_loss, "eval_perplexity": _perplexity(eval_loss), "eval_tokens": units}
+
+    # --- start and finish ---------------------------------------------------------------------
+
+    def _start(self) -> Optional[int]:
+        """Prepare the run folder and the model; restore a checkpoint or seed a fresh run."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_resolved_config(self.run_dir, self.config)
+        if self.config.gradient_checkpointing:
+            runtime.enable_gradient_checkpointing(self.model)
+        self.model.train()
+        checkpoint = resolve_resume(self.config.resume, self.run_dir)
+        if checkpoint is None:
+            if self.config.resume is True:
+                warnings.warn(f"--resume: no checkpoint in {self.run_dir}; starting fresh", stacklevel=3)
+            runtime.seed_everything(self.config.seed)
+            set_aside_later_checkpoints(self.run_dir, 0)
+            self.metrics.truncate_after(0)
+            return None
+        self.state = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler,
+                                     self.grad_scaler)
+        self._saved_step, self.last_checkpoint = self.state.step, checkpoint
+        set_aside_later_checkpoints(self.run_dir, self.state.step)
+        self.metrics.truncate_after(self.state.step)
+        self._emit({"event": "resume", "step": self.state.step, "checkpoint": str(checkpoint)})
+        return self.state.step
+
+    def _finish(self, resumed_from: Optional[int]) -> TrainResult:
+        """Final evaluation (unless interrupted) and checkpoint; the result figures."""
+        s, interrupted = self.state, self.stop_flag.requested
+        evaluated_now = s.last_eval is not None and s.last_eval.get("step") == s.step
+        if self.eval_data is not None and not interrupted and not evaluated_now:
+            self._log_eval()
+        if self._saved_step != s.step:
+            self._save()
+        if interrupted:
+            self._emit({"event": "stop", "step": s.step, "reason": self.stop_flag.reason})
+        self._tick()
+        plot_metrics(self.metrics.path, self.run_dir / PLOT_FILE)
+        pending = s.log_loss_sum / s.log_loss_steps if s.log_loss_steps else None
+        last_eval = s.last_eval or {}
+        return TrainResult(
+            run_dir=str(self.run_dir), steps=s.step, total_steps=self.total_steps,
+            epochs=self._epoch_float(), train_seconds=s.train_seconds,
+            train_tokens=s.input_tokens, train_label_tokens=s.label_tokens,
+            tokens_per_second=s.input_tokens / s.train_seconds if s.train_seconds > 0 else 0.0,
+            final_loss=pending if pending is not None else s.last_logged_loss,
+            final_eval_loss=last_eval.get("eval_loss"),
+            final_eval_perplexity=last_eval.get("eval_perplexity"),
+            skipped_batches=s.skipped_batches, interrupted=interrupted,
+            resumed_from_step=resumed_from,
+            last_checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None)
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def _done(self) -> bool:
+        s = self.state
+        out_of_epochs = self.max_epochs is not None and s.epoch >= self.max_epochs
+        return s.step >= self.total_steps or out_of_epochs or self.stop_flag.requested
+
+    def _run_epochs(self, bar: tqdm) -> None:
+        """Walk epochs and accumulation windows from the current state until done."""
+        c, s = self.config, self.state
+        while not self._done():
+            order = batching.epoch_order(len(self.train_data), c.seed, s.epoch)
+            epoch_windows = batching.windows(batching.micro_batches(order, c.batch_size), c.grad_accum)
+            first = -(-s.micro_batch // c.grad_accum)  # windows already consumed (last may be short)
+            for window in epoch_windows[first:]:
+                self._train_window(window, bar)
+                if self._done():
+                    return
+            s.epoch, s.micro_batch = s.epoch + 1, 0
+
+    def _train_window(self, window: list[list[int]], bar: tqdm) -> None:
+        """One optimizer step from one accumulation window, then log / eval / save as due."""
+        batches = [self.collate_fn([self.train_data[i] for i in idx]) for idx in window]
+        outcome = self._optimizer_step(batches)
+        self.state.micro_batch += len(window)
+        if outcome is None:
+            self._on_nonfinite()
+            return
+        if outcome.units == 0:  # every label masked: nothing learned, no step taken
+            return
+        s, c = self.state, self.config
+        s.step += 1
+        s.input_tokens += outcome.input_tokens
+        s.label_tokens += outcome.units
+        s.log_loss_sum += outcome.loss
+        s.log_loss_steps += 1
+        self._tick()
+        bar.update(1)
+        bar.set_postfix(loss=f"{outcome.loss:.4f}", tok_s=f"{self._session_rate():.0f}")
+        if s.step % c.log_every == 0 or s.step == self.total_steps:
+            self._log_train(outcome)
+        if self.eval_data is not None and c.eval_every and s.step % c.eval_every == 0:
+            self._log_eval()
+        if c.save_every and s.step % c.save_every == 0:
+            self._save()
+
+    def _optimizer_step(self, batches: list[dict]) -> Optional[_StepOutcome]:
+        """Forward/backward every micro-batch (token-weighted) and step; None on NaN/inf."""
+        units = [self.count_loss_units(b) for b in batches]
+        total = sum(units)
+        self.optimizer.zero_grad(set_to_none=True)
+        if total == 0:  # every label masked: nothing to learn from, not an error
+            self._emit({"event": "empty_batch", "step": self.state.step + 1})
+            return _StepOutcome(loss=float("nan"), grad_norm=0.0, lr=0.0, units=0, input_tokens=0)
+        window_loss = 0.0
+        for batch, n in zip(batches, units):
+            if n == 0:
+                continue
+            with runtime.autocast(self.device, self.amp_dtype):
+                out = self.model(**batching.to_device(batch, self.device))
+            loss = out.loss.float()
+            if not torch.isfinite(loss):
+                return None
+            self.grad_scaler.scale(loss * (n / total)).backward()
+            window_loss += loss.item() * n / total
+        self.grad_scaler.unscale_(self.optimizer)
+        max_norm = self.config.max_grad_norm or math.inf  # inf: measure the norm, change nothing
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        if not math.isfinite(grad_norm) and not self.grad_scaler.is_enabled():
+            return None  # (with fp16 loss scaling, inf grads are routine: the scaler skips the step)
+        lr = self.scheduler.get_last_lr()[0] / self._group_ratio(0)
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
+        self.scheduler.step()
+        tokens = sum(batching.count_input_tokens(b) for b in batches)
+        return _StepOutcome(window_loss, grad_norm, lr, total, tokens)
+
+    def _on_nonfinite(self) -> None:
+        """Apply nan_policy to a window whose loss (or gradient) was NaN/inf."""
+        s = self.state
+        self.optimizer.zero_grad(set_to_none=True)
+        event = {"event": "nonfinite_loss", "step": s.step + 1, "epoch": self._epoch_float(),
+                 "policy": self.config.nan_policy}
+        if self.config.nan_policy == "skip":
+            s.skipped_batches += 1
+            self._emit({**event, "skipped_batches": s.skipped_batches})
+            return
+        self._emit(event)
+        good = latest_good_checkpoint(self.run_dir)
+        where = f"the last good checkpoint is {good}" if good else "no checkpoint was written yet"
+        raise NonFiniteLossError(
+            f"the loss became NaN/inf at step {s.step + 1} (epoch {self._epoch_float():.2f}); "
+            f"training stopped and {where}. Lower --lr, check the data, resume with --resume, "
+            "or pass --nan-policy skip to drop such batches.")
+
+    # --- logging, evaluation, checkpoints -----------------------------------------------------
+
+    def _log_train(self, outcome: _StepOutcome) -> None:
+        s = self.state
+        now, (since, tokens_then) = time.perf_counter(), self._interval
+        loss = s.log_loss_sum / s.log_loss_steps
+        s.log_loss_sum, s.log_loss_steps, s.last_logged_loss = 0.0, 0, loss
+        self._interval = (now, s.input_tokens)
+        self._emit({"event": "train", "step": s.step, "epoch": self._epoch_float(), "loss": loss,
+                    "lr": outcome.lr, "grad_norm": outcome.grad_norm, "tokens": s.input_tokens,
+                    "label_tokens": s.label_tokens,
+                    "tokens_per_second": (s.input_tokens - tokens_then) / max(now - since, 1e-9),
+                    "elapsed_seconds": s.train_seconds})
+
+    def _log_eval(self) -> None:
+        figures = self.evaluate()
+        self.state.last_eval = {**figures, "step": self.state.step}
+        self._emit({"event": "eval", "step": self.state.step, "epoch": self._epoch_float(), **figures})
+
+    def _save(self) -> None:
+        self._tick()
+        self.last_checkpoint = save_checkpoint(
+            self.run_dir, self.model, self.optimizer, self.scheduler, self.grad_scaler,
+            self.state, self.config.to_dict(), self.config.keep_checkpoints)
+        self._saved_step = self.state.step
+        self._emit({"event": "checkpoint", "step": self.state.step, "path": str(self.last_checkpoint)})
+
+    def _emit(self, event: dict) -> None:
+        self.metrics.write(event)
+        for callback in self.callbacks:
+            callback(self, event)
+
+    # --- small helpers ------------------------------------------------------------------------
+
+    def _progress_bar(self) -> tqdm:
+        return tqdm(total=self.total_steps, initial=self.state.step, disable=not self.progress,
+                    unit="step", desc="train", dynamic_ncols=True)
+
+    def _tick(self) -> None:
+        """Bring state.train_seconds up to now (it sums every session of a resumed run)."""
+        started, before, _ = self._session
+        self.state.train_seconds = before + (time.perf_counter() - started)
+
+    def _session_rate(self) -> float:
+        """Input tokens per second since this fit() began (the progress bar's figure)."""
+        started, _, tokens_then = self._session
+        return (self.state.input_tokens - tokens_then) / max(time.perf_counter() - started, 1e-9)
+
+    def _group_ratio(self, index: int) -> float:
+        """How the group's peak lr relates to config.lr (LoRA+ B groups run at lr x ratio)."""
+        return self.optimizer.param_groups[index]["initial_lr"] / self.config.lr
+
+    def _epoch_float(self) -> float:
+        return self.state.epoch + self.state.micro_batch / self.micro_batches_per_epoch
+
+
+def _perplexity(loss: float) -> float:
+    if not math.isfinite(loss):
+        return float("nan")
+    return math.exp(loss) if loss < 700 else float("inf")

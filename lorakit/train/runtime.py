@@ -1,0 +1,82 @@
+"""Run-time settings around the loop: seeding, autocast, gradient checkpointing, the model's device."""
+from __future__ import annotations
+
+import contextlib
+import random
+import warnings
+from typing import ContextManager, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+def autocast_dtype(device: torch.device, dtype: str) -> Optional[torch.dtype]:
+    """The autocast dtype for `--dtype` on `device`, or None for plain fp32 (no autocast).
+
+    auto: bf16 on CUDA when the GPU supports it, fp32 on CPU and MPS (CPU bf16 autocast is slow on
+    most CPUs and changes results); bfloat16 / float16: that dtype; float32: no autocast.
+    """
+    if dtype == "float32":
+        return None
+    if dtype == "bfloat16":
+        return torch.bfloat16
+    if dtype == "float16":
+        return torch.float16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> ContextManager:
+    """`torch.autocast` for `dtype`, or a no-op context when dtype is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, dtype: Optional[torch.dtype]) -> torch.amp.GradScaler:
+    """A loss scaler, enabled only for fp16 (bf16 and fp32 have the range to do without)."""
+    enabled = dtype == torch.float16
+    return torch.amp.GradScaler(device.type if enabled else "cpu", enabled=enabled)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> bool:
+    """Turn on non-reentrant activation checkpointing if the model supports it.
+
+    Uses `activation_checkpointing_enable` (transformers 5) when present, else the older
+    `gradient_checkpointing_enable`, both with use_reentrant=False.
+
+    With frozen input embeddings the first checkpointed block would get inputs that need no grad,
+    so `enable_input_require_grads` is called then (as PEFT's prepare_model_for_kbit_training does).
+    Returns whether checkpointing was enabled.
+    """
+    kwargs = {"use_reentrant": False}
+    if callable(getattr(model, "activation_checkpointing_enable", None)):  # transformers >= 5 name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif callable(getattr(model, "gradient_checkpointing_enable", None)):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        warnings.warn(f"{type(model).__name__} has no gradient_checkpointing_enable(); "
+                      "training without gradient checkpointing", stacklevel=2)
+        return False
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embeddings = get_embeddings() if get_embeddings is not None else None
+    frozen = embeddings is not None and not any(p.requires_grad for p in embeddings.parameters())
+    if frozen and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    return True

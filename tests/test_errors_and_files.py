@@ -1,0 +1,156 @@
+"""Bad input gets a clear error naming what and where; adapter files are safe to read and write."""
+import json
+import os
+
+import pytest
+import torch
+
+from lorakit import AdapterError, ConfigError, LoraConfig, PeftModel, TargetError, get_peft_model
+from lorakit.atomic import atomic_directory, atomic_write_text
+from tests.conftest import tiny_gpt2, tiny_llama
+
+
+def test_config_collects_every_problem():
+    with pytest.raises(ConfigError) as e:
+        LoraConfig(r=0, lora_alpha=-1, bias="some", lora_dropout=2, init_lora_weights="magic")
+    text = str(e.value)
+    for fragment in ("r must be", "lora_alpha", "bias must be one of", "lora_dropout", "init_lora_weights"):
+        assert fragment in text
+    assert len(e.value.problems) == 5
+
+
+def test_target_that_matches_nothing_lists_closest_names():
+    with pytest.raises(TargetError) as e:
+        get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_projj", "v_prj"]))
+    assert "q_proj" in str(e.value) and "v_proj" in str(e.value)
+
+
+def test_target_on_unsupported_module_type():
+    with pytest.raises(TargetError, match="cannot wrap"):
+        get_peft_model(tiny_llama(), LoraConfig(target_modules=["self_attn"]))
+
+
+def test_unknown_architecture_without_targets():
+    with pytest.raises(TargetError, match="no default target_modules"):
+        get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), LoraConfig())
+
+
+def test_modules_to_save_typo():
+    with pytest.raises(TargetError, match="lm_haed"):
+        get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_haed"]))
+
+
+def _saved(tmp_path, make=tiny_llama):
+    model = get_peft_model(make(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path)
+    return model
+
+
+def test_wrong_base_shapes_are_refused(tmp_path):
+    _saved(tmp_path)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
+    with pytest.raises(AdapterError, match="different base model"):
+        PeftModel.from_pretrained(other, tmp_path)
+
+
+def test_wrong_base_weights_are_refused_unless_overridden(tmp_path):
+    _saved(tmp_path)
+    with pytest.raises(AdapterError, match="weights of .* differ"):
+        PeftModel.from_pretrained(tiny_llama(seed=99), tmp_path)
+    PeftModel.from_pretrained(tiny_llama(seed=99), tmp_path, ignore_base_mismatch=True)
+
+
+def test_same_base_in_bf16_is_accepted(tmp_path):
+    _saved(tmp_path)
+    PeftModel.from_pretrained(tiny_llama().to(torch.bfloat16), tmp_path)
+
+
+def test_shape_mismatch_without_metadata_names_keys(tmp_path):
+    _saved(tmp_path)
+    os.remove(tmp_path / "lorakit.json")  # a PEFT adapter: no fingerprint, the shapes still decide
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
+    with pytest.raises(AdapterError, match=r"q_proj.lora_A.weight: adapter \(2, 32\) vs model \(2, 64\)"):
+        PeftModel.from_pretrained(other, tmp_path)
+
+
+def test_pickle_is_refused_unless_allowed(tmp_path):
+    model = _saved(tmp_path)
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    os.remove(tmp_path / "adapter_model.safetensors")
+    torch.save(tensors, tmp_path / "adapter_model.bin")
+    with pytest.raises(AdapterError, match="pickle"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path, allow_pickle=True)
+    x = torch.randint(1, 128, (1, 5))
+    assert torch.equal(loaded(input_ids=x).logits, model(input_ids=x).logits)
+
+
+def test_damaged_files_give_clear_errors(tmp_path):
+    _saved(tmp_path)
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(AdapterError, match="damaged"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterError, match="not valid JSON"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    with pytest.raises(AdapterError, match="adapter_config.json not found"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path / "nowhere")
+
+
+def test_lorakit_metadata_file(tmp_path):
+    model = _saved(tmp_path)
+    meta = json.loads((tmp_path / "lorakit.json").read_text())
+    assert meta["base_fingerprint"]["architecture"] == "llama"
+    assert meta["base_fingerprint"]["shapes"]["model.layers.0.self_attn.q_proj"] == [32, 32]
+    assert {"lorakit", "torch", "safetensors"} <= set(meta["versions"])
+    model.adapter_metadata["default"]["metrics"] = {"eval_loss": 1.5}
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "lorakit.json").read_text())["metrics"] == {"eval_loss": 1.5}
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 2
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    target = tmp_path / "f.txt"
+    atomic_write_text(target, "old")
+
+    def boom(tmp):
+        open(tmp, "w").write("partial")
+        raise OSError("disk full")
+
+    from lorakit.atomic import atomic_write
+
+    with pytest.raises(OSError):
+        atomic_write(target, boom)
+    assert target.read_text() == "old" and sorted(os.listdir(tmp_path)) == ["f.txt"]
+    with pytest.raises(RuntimeError):
+        with atomic_directory(tmp_path / "d") as d:
+            (d / "x").write_text("1")
+            raise RuntimeError
+    assert not (tmp_path / "d").exists()
+
+
+def test_dora_on_embedding_is_a_clear_error():
+    with pytest.raises(ConfigError, match="use_dora is not supported for Embedding"):
+        get_peft_model(tiny_llama(), LoraConfig(target_modules=["embed_tokens"], use_dora=True))
+
+
+def test_safe_merge_refuses_non_finite():
+    model = get_peft_model(tiny_gpt2(), LoraConfig(r=2, init_lora_weights=False))
+    layer = model.get_base_model().transformer.h[0].attn.c_attn
+    before = layer.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.lora_B["default"].weight[0, 0] = float("inf")
+    with pytest.raises(AdapterError, match="non-finite"):
+        model.merge_and_unload(safe_merge=True)
+    assert torch.equal(layer.base_layer.weight, before)
+    assert not any(l.merged_adapters for l in model.modules() if hasattr(l, "merged_adapters"))
+    assert type(model.get_base_model().transformer.h[0].attn.c_attn).__name__ == "LoraLinear"  # nothing unwrapped
