@@ -1,0 +1,136 @@
+"""Command-line options generated from the config dataclasses, so every option is written once.
+
+Each dataclass field becomes `--kebab-case-name`; the string under the field is its help text.
+`--config file.yaml` supplies values (snake_case or kebab-case keys); the command line overrides them.
+(jsonargparse was considered: it cannot give the dashed option names the SPEC fixes, e.g. --max-steps.)
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import re
+import textwrap
+import typing
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Union
+
+from ..errors import ConfigError
+
+REGEX_CHARS = re.compile(r"[.*+?^$()\[\]{}|\\]")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each dataclass field (PEP 257 attribute docstrings)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr) \
+                    and isinstance(getattr(nxt, "value", None), ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def parse_targets(text: str) -> Union[str, list[str]]:
+    """'all-linear' and regexes stay strings; 'q_proj,v_proj' (or one plain name) becomes a list."""
+    if text == "all-linear" or REGEX_CHARS.search(text.replace(".", "")) or text.startswith("^"):
+        return text
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("true", "yes", "1", "on"):
+        return True
+    if low in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _none_or(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    return lambda text: None if text.lower() in ("none", "null") else convert(text)
+
+
+def _converter(hint: Any) -> tuple[Callable[[str], Any], Optional[list]]:
+    """(str -> value, choices) for a type hint."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return (lambda t: _bool(t) if t.lower() in ("true", "false") else t), list(args)
+    if origin is Union:
+        inner = [a for a in args if a is not type(None)]
+        if any(typing.get_origin(a) is list for a in inner):
+            return _none_or(parse_targets), None
+        if bool in inner and len(inner) > 1:  # e.g. init_lora_weights: bool | "gaussian" | ...
+            def both(t: str) -> Any:
+                return _bool(t) if t.lower() in ("true", "false") else t
+            choices = [c for a in inner if typing.get_origin(a) is Literal for c in typing.get_args(a)]
+            return both, (choices + [True, False] if choices else None)
+        convert, choices = _converter(inner[0])
+        return (_none_or(convert) if type(None) in args else convert), choices
+    if hint is bool:
+        return _bool, None
+    if hint in (int, float, str):
+        return hint, None
+    return str, None
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One --option per field of dataclass `cls` (defaults left unset, so YAML values can fill them)."""
+    hints, docs = typing.get_type_hints(cls), field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")
+        if hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+            continue
+        convert, choices = _converter(hint)
+        extra = {}
+        if typing.get_origin(hint) is list:  # repeatable: --adapter a --adapter b
+            convert, choices, extra = str, None, {"action": "append"}
+        if typing.get_origin(hint) is Union and bool in typing.get_args(hint) and str in typing.get_args(hint):
+            extra = {"nargs": "?", "const": True}  # --resume alone means "the latest checkpoint"
+        parser.add_argument(flag, type=convert, default=argparse.SUPPRESS, metavar=f.name.upper(),
+                            help=help_text + (f" choices: {', '.join(map(str, choices))}" if choices else ""), **extra)
+
+
+def load_yaml_config(path: str, cls: type) -> dict[str, Any]:
+    """Values from a YAML file, keys normalised to field names; unknown keys are all reported at once."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([f"config file {path} not found"], where="--config")
+    try:
+        values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path}: not valid YAML ({e})"], where="--config") from None
+    if not isinstance(values, dict):
+        raise ConfigError([f"{path}: expected a mapping of option: value, got {type(values).__name__}"], where="--config")
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError([f"{path}: unknown option {k!r}" for k in unknown], where="--config")
+    if "targets" in values and isinstance(values["targets"], str):
+        values["targets"] = parse_targets(values["targets"])
+    return values
+
+
+def build_config(cls: type, args: argparse.Namespace, skip: tuple[str, ...] = ()) -> Any:
+    """Defaults < YAML (--config) < command line, then the dataclass's own validation."""
+    values = load_yaml_config(args.config, cls) if getattr(args, "config", None) else {}
+    names = {f.name for f in dataclasses.fields(cls)} - set(skip)
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    config = cls(**values)
+    validate = getattr(config, "validate", None)
+    return validate() or config if callable(validate) else config

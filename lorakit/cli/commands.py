@@ -1,0 +1,181 @@
+"""The subcommands besides train: eval, generate, chat, merge, inspect. Each has one options dataclass."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from ..errors import ConfigError
+from .args import add_options, build_config
+from .main import command
+
+
+@dataclass
+class ModelOptions:
+    """Which model to run, and where."""
+
+    model: str = "smollm2-135m"
+    """Base model: an embedded name (smollm2-135m, minilm-l6), a local folder, a .gguf file or a hub id."""
+    adapter: list[str] = field(default_factory=list)
+    """Adapter folder(s) to apply; repeat the option to activate several (their updates add up)."""
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:N or mps."""
+    dtype: str = "auto"
+    """auto (bf16 on capable GPUs, fp32 on CPU), float32, bfloat16 or float16."""
+    ignore_base_mismatch: bool = False
+    """Load adapters even when their base-model fingerprint differs (experts only)."""
+
+
+def load_with_adapters(opts: ModelOptions, task: str = "causal-lm"):
+    """(model, tokenizer): the base with every --adapter loaded and active (or the plain base)."""
+    from .. import PeftModel
+    from ..models import load_model
+
+    loaded = load_model(opts.model, task=task, device=opts.device, dtype=opts.dtype)
+    model = loaded.model
+    for i, path in enumerate(opts.adapter):
+        name = f"adapter{i}" if i else "default"
+        if i == 0:
+            model = PeftModel.from_pretrained(model, path, ignore_base_mismatch=opts.ignore_base_mismatch)
+        else:
+            model.load_adapter(path, adapter_name=name, ignore_base_mismatch=opts.ignore_base_mismatch)
+    if len(opts.adapter) > 1:
+        model.set_adapter(["default"] + [f"adapter{i}" for i in range(1, len(opts.adapter))])
+    return model, loaded.tokenizer
+
+
+# ---------------------------------------------------------------------- generate / chat
+@dataclass
+class GenerateOptions(ModelOptions):
+    prompt: list[str] = field(default_factory=list)
+    """Prompt(s) to complete; repeat for several. Also accepted as positional arguments."""
+    max_new_tokens: int = 128
+    """Most tokens generated per prompt."""
+    chat: bool = True
+    """Wrap each prompt as a user turn in the tokenizer's chat template."""
+
+
+def _generate_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt(s) to complete")
+    add_options(parser, GenerateOptions)
+
+
+@command("generate", "generate text from a base model plus adapter(s), greedy, chat template applied")(_generate_options)
+def _generate(args: argparse.Namespace) -> None:
+    from ..evaluate import chat_prompts, generate_texts
+
+    opts = build_config(GenerateOptions, args)
+    prompts = list(opts.prompt) + list(args.prompts)
+    if not prompts:
+        raise ConfigError(["give at least one prompt (positional or --prompt)"], where="generate")
+    model, tokenizer = load_with_adapters(opts)
+    rendered = chat_prompts(tokenizer, prompts) if opts.chat else prompts
+    for prompt, text in zip(prompts, generate_texts(model, tokenizer, rendered, opts.max_new_tokens)):
+        print(f">>> {prompt}\n{text}\n")
+
+
+@command("chat", "chat with a base model plus adapter(s) in the terminal (/exit or Ctrl-D to leave)")(
+    lambda p: add_options(p, GenerateOptions, skip=("prompt", "chat")))
+def _chat(args: argparse.Namespace) -> None:
+    from ..evaluate import generate_texts
+
+    opts = build_config(GenerateOptions, args, skip=("prompt", "chat"))
+    model, tokenizer = load_with_adapters(opts)
+    history: list[dict] = []
+    print("lorakit chat: type a message; /reset clears the history, /exit leaves.")
+    for line in sys.stdin:
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history = []
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True) \
+            if getattr(tokenizer, "chat_template", None) else text
+        reply = generate_texts(model, tokenizer, [prompt], opts.max_new_tokens)[0]
+        history.append({"role": "assistant", "content": reply})
+        print(f"assistant: {reply}", flush=True)
+
+
+# ---------------------------------------------------------------------- merge
+@dataclass
+class MergeOptions(ModelOptions):
+    out: str = "merged"
+    """Folder to write the merged model (and tokenizer) to."""
+    safe_merge: bool = True
+    """Check the merged weights for NaN/inf before writing them."""
+
+
+@command("merge", "merge base + adapter(s) into a plain transformers model folder")(
+    lambda p: add_options(p, MergeOptions))
+def _merge(args: argparse.Namespace) -> None:
+    from ..atomic import atomic_directory
+
+    opts = build_config(MergeOptions, args)
+    if not opts.adapter:
+        raise ConfigError(["--adapter is required: the adapter folder to merge"], where="merge")
+    model, tokenizer = load_with_adapters(opts)
+    merged = model.merge_and_unload(safe_merge=opts.safe_merge)
+    with atomic_directory(opts.out) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    print(f"merged model written to {opts.out} (loads with transformers' from_pretrained)")
+
+
+# ---------------------------------------------------------------------- eval
+@dataclass
+class EvalOptions(ModelOptions):
+    data: Optional[str] = None
+    """Data to score. None: the validation split the adapter was trained with (from its lorakit.json),
+    or the built-in demo questions."""
+    seq_len: int = 512
+    """Maximum tokens per example."""
+    batch_size: int = 8
+    """Examples per forward pass."""
+    max_examples: int = 0
+    """Score at most this many examples (0 = all)."""
+
+
+@command("eval", "score base vs base + adapter on a data set (loss, perplexity) or on the demo questions")(
+    lambda p: add_options(p, EvalOptions))
+def _eval(args: argparse.Namespace) -> None:
+    from .evaluate import run_eval
+
+    run_eval(build_config(EvalOptions, args))
+
+
+# ---------------------------------------------------------------------- inspect
+@dataclass
+class InspectOptions:
+    model: str = "smollm2-135m"
+    """Model to inspect (also accepted as the positional MODEL)."""
+    ranks: str = "4,8,16,32,64"
+    """Comma-separated ranks for the trainable-parameter table."""
+    json: bool = False
+    """Print the same facts as JSON."""
+
+
+def _inspect_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_pos", nargs="?", metavar="MODEL", help="model to inspect")
+    add_options(parser, InspectOptions)
+
+
+@command("inspect", "the model's modules, its default LoRA targets and trainable-parameter counts by rank")(
+    _inspect_options)
+def _inspect(args: argparse.Namespace) -> None:
+    from .inspect import run_inspect
+
+    if args.model_pos:
+        args.model = args.model_pos
+    opts = build_config(InspectOptions, args)
+    try:
+        ranks = [int(r) for r in opts.ranks.split(",")]
+    except ValueError:
+        raise ConfigError([f"--ranks must be integers separated by commas, got {opts.ranks!r}"]) from None
+    run_inspect(opts.model, ranks, opts.json)

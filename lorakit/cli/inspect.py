@@ -1,0 +1,67 @@
+"""`lorakit inspect MODEL`: what a model is made of, and what LoRA on it would cost."""
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+
+from torch import nn
+
+
+def module_table(model: nn.Module) -> list[dict]:
+    """One row per distinct leaf name (e.g. q_proj): type, count, weight shape, parameters."""
+    rows: "OrderedDict[str, dict]" = OrderedDict()
+    for name, module in model.named_modules():
+        if list(module.children()) or not list(module.parameters(recurse=False)):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        weight = getattr(module, "weight", None)
+        row = rows.setdefault(leaf, {"name": leaf, "type": type(module).__name__, "count": 0,
+                                     "shape": list(weight.shape) if weight is not None else None, "params": 0})
+        row["count"] += 1
+        row["params"] += sum(p.numel() for p in module.parameters(recurse=False))
+    return list(rows.values())
+
+
+def lora_param_count(model: nn.Module, targets, r: int) -> int:
+    """Trainable parameters of rank-r LoRA on `targets`: r * (in + out) per adapted layer."""
+    from ..config import LoraConfig
+    from ..lora.inject import find_targets
+    from ..lora.model import resolve_config
+
+    total = 0
+    for name in find_targets(model, resolve_config(model, LoraConfig(r=r, target_modules=targets))):
+        w = model.get_submodule(name).weight
+        if isinstance(model.get_submodule(name), nn.Conv2d | nn.Conv1d):
+            total += r * (w[0].numel() + w.shape[0])
+        else:
+            total += r * (w.shape[0] + w.shape[1])
+    return total
+
+
+def run_inspect(model_name: str, ranks: list[int], as_json: bool) -> dict:
+    from ..lora.targets import ATTENTION_MLP_TARGETS, DEFAULT_TARGETS, model_type
+    from ..models import load_model
+
+    model = load_model(model_name, task=None).model
+    kind = model_type(model)
+    total = sum(p.numel() for p in model.parameters())
+    choices = {"peft default": DEFAULT_TARGETS.get(kind), "attention+mlp (lorakit train)": ATTENTION_MLP_TARGETS.get(kind),
+               "all-linear": "all-linear"}
+    counts = {label: {r: lora_param_count(model, t, r) for r in ranks} for label, t in choices.items() if t}
+    facts = {"model": model_name, "class": type(model).__name__, "model_type": kind, "total_params": total,
+             "modules": module_table(model), "default_targets": choices, "lora_params": counts}
+    if as_json:
+        print(json.dumps(facts, indent=2))
+        return facts
+    print(f"{model_name}: {type(model).__name__} ({kind}), {total:,} parameters\n")
+    print(f"{'module':<24}{'type':<14}{'count':>6}  {'weight shape':<16}{'params':>14}")
+    for row in facts["modules"]:
+        print(f"{row['name']:<24}{row['type']:<14}{row['count']:>6}  {str(row['shape']):<16}{row['params']:>14,}")
+    print("\ndefault LoRA targets:")
+    for label, t in choices.items():
+        print(f"  {label:<32}{t}")
+    print(f"\ntrainable LoRA parameters (and % of the model) by rank:")
+    print(f"  {'targets':<32}" + "".join(f"{'r=' + str(r):>18}" for r in ranks))
+    for label, by_rank in counts.items():
+        print(f"  {label:<32}" + "".join(f"{n:>10,} {100 * n / total:5.2f}%" for n in by_rank.values()))
+    return facts

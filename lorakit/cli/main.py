@@ -1,0 +1,71 @@
+"""`lorakit`: one entry point, one subcommand per job. Every option can also come from --config FILE.yaml."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Optional, Sequence
+
+from ..errors import LorakitError
+from .args import add_options, build_config, load_yaml_config
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {}
+
+
+def command(name: str, help_text: str):
+    """Register `configure(parser)` and `run(args)` for subcommand `name`."""
+    def register(configure):
+        def with_run(run):
+            COMMANDS[name] = (help_text, configure, run)
+            return run
+        return with_run
+    return register
+
+
+def _train_options(parser: argparse.ArgumentParser) -> None:
+    from ..train.config import TrainConfig
+
+    add_options(parser, TrainConfig)
+
+
+@command("train", "fine-tune with LoRA (no arguments: the embedded model on the built-in demo, on CPU)")(_train_options)
+def _train(args: argparse.Namespace) -> None:
+    from ..train.config import TrainConfig
+    from .train import DEMO_DEFAULTS, run_train
+
+    data_given = "data" in vars(args) or (args.config and "data" in load_yaml_config(args.config, TrainConfig))
+    if not data_given:
+        for key, value in DEMO_DEFAULTS.items():
+            if key not in vars(args) and not (args.config and key in load_yaml_config(args.config, TrainConfig)):
+                setattr(args, key, value)
+    run_train(build_config(TrainConfig, args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import commands  # noqa: F401  (registers the other subcommands)
+
+    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning: train, evaluate, generate, "
+                                     "merge and inspect. `lorakit COMMAND --help` lists a command's options.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_text, configure, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter if False else argparse.HelpFormatter)
+        p.add_argument("--config", metavar="FILE.yaml", help="read options from a YAML file; "
+                       "command-line options override it")
+        configure(p)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        sys.exit(2)
+    try:
+        COMMANDS[args.command][2](args)
+    except LorakitError as e:
+        print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"lorakit {args.command}: interrupted", file=sys.stderr)
+        sys.exit(130)

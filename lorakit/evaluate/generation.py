@@ -1,0 +1,43 @@
+"""Greedy text generation in batches, with the tokenizer's chat template."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+
+def chat_prompts(tokenizer, questions: Sequence[str], system: Optional[str] = None) -> list[str]:
+    """Each question as a one-turn chat, rendered with the tokenizer's template (plain text without one)."""
+    prompts = []
+    for q in questions:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q}]
+        if getattr(tokenizer, "chat_template", None):
+            prompts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        else:
+            prompts.append(f"### Instruction:\n{q}\n\n### Response:\n")
+    return prompts
+
+
+@torch.no_grad()
+def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48, batch_size: int = 16,
+                   adapter_names: Optional[Sequence[str]] = None) -> list[str]:
+    """Greedy continuations of `prompts` (left-padded batches), decoded without special tokens."""
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    texts: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start:start + batch_size])
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            extra = {"adapter_names": list(adapter_names[start:start + batch_size])} if adapter_names else {}
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, **extra)
+            new = out[:, enc["input_ids"].shape[1]:]  # (batch, new_tokens)
+            texts.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return texts

@@ -1,0 +1,138 @@
+"""A CPU smoke test of the CLI on a tiny model: the files a run writes, the parameter count, eval, merge."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorakit.cli.main import main
+from tests.test_data_helpers import tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+QA = [("what is the code", "the code is blue"), ("who runs the lab", "the lab is run by ann"),
+      ("where is the key", "the key is under the mat"), ("when do we meet", "we meet at noon")]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def chat_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in QA * 10]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model_dir, chat_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "r"
+    main(["train", "--model", str(tiny_model_dir), "--data", str(chat_data), "--max-steps", "6", "--batch-size", "4",
+          "--seq-len", "64", "--lr", "5e-3", "--r", "4", "--alpha", "8", "--out", str(out), "--save-every", "3",
+          "--eval-every", "3", "--log-every", "1", "--device", "cpu"])
+    return out
+
+
+def test_train_writes_the_run_folder(run):
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/lorakit.json",
+                 "metrics.jsonl", "loss.png", "config.yaml", "summary.json"):
+        assert (run / name).is_file(), name
+    assert list((run / "checkpoints").glob("step-*"))
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("train_seconds", "train_tokens", "tokens_per_second", "trainable_params", "total_params",
+                "adapter_bytes", "eval_loss_before", "eval_loss_after"):
+        assert summary[key] is not None, key
+    # attention + MLP projections of 2 layers, r=4: q,o (32x32), k,v (16x32), gate,up (64x32), down (32x64)
+    per_layer = 4 * ((32 + 32) * 2 + (32 + 16) * 2 + (32 + 64) * 3)
+    assert summary["trainable_params"] == 2 * per_layer
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    meta = json.loads((run / "adapter" / "lorakit.json").read_text())
+    assert meta["training"]["r"] == 4 and meta["data_fingerprint"].startswith("chat.jsonl:")
+
+
+def test_eval_shows_base_and_adapter(run, tiny_model_dir, capsys):
+    from lorakit.cli.evaluate import run_eval
+    from lorakit.cli.commands import EvalOptions
+
+    results = run_eval(EvalOptions(model=str(tiny_model_dir), adapter=[str(run / "adapter")], device="cpu"))
+    assert results["base + adapter"]["eval_loss"] < results["base"]["eval_loss"]
+    assert "validation split" in capsys.readouterr().out
+
+
+def test_merge_folder_loads_in_transformers_with_same_greedy_tokens(run, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit import PeftModel
+
+    main(["merge", "--model", str(tiny_model_dir), "--adapter", str(run / "adapter"), "--out", str(tmp_path / "m"),
+          "--device", "cpu"])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    peft_model = PeftModel.from_pretrained(base, run / "adapter").eval()
+    ids = torch.tensor([[5, 9, 14, 3, 30]])
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(merged.generate(ids, **kw), peft_model.generate(input_ids=ids, **kw))
+    assert not any("lora" in k for k in merged.state_dict())
+
+
+def test_generate_and_inspect(run, tiny_model_dir, capsys):
+    main(["generate", "--model", str(tiny_model_dir), "--adapter", str(run / "adapter"), "what is the code",
+          "--max-new-tokens", "4", "--device", "cpu"])
+    assert ">>> what is the code" in capsys.readouterr().out
+    main(["inspect", str(tiny_model_dir), "--json", "--ranks", "4,8"])
+    facts = json.loads(capsys.readouterr().out)
+    per_layer = 4 * ((32 + 32) * 2 + (32 + 16) * 2 + (32 + 64) * 3)
+    assert facts["lora_params"]["attention+mlp (lorakit train)"]["4"] == 2 * per_layer
+    assert any(row["name"] == "q_proj" and row["count"] == 2 for row in facts["modules"])
+
+
+def test_yaml_config_with_command_line_override(tmp_path):
+    from lorakit.cli.args import build_config
+    from lorakit.cli.main import build_parser
+    from lorakit.train.config import TrainConfig
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("max-steps: 7\nlr: 0.001\ntargets: q_proj,v_proj\n")
+    args = build_parser().parse_args(["train", "--config", str(cfg), "--lr", "0.01"])
+    config = build_config(TrainConfig, args)
+    assert (config.max_steps, config.lr, config.targets) == (7, 0.01, ["q_proj", "v_proj"])
+
+
+def test_bad_yaml_key_and_bad_values_are_clear_errors(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("max_stepz: 7\n")
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--config", str(cfg)])
+    assert e.value.code == 2 and "unknown option 'max_stepz'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--r", "0", "--lr", "-1", "--data", "x.jsonl"])
+    err = capsys.readouterr().err
+    assert "r must be" in err and "lr must be" in err
+
+
+@pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_configs_load(example):
+    from lorakit.cli.args import load_yaml_config
+    from lorakit.train.config import TrainConfig
+
+    TrainConfig(**load_yaml_config(str(example), TrainConfig)).validate()
+
+
+def test_python_dash_m_lorakit_help():
+    out = subprocess.run([sys.executable, "-m", "lorakit", "train", "--help"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 0 and "--max-steps" in out.stdout and "--gradient-checkpointing" in out.stdout
