@@ -196,6 +196,23 @@ def resolve_resume(resume: bool | str | None, run_dir: Path | str) -> Optional[P
     return found
 
 
+# Options that shape the loss curve: changing one between sessions makes a resume inexact.
+CURVE_OPTIONS = ("model", "data", "task", "seed", "batch_size", "grad_accum", "seq_len", "packing",
+                 "epochs", "max_steps", "lr", "lr_schedule", "warmup_ratio", "warmup_steps",
+                 "weight_decay", "max_grad_norm", "lora_plus_ratio", "r", "alpha", "targets",
+                 "dropout", "use_rslora", "dtype", "quantize", "nan_policy")
+
+
+def config_differences(path: Path | str, config: dict[str, Any]) -> list[str]:
+    """`option: saved -> now` for each loss-shaping option that differs from the checkpoint's run."""
+    try:
+        saved = json.loads((Path(path) / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in CURVE_OPTIONS
+            if k in saved and saved.get(k) != config.get(k)]
+
+
 # --- save / load ----------------------------------------------------------------------------
 
 def save_checkpoint(run_dir: Path | str, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -236,7 +253,7 @@ def load_checkpoint(path: Path | str, model: nn.Module, optimizer: torch.optim.O
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     grad_scaler.load_state_dict(saved["grad_scaler"])
-    pass
+    restore_rng(torch.load(path / RNG_FILE, weights_only=True, map_location="cpu"))
     return TrainState.from_dict(json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
 
 

@@ -9,7 +9,7 @@ import copy
 import dataclasses
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Union
@@ -32,11 +32,13 @@ class TrainConfig:
 
     # --- what to train on -------------------------------------------------------------------
     model: str = "smollm2-135m"
-    """Base model: an embedded name (smollm2-135m, minilm-l6), a local transformers folder, a .gguf file or a hub id."""
+    """Base model: an embedded name (smollm2-135m, minilm-l6), a local transformers folder,
+    a .gguf file or a hub id."""
     data: Optional[str] = None
-    """Training data: a .jsonl/.json/.csv/.tsv/.parquet file, a folder of them, or a datasets name. None = the built-in demo data."""
+    """Training data: a .jsonl/.json/.csv/.tsv/.parquet file, a folder of them, or a datasets
+    name. None = the built-in demo data."""
     eval_data: Optional[str] = None
-    """Held-out data scored during and after training (same formats as --data). None = split from --data or the demo's held-out set."""
+    """Held-out data, scored every --eval-every steps and at the end (same formats as --data)."""
     task: Literal["causal-lm", "seq-cls", "token-cls", "qa", "seq2seq"] = "causal-lm"
     """What the model learns: causal-lm, seq-cls, token-cls, qa or seq2seq."""
     out: Optional[str] = None
@@ -64,13 +66,15 @@ class TrainConfig:
     alpha: float = 32
     """LoRA alpha: the update is scaled by alpha / r (alpha / sqrt(r) with --use-rslora)."""
     targets: Union[str, list[str], None] = None
-    """Layers that get LoRA: None = the architecture's attention and MLP projections; a list of names (exact or .suffix), a full-match regex, or "all-linear"."""
+    """Layers that get LoRA: None = the architecture's attention and MLP projections; a list of
+    names (exact or .suffix), a full-match regex, or "all-linear"."""
     dropout: float = 0.05
     """Dropout applied to the LoRA branch input during training."""
     use_rslora: bool = False
     """Rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r."""
     init_lora_weights: Union[bool, Literal["gaussian", "pissa", "olora"]] = True
-    """LoRA init: true = Kaiming-uniform A and zero B; gaussian; pissa; olora; false = random B (tests only)."""
+    """LoRA init: true = Kaiming-uniform A and zero B; gaussian; pissa; olora;
+    false = random B, so the adapter is not a no-op at start (for tests)."""
 
     # --- optimisation -----------------------------------------------------------------------
     lr: float = 2e-4
@@ -86,7 +90,8 @@ class TrainConfig:
     max_grad_norm: Optional[float] = 1.0
     """Clip the global gradient norm to this value; None or 0 = no clipping."""
     lora_plus_ratio: Optional[float] = None
-    """LoRA+: the learning rate of the lora_B matrices is lr x this ratio (the paper suggests 16). None = off."""
+    """LoRA+: the learning rate of the lora_B matrices is lr x this ratio (the paper suggests
+    16). None = off."""
     seed: int = 42
     """Seed for initialisation, dropout and the data order of every epoch."""
 
@@ -102,17 +107,20 @@ class TrainConfig:
 
     # --- run bookkeeping --------------------------------------------------------------------
     resume: Union[bool, str] = False
-    """Continue from a checkpoint: true = the latest good one in the run folder; or a checkpoint or run folder path."""
+    """Continue from a checkpoint: true = the latest good one in the run folder; or a checkpoint
+    or run folder path."""
     log_every: int = 10
     """Write the training loss to metrics.jsonl every N optimizer steps."""
     eval_every: int = 100
     """Score --eval-data every N optimizer steps (and always at the end); 0 = only at the end."""
     save_every: int = 100
-    """Write a resumable checkpoint every N optimizer steps (and always at the end); 0 = only at the end."""
+    """Write a resumable checkpoint every N optimizer steps (and always at the end);
+    0 = only at the end."""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep."""
     nan_policy: Literal["stop", "skip"] = "stop"
-    """On a NaN/inf loss: stop (keep the last good checkpoint, raise an error) or skip that batch and count it."""
+    """On a NaN/inf loss: stop (keep the last good checkpoint, raise an error) or skip that
+    batch and count it."""
 
     def validate(self) -> "TrainConfig":
         """Check every field; raise one `ConfigError` listing all problems. Returns self."""

@@ -26,16 +26,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lorakit.errors import LorakitError
-from lorakit.train import batching
-from lorakit.train.checkpoint import (TrainState, latest_good_checkpoint, load_checkpoint,
-                                      resolve_resume, save_checkpoint, set_aside_later_checkpoints)
+from lorakit.errors import DataError, LorakitError
+from lorakit.train import batching, runtime
+from lorakit.train.checkpoint import (TrainState, config_differences, latest_good_checkpoint,
+                                      load_checkpoint, resolve_resume, save_checkpoint,
+                                      set_aside_later_checkpoints)
 from lorakit.train.config import TrainConfig
 from lorakit.train.interrupt import StopFlag, stop_on_signals
 from lorakit.train.metrics import MetricsLog
 from lorakit.train.optim import build_optimizer, build_scheduler, trainable_parameters
 from lorakit.train.report import PLOT_FILE, plot_metrics, write_resolved_config
-from lorakit.train import runtime
 
 METRICS_FILE = "metrics.jsonl"
 Callback = Callable[["Trainer", dict], None]
@@ -54,12 +54,15 @@ class TrainResult:
     total_steps: int
     epochs: float
     train_seconds: float
+    """Wall-clock seconds in fit() (periodic eval and checkpoints included), over all sessions."""
     train_tokens: int
     """Non-padding input tokens processed by successful optimizer steps."""
     train_label_tokens: int
     """Loss units (label tokens, or examples for seq-cls / qa) those steps learned from."""
     tokens_per_second: float
+    """train_tokens / train_seconds."""
     final_loss: Optional[float]
+    """Mean train loss of the last logging interval."""
     final_eval_loss: Optional[float]
     final_eval_perplexity: Optional[float]
     skipped_batches: int
@@ -148,10 +151,11 @@ class Trainer:
         with stop_on_signals(self.stop_flag), self._progress_bar() as bar:
             try:
                 self._run_epochs(bar)
-            finally:
+            except BaseException:  # NaN stop, a second Ctrl-C, a crash: still leave the plot
                 self._tick()
                 plot_metrics(self.metrics.path, self.run_dir / PLOT_FILE)
-        return self._finish(resumed_from)
+                raise
+            return self._finish(resumed_from)
 
     def evaluate(self, data: Optional[Sequence[Any]] = None) -> dict[str, float]:
         """Mean loss per unit over `data` (default: the eval set), and its perplexity."""
@@ -162,7 +166,8 @@ class Trainer:
         try:
             with torch.no_grad():
                 for start in range(0, len(data), size):
-                    batch = self.collate_fn([data[i] for i in range(start, min(start + size, len(data)))])
+                    stop = min(start + size, len(data))
+                    batch = self.collate_fn([data[i] for i in range(start, stop)])
                     n = self.count_loss_units(batch)
                     if n == 0:
                         continue
@@ -189,16 +194,26 @@ class Trainer:
             if self.config.resume is True:
                 warnings.warn(f"--resume: no checkpoint in {self.run_dir}; starting fresh", stacklevel=3)
             runtime.seed_everything(self.config.seed)
-            set_aside_later_checkpoints(self.run_dir, 0)
+            self._set_aside_after(0)
             self.metrics.truncate_after(0)
             return None
+        changed = config_differences(checkpoint, self.config.to_dict())
+        if changed:
+            warnings.warn(f"resuming from {checkpoint} with changed options ({'; '.join(changed)}); "
+                          "training continues but not on the exact same curve", stacklevel=3)
         self.state = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler,
                                      self.grad_scaler)
         self._saved_step, self.last_checkpoint = self.state.step, checkpoint
-        set_aside_later_checkpoints(self.run_dir, self.state.step)
+        self._set_aside_after(self.state.step)
         self.metrics.truncate_after(self.state.step)
         self._emit({"event": "resume", "step": self.state.step, "checkpoint": str(checkpoint)})
         return self.state.step
+
+    def _set_aside_after(self, step: int) -> None:
+        moved = set_aside_later_checkpoints(self.run_dir, step)
+        if moved:
+            warnings.warn(f"checkpoints after step {step} in {self.run_dir} belong to an earlier "
+                          f"attempt; renamed to {', '.join(p.name for p in moved)}", stacklevel=4)
 
     def _finish(self, resumed_from: Optional[int]) -> TrainResult:
         """Final evaluation (unless interrupted) and checkpoint; the result figures."""
@@ -240,11 +255,23 @@ class Trainer:
             order = batching.epoch_order(len(self.train_data), c.seed, s.epoch)
             epoch_windows = batching.windows(batching.micro_batches(order, c.batch_size), c.grad_accum)
             first = -(-s.micro_batch // c.grad_accum)  # windows already consumed (last may be short)
+            steps_before = s.step
             for window in epoch_windows[first:]:
                 self._train_window(window, bar)
                 if self._done():
                     return
+            if first == 0 and s.step == steps_before:
+                self._no_progress()
             s.epoch, s.micro_batch = s.epoch + 1, 0
+
+    def _no_progress(self) -> None:
+        """A whole epoch without one optimizer step would repeat forever under max_steps."""
+        if self.state.skipped_batches:
+            raise NonFiniteLossError(
+                f"every batch of epoch {self.state.epoch} had a NaN/inf loss and was skipped; "
+                "stopping. Lower --lr or check the data.")
+        raise DataError("no training batch has any label tokens to learn from (all labels are "
+                        "-100: prompts longer than --seq-len, or completions masked away?)")
 
     def _train_window(self, window: list[list[int]], bar: tqdm) -> None:
         """One optimizer step from one accumulation window, then log / eval / save as due."""
