@@ -26,6 +26,7 @@ VAL_FRACTION = 0.05
 def run_train(config: TrainConfig) -> dict[str, Any]:
     """Run one training job end to end; returns the summary figures (also written to summary.json)."""
     from .. import LoraConfig, get_peft_model
+    from ..fast import label_only_lm_loss
     from ..models import load_model
     from ..train import Trainer, seed_everything, write_resolved_config, write_summary
 
@@ -45,7 +46,8 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
     model = get_peft_model(model, lora)
     model.print_trainable_parameters()
     before = _score(model, tokenizer, data, run_dir, "before", config)
-    trainer = Trainer(model, data["train"].examples, data["collate"], config, run_dir, eval_data=data["val"])
+    trainer = Trainer(model, data["train"].examples, data["collate"], config, run_dir, eval_data=data["val"],
+                      loss_fn=label_only_lm_loss(model))
     result = trainer.fit()
     if result.interrupted:
         print(f"stopped at step {result.steps}; checkpoint {result.last_checkpoint}. "

@@ -1,0 +1,50 @@
+"""Causal-LM loss computed only where there are labels.
+
+transformers computes logits for every position (batch × seq × vocab, in fp32 for the loss), then
+ignores the positions labelled -100. In instruction tuning most positions are prompt: here the LM head
+runs only on the hidden states whose next token is a label, which gives the same mean cross-entropy
+with a fraction of the head's FLOPs and memory.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+def _parts(model: nn.Module) -> Optional[tuple[nn.Module, nn.Module]]:
+    """(backbone, lm_head) of a plain transformers causal LM, or None when the head does more than a matmul."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    get_head = getattr(base, "get_output_embeddings", None)
+    prefix = getattr(base, "base_model_prefix", None)
+    if config is None or not callable(get_head) or not prefix or not hasattr(base, prefix):
+        return None
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) \
+            or getattr(config, "is_encoder_decoder", False):
+        return None  # soft-capped or scaled logits: keep transformers' own loss
+    head = get_head()
+    return (getattr(base, prefix), head) if head is not None else None
+
+
+def label_only_lm_loss(model: nn.Module) -> Optional[Callable[[nn.Module, dict], torch.Tensor]]:
+    """A `loss_fn(model, batch)` equal to `model(**batch).loss` for this causal LM, or None if unsupported."""
+    parts = _parts(model)
+    if parts is None:
+        return None
+    backbone, head = parts
+
+    def loss_fn(_model: nn.Module, batch: dict) -> torch.Tensor:
+        labels = batch["labels"]
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        hidden = backbone(**inputs).last_hidden_state  # (batch, seq, hidden)
+        targets = labels[:, 1:]  # token t+1 is predicted from position t
+        keep = targets != IGNORE_INDEX  # (batch, seq-1)
+        logits = head(hidden[:, :-1][keep]).float()  # (n_labels, vocab): only where a label exists
+        return F.cross_entropy(logits, targets[keep])
+
+    return loss_fn

@@ -1,0 +1,43 @@
+"""The label-only LM loss equals transformers' loss, and gives the same LoRA gradients."""
+import torch
+
+from lorakit import LoraConfig, get_peft_model
+from lorakit.fast import label_only_lm_loss
+from tests.conftest import tiny_gpt2, tiny_llama
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 128, (3, 10), generator=g)
+    labels = ids.clone()
+    labels[:, :6] = -100  # prompt
+    labels[2, 8:] = -100  # padding
+    mask = torch.ones_like(ids)
+    mask[2, 8:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _grads(model, loss):
+    model.zero_grad()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_same_loss_and_gradients_as_transformers():
+    for make in (tiny_llama, tiny_gpt2):
+        model = get_peft_model(make(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+        loss_fn = label_only_lm_loss(model)
+        assert loss_fn is not None
+        batch = _batch()
+        ref = model(**batch).loss
+        ref_grads = _grads(model, ref)
+        fast = loss_fn(model, batch)
+        assert torch.allclose(fast, ref, rtol=1e-6, atol=1e-6)
+        for name, g in _grads(model, fast).items():
+            assert torch.allclose(g, ref_grads[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_soft_capped_heads_keep_the_plain_loss():
+    model = tiny_llama()
+    model.config.final_logit_softcapping = 30.0
+    assert label_only_lm_loss(model) is None
