@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 from lorakit.data.packing import IGNORE_INDEX, pack_examples
 from lorakit.data.records import RecordSet, Source
-from lorakit.errors import DataError
+from lorakit.errors import ConfigError, DataError
 
 CAUSAL_FORMATS = ("alpaca", "chat", "prompt_completion", "text")
 
@@ -143,7 +143,8 @@ class TruncationStats:
         tokens_dropped: tokens removed by that truncation.
         dropped_no_response: examples dropped because no response token was left.
         tokens: tokens in the kept examples.
-        trained_tokens: tokens with a label (not -100) in the kept examples.
+        trained_tokens: tokens the loss is computed on in the kept examples (label not -100,
+            position 0 excluded: nothing predicts it).
         rows: sequences produced (kept examples, or packed rows with `packing=True`).
     """
 
@@ -183,6 +184,7 @@ class CausalExamples:
             `position_ids` restarting at 0 for every example inside the row.
         stats: what truncation and dropping did.
         packed: True when several examples share a row.
+        sources: where each example's record was read from (unpacked examples only).
     """
 
     examples: list[dict]
@@ -243,9 +245,10 @@ def build_causal_examples(data: RecordSet, tokenizer, seq_len: int = 512,
     Raises:
         DataError: a format without a response, a record the chat template rejects, or
             nothing left to train on after truncation.
+        ConfigError: seq_len below 2.
     """
     if seq_len < 2:
-        raise DataError(f"seq_len must be at least 2, got {seq_len}")
+        raise ConfigError(f"seq_len must be at least 2, got {seq_len}", where="seq_len")
     if data.format not in CAUSAL_FORMATS:
         raise DataError(f"format '{data.format}' is not for causal-LM training (it takes "
                         f"{', '.join(CAUSAL_FORMATS)}); pick the task that fits the data",

@@ -61,6 +61,7 @@ class FormatSpec:
 # --- normalizers: raw row -> normalized records --------------------------------------------
 
 def _alpaca(row: dict, src: Source) -> list[dict]:
+    """instruction + optional input → output."""
     return [{"instruction": get_text(row, "instruction", src),
              "input": get_text(row, "input", src, required=False, allow_empty=True),
              "output": get_text(row, "output", src)}]
@@ -82,6 +83,7 @@ def _alpaca_instances(row: dict, src: Source) -> list[dict]:
 
 
 def _chat(row: dict, src: Source) -> list[dict]:
+    """A list of {role, content} messages (or ShareGPT `conversations`)."""
     field = first_present(row, ("messages", "conversations"))
     items = get_list(row, field, src)
     messages = [_chat_message(item, field, i, src) for i, item in enumerate(items)]
@@ -108,20 +110,24 @@ def _chat_message(item: object, field: str, index: int, src: Source) -> dict:
 
 
 def _prompt_completion(row: dict, src: Source) -> list[dict]:
+    """A prompt and the completion to train on."""
     return [{"prompt": get_text(row, "prompt", src),
              "completion": get_text(row, "completion", src)}]
 
 
 def _text(row: dict, src: Source) -> list[dict]:
+    """Plain text: every token is trained."""
     return [{"text": get_text(row, "text", src)}]
 
 
 def _classification(row: dict, src: Source) -> list[dict]:
+    """`text` (or `sentence`) and a raw label (mapped to an id later)."""
     field = first_present(row, ("text", "sentence"))
     return [{"text": get_text(row, field, src), "label": row["label"]}]
 
 
 def _token_classification(row: dict, src: Source) -> list[dict]:
+    """Parallel `tokens` and `tags` (or `ner_tags`) lists."""
     tokens = get_list(row, "tokens", src)
     tag_field = first_present(row, ("tags", "ner_tags"))
     tags = get_list(row, tag_field, src)
@@ -137,6 +143,7 @@ def _token_classification(row: dict, src: Source) -> list[dict]:
 
 
 def _squad(row: dict, src: Source) -> list[dict]:
+    """Extractive QA: context, question and answers (empty = unanswerable)."""
     context = get_text(row, "context", src)
     question = get_text(row, "question", src)
     answers = _squad_answers(row["answers"], context, src)
@@ -146,9 +153,9 @@ def _squad(row: dict, src: Source) -> list[dict]:
                         "question has answers [] (put guesses in 'plausible_answers')")
     qid = row.get("id")
     title = row.get("title")
-    return [{"id": "" if qid is None else str(qid), "title": title if isinstance(title, str) else "",
-             "context": context, "question": question, "answers": answers,
-             "is_impossible": not answers["text"]}]
+    return [{"id": "" if qid is None else str(qid),
+             "title": title if isinstance(title, str) else "", "context": context,
+             "question": question, "answers": answers, "is_impossible": not answers["text"]}]
 
 
 def _squad_answers(value: object, context: str, src: Source) -> dict:

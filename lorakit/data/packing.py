@@ -77,7 +77,8 @@ def segment_ids(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cumsum((position_ids == 0).long(), dim=-1)
 
 
-def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def block_causal_mask(position_ids: torch.Tensor,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The 4D additive attention mask for packed rows: causal inside each example, nothing across.
 
     transformers uses a 4D `attention_mask` as given (for the `eager` and `sdpa` attention

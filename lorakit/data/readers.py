@@ -85,7 +85,10 @@ def read_folder(folder: Path) -> list[RawRow]:
 
     Hidden files and README/LICENSE files are skipped, as are files of other types.
     """
-    files = [p for p in sorted(folder.rglob("*")) if _is_data_file(p, folder)]
+    try:
+        files = [p for p in sorted(folder.rglob("*")) if _is_data_file(p, folder)]
+    except OSError as e:
+        raise DataError(f"cannot list the folder: {e}", path=str(folder)) from None
     if not files:
         raise DataError(f"folder holds no data files ({SUFFIXES})", path=str(folder))
     rows: list[RawRow] = []

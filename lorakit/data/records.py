@@ -51,7 +51,7 @@ class Source:
     index: int | None = None
 
     def error(self, message: str) -> DataError:
-        """A `DataError` that points at this record: `path:line: message` (or `path: row N: ...`)."""
+        """A `DataError` pointing at this record: `path:line: message` (`path: row N: ...`)."""
         if self.index is not None:
             message = f"JSON list index {self.index}: {message}"
         if self.line is None:

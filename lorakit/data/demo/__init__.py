@@ -4,10 +4,13 @@ No pre-trained model can know these facts, so a model that answers the held-out 
 training learned them from the adapter. The files, shipped as package data:
 
     facts.jsonl    {"id", "statement", "keys"}                 one per fact
-    train.jsonl    {"fact", "messages": [user, assistant]}     4-5 phrasings per fact (chat format)
+    train.jsonl    {"fact", "messages": [user, assistant]}     4-5 phrasings per fact (chat format),
+                                                               plus general-knowledge "replay"
+                                                               ({"fact": null}) so the model keeps
+                                                               answering other questions normally
     heldout.jsonl  {"fact", "question", "keys"}                paraphrases absent from train.jsonl
-    general.jsonl  {"question", "keys"}                        easy general knowledge, to check
-                                                               that training kept what the model knew
+    general.jsonl  {"question", "keys"}                        easy general knowledge: did
+                                                               training keep what the model knew?
 An answer is correct when it contains any of its keys (case-insensitive).
 """
 
@@ -26,7 +29,8 @@ class Demo:
     """The demo data set.
 
     Attributes:
-        train: chat records `{"fact": id, "messages": [{"role", "content"}, ...]}`.
+        train: chat records `{"fact": id, "messages": [{"role", "content"}, ...]}`; `fact` is
+            None for general-knowledge replay (on other topics than `general`).
         heldout: `{"fact": id, "question": str, "keys": [str]}`, not seen in training.
         general: `{"question": str, "keys": [str]}` that the base model already answers.
         facts: `{"id": str, "statement": str, "keys": [str]}`, the handbook itself.
