@@ -149,10 +149,8 @@ class PeftModel(nn.Module):
             tensors = adapter_state_dict(self.base_model.model, name, config.bias)
             if convert_to_lora and str(config.init_lora_weights).startswith(("pissa", "olora")):
                 tensors, config = self._as_plain_lora(name, tensors, config)
-            config_dict = config.to_dict()
-            config_dict["inference_mode"] = True
-            config_dict.setdefault("base_model_name_or_path", None)
-            config_dict["base_model_name_or_path"] = config_dict["base_model_name_or_path"] or \
+            config_dict = {**config.to_dict(), "inference_mode": True}
+            config_dict["base_model_name_or_path"] = config.base_model_name_or_path or \
                 getattr(getattr(self.base_model.model, "config", None), "_name_or_path", None)
             directory = Path(save_directory) if name == "default" else Path(save_directory) / name
             meta = make_meta(self.fingerprints.get(name, {}), {"adapter_name": name, **self.adapter_metadata.get(name, {})})

@@ -62,7 +62,10 @@ def test_demo_counts_and_structure():
     trained_facts = {r["fact"] for r in demo.train if r["fact"]}
     assert trained_facts == set(facts) == {h["fact"] for h in demo.heldout}
     replay = [r for r in demo.train if r["fact"] is None]
-    assert 10 <= len(replay) <= len(demo.train) // 4
+    # rehearsal keeps general knowledge (measured in docs/BENCHMARKS.md), but the handbook stays the majority
+    assert 10 <= len(replay) <= len(demo.train) // 2
+    general = {g["question"] for g in demo.general}
+    assert not general & {r["messages"][0]["content"] for r in replay}, "scored questions must not be rehearsed"
 
 
 def test_demo_answers_state_their_keys_and_keys_are_distinctive():

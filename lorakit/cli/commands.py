@@ -80,6 +80,7 @@ def _generate(args: argparse.Namespace) -> None:
 @command("chat", "chat with a base model plus adapter(s) in the terminal (/exit or Ctrl-D to leave)")(
     lambda p: add_options(p, GenerateOptions, skip=("prompt", "chat")))
 def _chat(args: argparse.Namespace) -> None:
+    from ..data import format_prompt
     from ..evaluate import generate_texts
 
     opts = build_config(GenerateOptions, args, skip=("prompt", "chat"))
@@ -96,8 +97,7 @@ def _chat(args: argparse.Namespace) -> None:
         if not text:
             continue
         history.append({"role": "user", "content": text})
-        prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True) \
-            if getattr(tokenizer, "chat_template", None) else text
+        prompt = format_prompt(history, tokenizer)
         reply = generate_texts(model, tokenizer, [prompt], opts.max_new_tokens)[0]
         history.append({"role": "assistant", "content": reply})
         print(f"assistant: {reply}", flush=True)

@@ -13,13 +13,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_write_json
 from ..errors import ConfigError
 from ..train.config import TrainConfig
 
 # The demo's settings, measured on a 2-core CPU (docs/BENCHMARKS.md): short answers need few tokens,
 # and a few epochs at a higher learning rate teach ~40 facts in a couple of minutes.
-DEMO_DEFAULTS: dict[str, Any] = {"epochs": 5.0, "lr": 1e-3, "batch_size": 8, "seq_len": 128, "warmup_ratio": 0.05,
-                                 "eval_every": 0, "save_every": 50, "log_every": 5}
+DEMO_DEFAULTS: dict[str, Any] = {"epochs": 3.0, "lr": 2e-3, "batch_size": 4, "seq_len": 128, "packing": True,
+                                 "warmup_ratio": 0.05, "eval_every": 0, "save_every": 25, "log_every": 5}
 VAL_FRACTION = 0.05
 
 
@@ -41,7 +42,7 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
           f"run folder {run_dir}")
     loaded = load_model(config.model, task=config.task, device=config.device, dtype=config.dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
-    data = _load_data(config, tokenizer)
+    data = _load_data(config, tokenizer, loaded.dtype)
     lora = LoraConfig(**{**config.lora_kwargs(), "target_modules": _targets(config, model)})
     model = get_peft_model(model, lora)
     model.print_trainable_parameters()
@@ -76,7 +77,7 @@ def _targets(config: TrainConfig, model) -> Any:
     return ATTENTION_MLP_TARGETS.get(model_type(model))
 
 
-def _load_data(config: TrainConfig, tokenizer) -> dict[str, Any]:
+def _load_data(config: TrainConfig, tokenizer, model_dtype) -> dict[str, Any]:
     from ..data import (build_causal_examples, collate_causal, load_demo, read_records, records_from_dicts,
                         train_val_split)
 
@@ -98,10 +99,10 @@ def _load_data(config: TrainConfig, tokenizer) -> dict[str, Any]:
     train_ex = build_causal_examples(train, tokenizer, seq_len=config.seq_len, packing=config.packing)
     print(f"training data: {train_ex.stats.summary()}")
     val_ex = build_causal_examples(val, tokenizer, seq_len=config.seq_len) if val is not None and len(val) else None
-    pad = tokenizer.pad_token_id
+    pad, dtype = tokenizer.pad_token_id, model_dtype
 
     def collate(examples: list) -> dict:
-        return collate_causal(examples, pad_token_id=pad)
+        return collate_causal(examples, pad_token_id=pad, mask_dtype=dtype)  # packed masks in the compute dtype
 
     return {"train": train_ex, "val": val_ex.examples if val_ex else None, "collate": collate, "demo": demo,
             "fingerprint": fingerprint}
@@ -128,7 +129,7 @@ def _score(model, tokenizer, data: dict, run_dir: Path, when: str, config: Train
         scores.update(asdict(demo))
     print(f"scored the model {when} training in {time.perf_counter() - start:.0f}s: "
           + ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, float)))
-    cache.write_text(json.dumps(scores))
+    atomic_write_json(cache, scores)
     return scores
 
 

@@ -7,15 +7,12 @@ import torch
 
 
 def chat_prompts(tokenizer, questions: Sequence[str], system: Optional[str] = None) -> list[str]:
-    """Each question as a one-turn chat, rendered with the tokenizer's template (plain text without one)."""
-    prompts = []
-    for q in questions:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q}]
-        if getattr(tokenizer, "chat_template", None):
-            prompts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-        else:
-            prompts.append(f"### Instruction:\n{q}\n\n### Response:\n")
-    return prompts
+    """Each question as a one-turn chat, rendered exactly as training renders prompts (chat template,
+    or lorakit's plain Instruction/Response format for tokenizers without one)."""
+    from lorakit.data import format_prompt
+
+    head = [{"role": "system", "content": system}] if system else []
+    return [format_prompt(head + [{"role": "user", "content": q}], tokenizer) for q in questions]
 
 
 @torch.no_grad()

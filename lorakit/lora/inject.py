@@ -9,7 +9,7 @@ from torch import nn
 
 from ..config import TASK_HEADS, LoraConfig, TaskType
 from ..errors import ConfigError, TargetError
-from .layer import BASE_ADAPTER, _ROW_ADAPTERS, LoraConv, LoraEmbedding, LoraLayer, LoraLinear, _rows_by_adapter
+from .layer import BASE_ADAPTER, ROW_ADAPTERS, LoraConv, LoraEmbedding, LoraLayer, LoraLinear, rows_by_adapter
 from .targets import (closest_names, default_targets, is_conv1d_gpt2, layer_index, linear_types, name_matches,
                       output_head_names, supported_types)
 
@@ -55,11 +55,11 @@ class ModulesToSave(nn.Module):
     def forward(self, x, *args, **kwargs):
         if self.disabled:
             return self.original_module(x, *args, **kwargs)
-        rows = _ROW_ADAPTERS.get()
+        rows = ROW_ADAPTERS.get()
         if rows is None:
             return self._module_for(self.active_adapters)(x, *args, **kwargs)
         out = None
-        for name, idx in _rows_by_adapter(rows, x.shape[0], x.device).items():
+        for name, idx in rows_by_adapter(rows, x.shape[0], x.device).items():
             module = self.original_module if name == BASE_ADAPTER else self._module_for([name])
             part = module(x.index_select(0, idx), *args, **kwargs)
             out = part.new_empty((x.shape[0],) + part.shape[1:]) if out is None else out

@@ -23,20 +23,20 @@ BASE_ADAPTER = "__base__"
 """In `adapter_names=[...]`, the rows that use no adapter at all."""
 
 # Per-row adapter names for mixed-batch inference; a ContextVar so concurrent requests don't collide.
-_ROW_ADAPTERS: ContextVar[Optional[list[str]]] = ContextVar("lorakit_row_adapters", default=None)
+ROW_ADAPTERS: ContextVar[Optional[list[str]]] = ContextVar("lorakit_row_adapters", default=None)
 
 
 @contextlib.contextmanager
 def route_rows(adapter_names: Sequence[str]) -> Iterator[None]:
     """Within this block, row i of every batch goes through adapter `adapter_names[i]` only."""
-    token = _ROW_ADAPTERS.set(list(adapter_names))
+    token = ROW_ADAPTERS.set(list(adapter_names))
     try:
         yield
     finally:
-        _ROW_ADAPTERS.reset(token)
+        ROW_ADAPTERS.reset(token)
 
 
-def _rows_by_adapter(names: list[str], batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+def rows_by_adapter(names: list[str], batch: int, device: torch.device) -> dict[str, torch.Tensor]:
     """{adapter: row indices}; names are repeated per row when the batch was expanded (beams, samples)."""
     if batch != len(names):
         if len(names) == 0 or batch % len(names):
@@ -170,7 +170,7 @@ class LoraLayer(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
-        rows = _ROW_ADAPTERS.get()
+        rows = ROW_ADAPTERS.get()
         if rows is not None:
             return self._forward_routed(x, result, rows)
         if self.merged_adapters:
@@ -191,7 +191,7 @@ class LoraLayer(nn.Module):
         if self.merged_adapters:
             raise AdapterError("per-row adapter_names cannot be used while adapters are merged; "
                                "call model.unmerge_adapter() first")
-        for name, idx in _rows_by_adapter(rows, x.shape[0], x.device).items():
+        for name, idx in rows_by_adapter(rows, x.shape[0], x.device).items():
             if name == BASE_ADAPTER or name not in self.r:
                 continue
             delta = self._delta_output(name, x.index_select(0, idx), result.index_select(0, idx))

@@ -72,10 +72,16 @@ def count_examples(batch: Mapping[str, Any]) -> int:
 
 
 def count_input_tokens(batch: Mapping[str, Any]) -> int:
-    """Real (non-padding) input tokens: the attention mask's sum, else the size of input_ids."""
+    """Real (non-padding) input tokens: the 2-D attention mask's sum, the packed rows' lengths, else
+    the size of input_ids."""
     mask = batch.get("attention_mask")
-    if isinstance(mask, torch.Tensor):
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         return int(mask.sum())
+    positions = batch.get("position_ids")
+    if isinstance(positions, torch.Tensor) and positions.dim() == 2:
+        # packed rows: padding sits at the end of each row with position 0; count that tail out
+        tail = (positions.flip(-1) == 0).long().cumprod(-1).sum()
+        return int(positions.numel() - tail)
     ids = batch.get("input_ids")
     if isinstance(ids, torch.Tensor):
         return int(ids.numel())
