@@ -136,3 +136,19 @@ def test_python_dash_m_lorakit_help():
     out = subprocess.run([sys.executable, "-m", "lorakit", "train", "--help"], capture_output=True, text=True,
                          cwd=ROOT, timeout=120)
     assert out.returncode == 0 and "--max-steps" in out.stdout and "--gradient-checkpointing" in out.stdout
+
+
+def test_demo_defaults_apply_only_without_data_and_yield_to_explicit_options(monkeypatch, tmp_path):
+    import lorakit.cli.train as train_cmd
+
+    seen = []
+    monkeypatch.setattr(train_cmd, "run_train", seen.append)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lr: 0.01\n")
+    main(["train"])
+    main(["train", "--r", "4", "--config", str(cfg)])
+    main(["train", "--data", "x.jsonl"])
+    demo, overridden, user = seen
+    assert (demo.r, demo.alpha, demo.lr, demo.packing) == (8, 16, 2e-3, True)
+    assert (overridden.r, overridden.alpha, overridden.lr) == (4, 16, 0.01)
+    assert (user.r, user.alpha, user.lr, user.packing) == (16, 32, 2e-4, False)

@@ -32,10 +32,10 @@ def _train(args: argparse.Namespace) -> None:
     from ..train.config import TrainConfig
     from .train import DEMO_DEFAULTS, run_train
 
-    data_given = "data" in vars(args) or (args.config and "data" in load_yaml_config(args.config, TrainConfig))
-    if not data_given:
+    given = set(vars(args)) | set(load_yaml_config(args.config, TrainConfig) if args.config else {})
+    if "data" not in given:  # the built-in demo: its own defaults, unless the user set an option
         for key, value in DEMO_DEFAULTS.items():
-            if key not in vars(args) and not (args.config and key in load_yaml_config(args.config, TrainConfig)):
+            if key not in given:
                 setattr(args, key, value)
     run_train(build_config(TrainConfig, args))
 

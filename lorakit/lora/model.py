@@ -68,7 +68,7 @@ class LoraModel(nn.Module):
     def _apply_activity(self) -> None:
         """Push the active list to every layer; only active, non-frozen adapters train."""
         for _, module in adapter_modules(self.model):
-            module.active_adapters = [n for n in self.active_adapters]
+            module.active_adapters = list(self.active_adapters)
         trainable = [n for n in self.active_adapters if n not in self.frozen_adapters]
         for _, module in lora_layers(self.model):
             for name in module.r:
