@@ -41,3 +41,32 @@ def test_soft_capped_heads_keep_the_plain_loss():
     model = tiny_llama()
     model.config.final_logit_softcapping = 30.0
     assert label_only_lm_loss(model) is None
+
+
+def test_distillation_term_is_kl_to_the_base_model():
+    import torch.nn.functional as F
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear"))  # B = 0: adapted == base
+    loss_fn = label_only_lm_loss(model)
+    batch = _batch()
+    plain = loss_fn(model, batch)
+    none_marked = loss_fn(model, {**batch, "distill_mask": torch.zeros_like(batch["input_ids"])})
+    assert torch.allclose(plain, none_marked)
+    mask = torch.zeros_like(batch["input_ids"])
+    mask[:, 3:7] = 1
+    assert torch.allclose(loss_fn(model, {**batch, "distill_mask": mask}), plain, atol=1e-6)  # KL = 0 at init
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    marked = {**batch, "distill_mask": mask}
+    total = loss_fn(model, marked)
+    # the KL by hand, from full logits with and without the adapter
+    with torch.no_grad(), model.disable_adapter():
+        base = F.log_softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
+    adapted = F.log_softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
+    at = mask[:, 1:].bool()
+    kl = (base[:, :-1][at].exp() * (base[:, :-1][at] - adapted[:, :-1][at])).sum(-1).mean()
+    assert kl > 1e-3 and torch.allclose(total, loss_fn(model, batch) + kl, rtol=1e-5, atol=1e-6)
+    total.backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)

@@ -19,7 +19,7 @@ from ..train.config import TrainConfig
 
 # The demo's settings, measured on a 2-core CPU (docs/BENCHMARKS.md): short answers need few tokens, and
 # three epochs at a higher learning rate teach 38 facts in about four minutes; r=8 keeps the adapter < 10 MB.
-DEMO_DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 16, "epochs": 3.0, "lr": 2e-3, "batch_size": 4, "seq_len": 128, "packing": True,
+DEMO_DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 16, "epochs": 3.0, "lr": 2e-3, "batch_size": 8, "seq_len": 128, "packing": False,
                                  "warmup_ratio": 0.05, "eval_every": 0, "save_every": 25, "log_every": 5}
 VAL_FRACTION = 0.05
 
@@ -42,13 +42,14 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
           f"run folder {run_dir}")
     loaded = load_model(config.model, task=config.task, device=config.device, dtype=config.dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
-    data = _load_data(config, tokenizer, loaded.dtype)
     lora = LoraConfig(**{**config.lora_kwargs(), "target_modules": _targets(config, model)})
     model = get_peft_model(model, lora)
+    loss_fn = label_only_lm_loss(model)
+    data = _load_data(config, tokenizer, loaded.dtype, distill=loss_fn is not None)
     model.print_trainable_parameters()
     before = _score(model, tokenizer, data, run_dir, "before", config)
-    trainer = Trainer(model, data["train"].examples, data["collate"], config, run_dir, eval_data=data["val"],
-                      loss_fn=label_only_lm_loss(model))
+    trainer = Trainer(model, data.get("train_examples") or data["train"].examples, data["collate"], config, run_dir, eval_data=data["val"],
+                      loss_fn=loss_fn)
     result = trainer.fit()
     if result.interrupted:
         print(f"stopped at step {result.steps}; checkpoint {result.last_checkpoint}. "
@@ -77,7 +78,7 @@ def _targets(config: TrainConfig, model) -> Any:
     return ATTENTION_MLP_TARGETS.get(model_type(model))
 
 
-def _load_data(config: TrainConfig, tokenizer, model_dtype) -> dict[str, Any]:
+def _load_data(config: TrainConfig, tokenizer, model_dtype, distill: bool) -> dict[str, Any]:
     from ..data import (build_causal_examples, collate_causal, load_demo, read_records, records_from_dicts,
                         train_val_split)
 
@@ -90,6 +91,8 @@ def _load_data(config: TrainConfig, tokenizer, model_dtype) -> dict[str, Any]:
         records = read_records(config.data)
         fingerprint = f"{Path(config.data).name}:" + _digest(Path(config.data).read_bytes()) \
             if Path(config.data).is_file() else config.data
+    if demo is not None and distill:
+        return _demo_data(demo, tokenizer, config, model_dtype, fingerprint)
     if config.eval_data:
         train, val = records, read_records(config.eval_data)
     elif demo is None:
@@ -105,6 +108,30 @@ def _load_data(config: TrainConfig, tokenizer, model_dtype) -> dict[str, Any]:
         return collate_causal(examples, pad_token_id=pad, mask_dtype=dtype)  # packed masks in the compute dtype
 
     return {"train": train_ex, "val": val_ex.examples if val_ex else None, "collate": collate, "demo": demo,
+            "fingerprint": fingerprint}
+
+
+def _demo_data(demo, tokenizer, config: TrainConfig, model_dtype, fingerprint: str) -> dict[str, Any]:
+    """The demo's examples: handbook answers are learned (labels); on the rehearsal chats the model is
+    held to its own base predictions (`distill_mask`, a KL term in lorakit.fast's loss) instead."""
+    from ..data import build_causal_examples, collate_causal, records_from_dicts
+
+    def examples(rows: list[dict], name: str):
+        return build_causal_examples(records_from_dicts([{"messages": r["messages"]} for r in rows], name=name),
+                                     tokenizer, seq_len=config.seq_len, packing=False)
+
+    handbook = examples([r for r in demo.train if r.get("fact")], "built-in demo")
+    rehearsal = examples([r for r in demo.train if not r.get("fact")], "built-in demo (rehearsal)")
+    for ex in handbook.examples:
+        ex["distill_mask"] = [0] * len(ex["input_ids"])
+    for ex in rehearsal.examples:
+        ex["distill_mask"] = [int(label != -100) for label in ex["labels"]]
+        ex["labels"] = [-100] * len(ex["labels"])
+    print(f"training data: handbook {handbook.stats.summary()}; rehearsal (kept close to the base model): "
+          f"{len(rehearsal.examples)} chats")
+    pad = tokenizer.pad_token_id
+    return {"train": handbook, "train_examples": handbook.examples + rehearsal.examples, "val": None,
+            "collate": lambda b: collate_causal(b, pad_token_id=pad, mask_dtype=model_dtype), "demo": demo,
             "fingerprint": fingerprint}
 
 

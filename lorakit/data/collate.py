@@ -46,6 +46,9 @@ def collate_causal(examples: list[dict], pad_token_id: int,
         "input_ids": _padded([e["input_ids"] for e in examples], length, pad_token_id),
         "labels": _padded([e["labels"] for e in examples], length, IGNORE_INDEX),
     }
+    for key in examples[0]:  # other per-token lists (e.g. a distillation mask) are zero-padded alike
+        if key not in batch and key != "position_ids":
+            batch[key] = _padded([e[key] for e in examples], length, 0)
     if packed:
         # padding tokens get position 0: each is its own one-token "example"
         position_ids = _padded([e["position_ids"] for e in examples], length, 0)  # (batch, seq)

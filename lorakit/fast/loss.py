@@ -32,19 +32,43 @@ def _parts(model: nn.Module) -> Optional[tuple[nn.Module, nn.Module]]:
 
 
 def label_only_lm_loss(model: nn.Module) -> Optional[Callable[[nn.Module, dict], torch.Tensor]]:
-    """A `loss_fn(model, batch)` equal to `model(**batch).loss` for this causal LM, or None if unsupported."""
+    """A `loss_fn(model, batch)` equal to `model(**batch).loss` for this causal LM, or None if unsupported.
+
+    A batch may also carry `distill_mask` (batch, seq): tokens whose prediction should stay what the base
+    model predicts; the loss then adds the mean KL(base || adapted) there (see `_distillation`).
+    """
     parts = _parts(model)
     if parts is None:
         return None
     backbone, head = parts
 
-    def loss_fn(_model: nn.Module, batch: dict) -> torch.Tensor:
-        labels = batch["labels"]
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        hidden = backbone(**inputs).last_hidden_state  # (batch, seq, hidden)
+    def loss_fn(model_: nn.Module, batch: dict) -> torch.Tensor:
+        batch = dict(batch)
+        labels, distill = batch.pop("labels"), batch.pop("distill_mask", None)
+        hidden = backbone(**batch).last_hidden_state  # (batch, seq, hidden)
         targets = labels[:, 1:]  # token t+1 is predicted from position t
         keep = targets != IGNORE_INDEX  # (batch, seq-1)
-        logits = head(hidden[:, :-1][keep]).float()  # (n_labels, vocab): only where a label exists
-        return F.cross_entropy(logits, targets[keep])
+        loss = hidden.new_zeros((), dtype=torch.float32)
+        if keep.any():
+            logits = head(hidden[:, :-1][keep]).float()  # (n_labels, vocab): only where a label exists
+            loss = F.cross_entropy(logits, targets[keep])
+        if distill is not None and distill.any():
+            loss = loss + _distillation(model_, backbone, head, batch, hidden, distill[:, 1:].bool())
+        return loss
 
     return loss_fn
+
+
+def _distillation(model: nn.Module, backbone: nn.Module, head: nn.Module, batch: dict, hidden: torch.Tensor,
+                  marked: torch.Tensor) -> torch.Tensor:
+    """Mean KL(base || adapted) of the next-token distributions at the marked positions.
+
+    The base distribution comes from the same model with its adapters disabled (no gradient), run only
+    on the rows that have marked positions; it keeps the adapter from changing what it should not.
+    """
+    rows = marked.any(-1)  # (batch,)
+    with torch.no_grad(), model.disable_adapter():
+        base_hidden = backbone(**{k: v[rows] for k, v in batch.items()}).last_hidden_state
+        base_logp = F.log_softmax(head(base_hidden[:, :-1][marked[rows]]).float(), -1)  # (n, vocab)
+    logp = F.log_softmax(head(hidden[:, :-1][marked]).float(), -1)  # (n, vocab)
+    return (base_logp.exp() * (base_logp - logp)).sum(-1).mean()
