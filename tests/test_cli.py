@@ -149,6 +149,6 @@ def test_demo_defaults_apply_only_without_data_and_yield_to_explicit_options(mon
     main(["train", "--r", "4", "--config", str(cfg)])
     main(["train", "--data", "x.jsonl"])
     demo, overridden, user = seen
-    assert (demo.r, demo.alpha, demo.lr, demo.packing) == (8, 16, 2e-3, True)
+    assert (demo.r, demo.alpha, demo.lr, demo.batch_size) == (8, 16, 2e-3, 8)
     assert (overridden.r, overridden.alpha, overridden.lr) == (4, 16, 0.01)
-    assert (user.r, user.alpha, user.lr, user.packing) == (16, 32, 2e-4, False)
+    assert (user.r, user.alpha, user.lr, user.batch_size) == (16, 32, 2e-4, 4)
