@@ -48,7 +48,7 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
     data = _load_data(config, tokenizer, loaded.dtype, distill=loss_fn is not None)
     model.print_trainable_parameters()
     before = _score(model, tokenizer, data, run_dir, "before", config)
-    trainer = Trainer(model, data.get("train_examples") or data["train"].examples, data["collate"], config, run_dir, eval_data=data["val"],
+    trainer = Trainer(model, data["train"], data["collate"], config, run_dir, eval_data=data["val"],
                       loss_fn=loss_fn)
     result = trainer.fit()
     if result.interrupted:
@@ -78,43 +78,45 @@ def _targets(config: TrainConfig, model) -> Any:
     return ATTENTION_MLP_TARGETS.get(model_type(model))
 
 
-def _load_data(config: TrainConfig, tokenizer, model_dtype, distill: bool) -> dict[str, Any]:
-    from ..data import (build_causal_examples, collate_causal, load_demo, read_records, records_from_dicts,
-                        train_val_split)
+def _collate_fn(tokenizer, model_dtype):
+    from ..data import collate_causal
 
-    demo = None
+    pad = tokenizer.pad_token_id
+    return lambda examples: collate_causal(examples, pad_token_id=pad, mask_dtype=model_dtype)  # masks in compute dtype
+
+
+def _load_data(config: TrainConfig, tokenizer, model_dtype, distill: bool) -> dict[str, Any]:
+    """{"train": examples, "stats", "val": examples or None, "collate", "demo": Demo or None, "fingerprint"}."""
+    from ..data import build_causal_examples, load_demo, read_records, records_from_dicts, train_val_split
+
+    collate = _collate_fn(tokenizer, model_dtype)
     if config.data is None:
         demo = load_demo()
-        records = records_from_dicts([{"messages": r["messages"]} for r in demo.train], name="built-in demo")
         fingerprint = "demo:" + _digest(json.dumps(demo.train, sort_keys=True).encode())
+        if distill:
+            return {**_demo_examples(demo, tokenizer, config), "val": None, "collate": collate, "demo": demo,
+                    "fingerprint": fingerprint}
+        train = records_from_dicts([{"messages": r["messages"]} for r in demo.train], name="built-in demo")
+        val = None  # the demo is judged on its held-out questions
     else:
-        records = read_records(config.data)
+        demo, records = None, read_records(config.data)
         fingerprint = f"{Path(config.data).name}:" + _digest(Path(config.data).read_bytes()) \
             if Path(config.data).is_file() else config.data
-    if demo is not None and distill:
-        return _demo_data(demo, tokenizer, config, model_dtype, fingerprint)
-    if config.eval_data:
-        train, val = records, read_records(config.eval_data)
-    elif demo is None:
-        train, val = train_val_split(records, val_fraction=VAL_FRACTION, seed=config.seed)
-    else:
-        train, val = records, None  # the demo is judged on its held-out questions
+        if config.eval_data:
+            train, val = records, read_records(config.eval_data)
+        else:
+            train, val = train_val_split(records, val_fraction=VAL_FRACTION, seed=config.seed)
     train_ex = build_causal_examples(train, tokenizer, seq_len=config.seq_len, packing=config.packing)
     print(f"training data: {train_ex.stats.summary()}")
     val_ex = build_causal_examples(val, tokenizer, seq_len=config.seq_len) if val is not None and len(val) else None
-    pad, dtype = tokenizer.pad_token_id, model_dtype
-
-    def collate(examples: list) -> dict:
-        return collate_causal(examples, pad_token_id=pad, mask_dtype=dtype)  # packed masks in the compute dtype
-
-    return {"train": train_ex, "val": val_ex.examples if val_ex else None, "collate": collate, "demo": demo,
-            "fingerprint": fingerprint}
+    return {"train": train_ex.examples, "stats": train_ex.stats, "val": val_ex.examples if val_ex else None,
+            "collate": collate, "demo": demo, "fingerprint": fingerprint}
 
 
-def _demo_data(demo, tokenizer, config: TrainConfig, model_dtype, fingerprint: str) -> dict[str, Any]:
+def _demo_examples(demo, tokenizer, config: TrainConfig) -> dict[str, Any]:
     """The demo's examples: handbook answers are learned (labels); on the rehearsal chats the model is
     held to its own base predictions (`distill_mask`, a KL term in lorakit.fast's loss) instead."""
-    from ..data import build_causal_examples, collate_causal, records_from_dicts
+    from ..data import build_causal_examples, records_from_dicts
 
     def examples(rows: list[dict], name: str):
         return build_causal_examples(records_from_dicts([{"messages": r["messages"]} for r in rows], name=name),
@@ -129,10 +131,7 @@ def _demo_data(demo, tokenizer, config: TrainConfig, model_dtype, fingerprint: s
         ex["labels"] = [-100] * len(ex["labels"])
     print(f"training data: handbook {handbook.stats.summary()}; rehearsal (kept close to the base model): "
           f"{len(rehearsal.examples)} chats")
-    pad = tokenizer.pad_token_id
-    return {"train": handbook, "train_examples": handbook.examples + rehearsal.examples, "val": None,
-            "collate": lambda b: collate_causal(b, pad_token_id=pad, mask_dtype=model_dtype), "demo": demo,
-            "fingerprint": fingerprint}
+    return {"train": handbook.examples + rehearsal.examples, "stats": handbook.stats}
 
 
 def _digest(data: bytes) -> str:
@@ -177,7 +176,7 @@ def _summary(model, result, before: dict, after: dict, adapter_dir: Path, data: 
     trainable, total = model.get_nb_trainable_parameters()
     adapter_bytes = sum(f.stat().st_size for f in adapter_dir.iterdir() if f.is_file())
     return {**result.summary_figures(), **_figures(before, after), "trainable_params": trainable,
-            "total_params": total, "adapter_bytes": adapter_bytes, "truncation": data["train"].stats.as_dict()}
+            "total_params": total, "adapter_bytes": adapter_bytes, "truncation": data["stats"].as_dict()}
 
 
 def _print_demo_table(before: dict, after: dict, demo, figures: dict) -> None:
