@@ -66,7 +66,7 @@ def test_train_writes_the_run_folder(run):
 
 def test_eval_shows_base_and_adapter(run, tiny_model_dir, capsys):
     from lorakit.cli.evaluate import run_eval
-    from lorakit.cli.commands import EvalOptions
+    from lorakit.cli.evaluate import EvalOptions
 
     results = run_eval(EvalOptions(model=str(tiny_model_dir), adapter=[str(run / "adapter")], device="cpu"))
     assert results["base + adapter"]["eval_loss"] < results["base"]["eval_loss"]

@@ -1,4 +1,4 @@
-"""The subcommands besides train: eval, generate, chat, merge, inspect. Each has one options dataclass."""
+"""The subcommands generate, chat, merge and inspect. Each has one options dataclass."""
 from __future__ import annotations
 
 import argparse
@@ -126,28 +126,6 @@ def _merge(args: argparse.Namespace) -> None:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     print(f"merged model written to {opts.out} (loads with transformers' from_pretrained)")
-
-
-# ---------------------------------------------------------------------- eval
-@dataclass
-class EvalOptions(ModelOptions):
-    data: Optional[str] = None
-    """Data to score. None: the validation split the adapter was trained with (from its lorakit.json),
-    or the built-in demo questions."""
-    seq_len: int = 512
-    """Maximum tokens per example."""
-    batch_size: int = 8
-    """Examples per forward pass."""
-    max_examples: int = 0
-    """Score at most this many examples (0 = all)."""
-
-
-@command("eval", "score base vs base + adapter on a data set (loss, perplexity) or on the demo questions")(
-    lambda p: add_options(p, EvalOptions))
-def _eval(args: argparse.Namespace) -> None:
-    from .evaluate import run_eval
-
-    run_eval(build_config(EvalOptions, args))
 
 
 # ---------------------------------------------------------------------- inspect

@@ -1,11 +1,15 @@
 """`lorakit eval`: the same data scored by the base model and by base + adapter, side by side."""
 from __future__ import annotations
 
+import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from .commands import EvalOptions, load_with_adapters
+from .args import add_options, build_config
+from .commands import ModelOptions, load_with_adapters
+from .main import command
 
 
 def _training_facts(adapter: str) -> dict[str, Any]:
@@ -63,3 +67,22 @@ def run_eval(opts: EvalOptions) -> dict[str, dict[str, float]]:
     for metric in results[columns[0]]:
         print(f"{metric:<20}" + "".join(f"{results[c][metric]:>18.4f}" for c in columns))
     return results
+
+
+@dataclass
+class EvalOptions(ModelOptions):
+    data: Optional[str] = None
+    """Data to score. None: the validation split the adapter was trained with (from its lorakit.json),
+    or the built-in demo questions."""
+    seq_len: int = 512
+    """Maximum tokens per example."""
+    batch_size: int = 8
+    """Examples per forward pass."""
+    max_examples: int = 0
+    """Score at most this many examples (0 = all)."""
+
+
+@command("eval", "score base vs base + adapter on a data set (loss, perplexity) or on the demo questions")(
+    lambda p: add_options(p, EvalOptions))
+def _eval(args: argparse.Namespace) -> None:
+    run_eval(build_config(EvalOptions, args))

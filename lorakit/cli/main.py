@@ -8,6 +8,8 @@ from typing import Callable, Optional, Sequence
 from ..errors import LorakitError
 from .args import add_options, build_config, load_yaml_config
 
+# The modules that define subcommands besides train (each registers itself with @command).
+COMMAND_MODULES = ("commands", "evaluate")
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {}
 
 
@@ -41,7 +43,10 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import commands  # noqa: F401  (registers the other subcommands)
+    import importlib
+
+    for module in COMMAND_MODULES:  # each registers its subcommands with @command
+        importlib.import_module(f"{__package__}.{module}")
 
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning: train, evaluate, generate, "
                                      "merge and inspect. `lorakit COMMAND --help` lists a command's options.")
