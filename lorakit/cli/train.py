@@ -42,6 +42,10 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
           f"run folder {run_dir}")
     loaded = load_model(config.model, task=config.task, device=config.device, dtype=config.dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
+    if config.quantize:  # QLoRA: the frozen base weights in 4-bit before LoRA wraps them
+        from ..quant import quantize_model
+
+        model = quantize_model(model, config.quantize)
     lora = LoraConfig(**{**config.lora_kwargs(), "target_modules": _targets(config, model)})
     model = get_peft_model(model, lora)
     loss_fn = label_only_lm_loss(model)
