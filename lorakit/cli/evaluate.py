@@ -5,63 +5,92 @@ import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
+from ..errors import ConfigError
 from .args import add_options, build_config
 from .commands import ModelOptions, load_with_adapters
 from .main import command
 
 
-def _training_facts(adapter: str) -> dict[str, Any]:
+def _adapter_meta(adapter: str) -> dict[str, Any]:
     path = Path(adapter) / "lorakit.json"
-    meta = json.loads(path.read_text()) if path.is_file() else {}
-    return meta.get("training") or {}
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _examples(opts: EvalOptions, tokenizer):
-    """(examples or None for the demo, description)."""
-    from ..data import build_causal_examples, read_records, train_val_split
-    from .train import VAL_FRACTION
+def _records(opts: "EvalOptions", facts: dict[str, Any], labels: Optional[list[str]]):
+    """(records or None for the demo, description): --data, else the data the adapter was evaluated on."""
+    from ..data import read_records, train_val_split
+    from .train_data import VAL_FRACTION
 
-    facts = _training_facts(opts.adapter[0]) if opts.adapter else {}
     if opts.data:
-        records, what = read_records(opts.data), opts.data
-    elif facts.get("eval_data"):
-        records, what = read_records(facts["eval_data"]), facts["eval_data"]
-    elif facts.get("data"):
-        _, records = train_val_split(read_records(facts["data"]), val_fraction=VAL_FRACTION, seed=facts.get("seed", 42))
-        what = f"validation split of {facts['data']} (as in training)"
-    else:
-        return None, "built-in demo questions"
-    examples = build_causal_examples(records, tokenizer, seq_len=opts.seq_len).examples
-    if opts.max_examples:
-        examples = examples[:opts.max_examples]
-    return examples, what
+        return read_records(opts.data, labels=labels), opts.data
+    if facts.get("eval_data"):
+        return read_records(facts["eval_data"], labels=labels), facts["eval_data"]
+    if facts.get("data"):
+        _, records = train_val_split(read_records(facts["data"], labels=labels), val_fraction=VAL_FRACTION,
+                                     seed=facts.get("seed", 42))
+        return records, f"validation split of {facts['data']} (as in training)"
+    return None, "built-in demo questions"
 
 
-def _scores(model, tokenizer, examples, opts: EvalOptions) -> dict[str, float]:
-    from ..data import answer_is_correct, collate_causal, load_demo
+def _causal_scorer(records, tokenizer, opts: "EvalOptions") -> Callable[[Any], dict[str, float]]:
+    from ..data import answer_is_correct, build_causal_examples, collate_causal, load_demo
     from ..evaluate import eval_loss, score_demo
 
-    if examples is None:
-        s = score_demo(model, tokenizer, load_demo(), answer_is_correct)
-        return {"heldout_accuracy": s.heldout_accuracy, "general_accuracy": s.general_accuracy}
-    result = eval_loss(model, examples, lambda b: collate_causal(b, pad_token_id=tokenizer.pad_token_id),
-                       opts.batch_size)
-    return {"eval_loss": result["loss"], "perplexity": result["perplexity"]}
+    if records is None:
+        def demo(model) -> dict[str, float]:
+            s = score_demo(model, tokenizer, load_demo(), answer_is_correct)
+            return {"heldout_accuracy": s.heldout_accuracy, "general_accuracy": s.general_accuracy}
+        return demo
+    examples = build_causal_examples(records, tokenizer, seq_len=opts.seq_len).examples
+
+    def loss(model) -> dict[str, float]:
+        result = eval_loss(model, examples, lambda b: collate_causal(b, pad_token_id=tokenizer.pad_token_id),
+                           opts.batch_size)
+        return {"eval_loss": result["loss"], "perplexity": result["perplexity"]}
+    return loss
 
 
-def run_eval(opts: EvalOptions) -> dict[str, dict[str, float]]:
-    model, tokenizer = load_with_adapters(opts)
-    examples, what = _examples(opts, tokenizer)
-    print(f"scoring on {what}" + (f" ({len(examples)} examples)" if examples is not None else ""))
+def _load(opts: "EvalOptions", task: str, labels: Optional[list[str]]):
+    """(model, tokenizer) for any task: a classification head sized by the adapter's label set."""
+    from .. import PeftModel
+    from ..models import load_model
+
+    if task == "causal-lm" or not opts.adapter:
+        return load_with_adapters(opts, task=task)
+    head = {"num_labels": len(labels), "id2label": dict(enumerate(labels))} if labels else {}
+    loaded = load_model(opts.model, task=task, device=opts.device, dtype=opts.dtype, **head)
+    model = PeftModel.from_pretrained(loaded.model, opts.adapter[0], ignore_base_mismatch=opts.ignore_base_mismatch)
+    return model, loaded.tokenizer
+
+
+def run_eval(opts: "EvalOptions") -> dict[str, dict[str, float]]:
+    """Score base and base + adapter with the task's metrics; print them side by side."""
+    meta = _adapter_meta(opts.adapter[0]) if opts.adapter else {}
+    facts = meta.get("training") or {}
+    task = opts.task or facts.get("task") or "causal-lm"
+    labels = meta.get("labels")
+    model, tokenizer = _load(opts, task, labels)
+    records, what = _records(opts, facts, labels)
+    if records is not None and opts.max_examples:
+        records = records.subset(list(range(min(opts.max_examples, len(records)))))
+    if task == "causal-lm":
+        score = _causal_scorer(records, tokenizer, opts)
+    else:
+        from ..tasks import recipe_for
+
+        if records is None:
+            raise ConfigError([f"--task {task}: give --data (nothing to score on)"], where="eval")
+        recipe = recipe_for(task)
+        score = lambda m: recipe.evaluate(m, tokenizer, records, opts.seq_len, opts.batch_size,  # noqa: E731
+                                          labels or recipe.label_names(records))
+    print(f"scoring {task} on {what}" + (f" ({len(records)} records)" if records is not None else ""))
     results = {}
     if opts.adapter:
         with model.disable_adapter():
-            results["base"] = _scores(model, tokenizer, examples, opts)
-        results["base + adapter"] = _scores(model, tokenizer, examples, opts)
-    else:
-        results["base"] = _scores(model, tokenizer, examples, opts)
+            results["base"] = score(model)
+    results["base + adapter" if opts.adapter else "base"] = score(model)
     columns = list(results)
     print(f"{'metric':<20}" + "".join(f"{c:>18}" for c in columns))
     for metric in results[columns[0]]:
@@ -80,9 +109,11 @@ class EvalOptions(ModelOptions):
     """Examples per forward pass."""
     max_examples: int = 0
     """Score at most this many examples (0 = all)."""
+    task: Optional[str] = None
+    """causal-lm, seq-cls, token-cls, qa or seq2seq. None = the task the adapter was trained for."""
 
 
-@command("eval", "score base vs base + adapter on a data set (loss, perplexity) or on the demo questions")(
+@command("eval", "score base vs base + adapter with the task's metrics (loss, accuracy/F1, EM) or on the demo questions")(
     lambda p: add_options(p, EvalOptions))
 def _eval(args: argparse.Namespace) -> None:
     run_eval(build_config(EvalOptions, args))

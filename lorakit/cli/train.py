@@ -6,7 +6,6 @@ general-knowledge questions measure what it kept.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict
@@ -14,14 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write_json
-from ..errors import ConfigError
 from ..train.config import TrainConfig
+from .train_data import causal_data, label_arguments, read_task_records, task_data
 
 # The demo's settings, measured on a 2-core CPU (docs/BENCHMARKS.md): short answers need few tokens, and
 # three epochs at a higher learning rate teach 38 facts in about four minutes; r=8 keeps the adapter < 10 MB.
 DEMO_DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 16, "epochs": 3.0, "lr": 2e-3, "batch_size": 8, "seq_len": 128, "packing": False,
                                  "warmup_ratio": 0.05, "eval_every": 0, "save_every": 25, "log_every": 5}
-VAL_FRACTION = 0.05
 
 
 def run_train(config: TrainConfig) -> dict[str, Any]:
@@ -31,16 +29,15 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
     from ..models import load_model
     from ..train import Trainer, seed_everything, write_resolved_config, write_summary
 
-    if config.task != "causal-lm":
-        raise ConfigError([f"--task {config.task} is not wired into `lorakit train` yet; use the Python API "
-                           "(get_peft_model with task_type) for now"], where="train config")
     run_dir = config.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     write_resolved_config(run_dir, config)
     seed_everything(config.seed)
     print(f"lorakit train: model {config.model}, data {config.data or 'built-in demo (Marrowind Labs handbook)'}, "
           f"run folder {run_dir}")
-    loaded = load_model(config.model, task=config.task, device=config.device, dtype=config.dtype)
+    task = read_task_records(config)  # None for causal-lm; labels are needed to build the model's head
+    loaded = load_model(config.model, task=config.task, device=config.device, dtype=config.dtype,
+                        **(label_arguments(task) if task else {}))
     model, tokenizer = loaded.model, loaded.tokenizer
     if config.quantize:  # QLoRA: the frozen base weights in 4-bit before LoRA wraps them
         from ..quant import quantize_model
@@ -48,8 +45,9 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
         model = quantize_model(model, config.quantize)
     lora = LoraConfig(**{**config.lora_kwargs(), "target_modules": _targets(config, model)})
     model = get_peft_model(model, lora)
-    loss_fn = label_only_lm_loss(model)
-    data = _load_data(config, tokenizer, loaded.dtype, distill=loss_fn is not None)
+    loss_fn = None if task else label_only_lm_loss(model)
+    data = task_data(task, config, tokenizer) if task else \
+        causal_data(config, tokenizer, loaded.dtype, distill=loss_fn is not None)
     model.print_trainable_parameters()
     before = _score(model, tokenizer, data, run_dir, "before", config)
     trainer = Trainer(model, data["train"], data["collate"], config, run_dir, eval_data=data["val"],
@@ -63,11 +61,14 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
     adapter_dir = run_dir / "adapter"
     model.adapter_metadata["default"].update(
         {"base_model": loaded.name, "training": config.to_dict(), "data_fingerprint": data["fingerprint"],
-         "metrics": {**_figures(before, after), "steps": result.steps}})
+         "metrics": {**_figures(before, after), "steps": result.steps},
+         **({"labels": data["task"]["labels"]} if data["task"] and data["task"]["labels"] else {})})
     model.save_pretrained(adapter_dir)
     figures = _summary(model, result, before, after, adapter_dir, data)
     if data["demo"] is not None:
         _print_demo_table(before, after, data["demo"], figures)
+    elif data["task"] is not None:
+        _print_task_table(figures, config.task)
     write_summary(run_dir, figures)
     print(f"adapter: {adapter_dir} ({figures['adapter_bytes'] / 1e6:.1f} MB); summary: {run_dir / 'summary.json'}")
     return figures
@@ -82,70 +83,11 @@ def _targets(config: TrainConfig, model) -> Any:
     return ATTENTION_MLP_TARGETS.get(model_type(model))
 
 
-def _collate_fn(tokenizer, model_dtype):
-    from ..data import collate_causal
-
-    pad = tokenizer.pad_token_id
-    return lambda examples: collate_causal(examples, pad_token_id=pad, mask_dtype=model_dtype)  # masks in compute dtype
-
-
-def _load_data(config: TrainConfig, tokenizer, model_dtype, distill: bool) -> dict[str, Any]:
-    """{"train": examples, "stats", "val": examples or None, "collate", "demo": Demo or None, "fingerprint"}."""
-    from ..data import build_causal_examples, load_demo, read_records, records_from_dicts, train_val_split
-
-    collate = _collate_fn(tokenizer, model_dtype)
-    if config.data is None:
-        demo = load_demo()
-        fingerprint = "demo:" + _digest(json.dumps(demo.train, sort_keys=True).encode())
-        if distill:
-            return {**_demo_examples(demo, tokenizer, config), "val": None, "collate": collate, "demo": demo,
-                    "fingerprint": fingerprint}
-        train = records_from_dicts([{"messages": r["messages"]} for r in demo.train], name="built-in demo")
-        val = None  # the demo is judged on its held-out questions
-    else:
-        demo, records = None, read_records(config.data)
-        fingerprint = f"{Path(config.data).name}:" + _digest(Path(config.data).read_bytes()) \
-            if Path(config.data).is_file() else config.data
-        if config.eval_data:
-            train, val = records, read_records(config.eval_data)
-        else:
-            train, val = train_val_split(records, val_fraction=VAL_FRACTION, seed=config.seed)
-    train_ex = build_causal_examples(train, tokenizer, seq_len=config.seq_len, packing=config.packing)
-    print(f"training data: {train_ex.stats.summary()}")
-    val_ex = build_causal_examples(val, tokenizer, seq_len=config.seq_len) if val is not None and len(val) else None
-    return {"train": train_ex.examples, "stats": train_ex.stats, "val": val_ex.examples if val_ex else None,
-            "collate": collate, "demo": demo, "fingerprint": fingerprint}
-
-
-def _demo_examples(demo, tokenizer, config: TrainConfig) -> dict[str, Any]:
-    """The demo's examples: handbook answers are learned (labels); on the rehearsal chats the model is
-    held to its own base predictions (`distill_mask`, a KL term in lorakit.fast's loss) instead."""
-    from ..data import build_causal_examples, records_from_dicts
-
-    def examples(rows: list[dict], name: str):
-        return build_causal_examples(records_from_dicts([{"messages": r["messages"]} for r in rows], name=name),
-                                     tokenizer, seq_len=config.seq_len, packing=False)
-
-    handbook = examples([r for r in demo.train if r.get("fact")], "built-in demo")
-    rehearsal = examples([r for r in demo.train if not r.get("fact")], "built-in demo (rehearsal)")
-    for ex in handbook.examples:
-        ex["distill_mask"] = [0] * len(ex["input_ids"])
-    for ex in rehearsal.examples:
-        ex["distill_mask"] = [int(label != -100) for label in ex["labels"]]
-        ex["labels"] = [-100] * len(ex["labels"])
-    print(f"training data: handbook {handbook.stats.summary()}; rehearsal (kept close to the base model): "
-          f"{len(rehearsal.examples)} chats")
-    return {"train": handbook.examples + rehearsal.examples, "stats": handbook.stats}
-
-
-def _digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
 def _score(model, tokenizer, data: dict, run_dir: Path, when: str, config: TrainConfig) -> dict[str, Any]:
     """Scores before or after training; 'before' is cached in the run folder so a resumed run reuses it."""
     from ..data import answer_is_correct
     from ..evaluate import eval_loss, score_demo
+    from ..train.batching import loss_unit_counter
 
     cache = run_dir / f"scores_{when}.json"
     if when == "before" and config.resume and cache.is_file():
@@ -153,10 +95,16 @@ def _score(model, tokenizer, data: dict, run_dir: Path, when: str, config: Train
     start = time.perf_counter()
     scores: dict[str, Any] = {}
     if data["val"]:
-        scores["eval_loss"] = eval_loss(model, data["val"], data["collate"], config.batch_size)["loss"]
+        scores["eval_loss"] = eval_loss(model, data["val"], data["collate"], config.batch_size,
+                                        count_units=loss_unit_counter(config.task))["loss"]
     if data["demo"] is not None:
         demo = score_demo(model, tokenizer, data["demo"], answer_is_correct)
         scores.update(asdict(demo))
+    if data["task"] is not None and len(data["task"]["eval"]):
+        task = data["task"]
+        metrics = task["recipe"].evaluate(model, tokenizer, task["eval"], config.seq_len, config.batch_size * 4,
+                                          task["labels"])
+        scores.update({f"eval_{name}": value for name, value in metrics.items()})
     print(f"scored the model {when} training in {time.perf_counter() - start:.0f}s: "
           + ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, float)))
     atomic_write_json(cache, scores)
@@ -167,9 +115,9 @@ def _figures(before: dict, after: dict) -> dict[str, Any]:
     from ..evaluate.scores import DemoScores, retention
 
     out: dict[str, Any] = {}
-    for key in ("eval_loss", "heldout_accuracy", "general_accuracy"):
-        if key in before:
-            out[f"{key}_before"], out[f"{key}_after"] = before[key], after[key]
+    for key, value in before.items():  # every score measured both times: eval_loss, eval_accuracy, heldout_...
+        if isinstance(value, float) and isinstance(after.get(key), float):
+            out[f"{key}_before"], out[f"{key}_after"] = value, after[key]
     if "general_correct" in before:
         b, a = DemoScores(**before), DemoScores(**after)
         out["retention"] = retention(b, a)
@@ -180,7 +128,8 @@ def _summary(model, result, before: dict, after: dict, adapter_dir: Path, data: 
     trainable, total = model.get_nb_trainable_parameters()
     adapter_bytes = sum(f.stat().st_size for f in adapter_dir.iterdir() if f.is_file())
     return {**result.summary_figures(), **_figures(before, after), "trainable_params": trainable,
-            "total_params": total, "adapter_bytes": adapter_bytes, "truncation": data["stats"].as_dict()}
+            "total_params": total, "adapter_bytes": adapter_bytes,
+            **({"truncation": data["stats"].as_dict()} if data["stats"] else {})}
 
 
 def _print_demo_table(before: dict, after: dict, demo, figures: dict) -> None:
@@ -201,6 +150,17 @@ def _print_demo_table(before: dict, after: dict, demo, figures: dict) -> None:
         print(f"   before: {_clip(before['heldout_answers'][i])}")
         print(f"   after:  {_clip(after['heldout_answers'][i])}")
     print("=" * 78)
+
+
+def _print_task_table(figures: dict, task: str) -> None:
+    names = [k[:-len("_before")] for k in figures if k.endswith("_before")]
+    print("\n" + "=" * 60)
+    print(f"{task + ' on the evaluation data':<34}{'before':>12}{'after':>12}")
+    for name in names:
+        print(f"{name:<34}{figures[name + '_before']:>12.4f}{figures[name + '_after']:>12.4f}")
+    print(f"trained {figures['steps']} steps in {figures['train_seconds']:.0f}s "
+          f"({figures['tokens_per_second']:.0f} tokens/s), {figures['trainable_params']:,} trainable parameters")
+    print("=" * 60)
 
 
 def _clip(text: str, width: int = 100) -> str:

@@ -11,23 +11,27 @@ from lorakit.evaluate.generation import chat_prompts, generate_texts
 
 
 @torch.no_grad()
-def eval_loss(model, examples: Sequence[dict], collate: Callable[[list], dict], batch_size: int = 8) -> dict:
-    """Mean loss per label token over `examples`, and its perplexity."""
+def eval_loss(model, examples: Sequence[dict], collate: Callable[[list], dict], batch_size: int = 8,
+              count_units: Optional[Callable[[dict], int]] = None) -> dict:
+    """Mean loss per loss unit over `examples`, and its perplexity.
+
+    `count_units(batch)` says how many units the model's mean loss of a batch averages over
+    (`lorakit.train.batching.loss_unit_counter(task)`); default: causal-LM label tokens.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(list(examples[start:start + batch_size])).items()}
-        labels = batch["labels"]
-        n = int((labels[:, 1:] != -100).sum())  # causal LMs predict token t+1 from t
+        n = count_units(batch) if count_units else int((batch["labels"][:, 1:] != -100).sum())  # t+1 from t
         if n == 0:
             continue
         total += float(model(**batch).loss) * n
         tokens += n
     model.train(was_training)
     loss = total / max(tokens, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}  # tokens = units counted
 
 
 @dataclass
