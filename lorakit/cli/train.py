@@ -28,9 +28,11 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
     from ..fast import label_only_lm_loss
     from ..models import load_model
     from ..train import Trainer, seed_everything, write_resolved_config, write_summary
+    from ..train.distributed import init_distributed, is_main_process
+    from ..train.storage import prepare_run_dir
 
-    run_dir = config.run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    config = init_distributed(config)  # under torchrun: join the process group, use this rank's device
+    run_dir = prepare_run_dir(config.run_dir())  # a clear error now if --out cannot be written
     write_resolved_config(run_dir, config)
     seed_everything(config.seed)
     print(f"lorakit train: model {config.model}, data {config.data or 'built-in demo (Marrowind Labs handbook)'}, "
@@ -57,6 +59,8 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
         print(f"stopped at step {result.steps}; checkpoint {result.last_checkpoint}. "
               f"Continue with: lorakit train --out {run_dir} --resume (and the same options)")
         raise SystemExit(130)
+    if not is_main_process():  # torchrun: rank 0 scores the trained model and writes adapter + summary
+        return result.summary_figures()
     after = _score(model, tokenizer, data, run_dir, "after", config)
     adapter_dir = run_dir / "adapter"
     model.adapter_metadata["default"].update(
@@ -128,7 +132,7 @@ def _summary(model, result, before: dict, after: dict, adapter_dir: Path, data: 
     trainable, total = model.get_nb_trainable_parameters()
     adapter_bytes = sum(f.stat().st_size for f in adapter_dir.iterdir() if f.is_file())
     return {**result.summary_figures(), **_figures(before, after), "trainable_params": trainable,
-            "total_params": total, "adapter_bytes": adapter_bytes,
+            "total_params": total, "adapter_bytes": adapter_bytes, "train_examples": len(data["train"]),
             **({"truncation": data["stats"].as_dict()} if data["stats"] else {})}
 
 

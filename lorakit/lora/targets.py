@@ -38,7 +38,7 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "t5": ["q", "v"],
     "mt5": ["q", "v"],
     "bart": ["q_proj", "v_proj"],
-    "vit": ["query", "value"],
+    "vit": ["query", "value", "q_proj", "v_proj"],  # transformers 5 renamed ViT's projections
 }
 
 # Attention + MLP projections: what `lorakit train` targets by default for causal LMs (LoRA paper

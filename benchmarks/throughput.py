@@ -1,0 +1,259 @@
+"""Training throughput: lorakit against PEFT (and PEFT + Liger, and full fine-tuning) on the same batches.
+
+    python benchmarks/throughput.py                  # CPU: smollm2-135m, fp32, batch 4 x 256, packed demo data
+    python benchmarks/throughput.py --config 1b      # CUDA: random-init Llama 1B in bf16, batch 8 x 1024
+    python benchmarks/throughput.py --config 8b --gradient-checkpointing   # CUDA: 8B, batch 4 x 2048
+
+Every method trains LoRA r=16, alpha 32, dropout 0 on q,k,v,o,gate,up,down with AdamW, from the same
+weights on the same batches, each in its own child process (so peak memory is its own):
+  lorakit            lorakit's training path: label-only LM head (`lorakit.fast.label_only_lm_loss`)
+  lorakit-reference  lorakit's LoRA layers with transformers' own loss (the reference the fast path must match)
+  peft               PEFT's get_peft_model and transformers' loss: what a PEFT user runs
+  peft+liger         the same with Liger Kernel's fused ops patched in (only when liger-kernel is installed)
+  full               full fine-tuning (6N FLOPs per token instead of LoRA's 4N)
+Prints tokens/s, peak memory, MFU (FLOPs per token: 4N + attention for LoRA, 6N + attention for full,
+N = parameters in matmuls, attention = 12 x layers x hidden x seq), the ratios against PEFT, and the loss
+of each step of lorakit next to lorakit-reference (they must agree).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CONFIGS = {  # name: (model, batch, seq, dtype, device)
+    "cpu": {"model": "smollm2-135m", "batch": 4, "seq": 256, "dtype": "float32", "device": "cpu"},
+    "1b": {"llama": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+           "batch": 8, "seq": 1024, "dtype": "bfloat16", "device": "cuda"},
+    "8b": {"llama": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+           "batch": 4, "seq": 2048, "dtype": "bfloat16", "device": "cuda"},
+}
+METHODS = ["lorakit", "lorakit-reference", "peft", "peft+liger", "full"]
+
+
+def build_model(cfg: dict):
+    """(model, tokenizer or None) in the config's dtype and device, the same weights every call."""
+    import torch
+
+    dtype = getattr(torch, cfg["dtype"])
+    if "model" in cfg:
+        from lorakit.models import load_model
+
+        loaded = load_model(cfg["model"], device=cfg["device"], dtype=cfg["dtype"])
+        return loaded.model, loaded.tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**cfg["llama"], attn_implementation="sdpa", torch_dtype=dtype)
+    with torch.device(cfg["device"]):
+        model = LlamaForCausalLM(config).to(dtype)
+    return model, None
+
+
+def batches(cfg: dict, tokenizer, steps: int) -> list[dict]:
+    """`steps` batches of batch x seq tokens: packed demo chats (CPU) or random tokens with labels (GPU)."""
+    import torch
+
+    if tokenizer is None:
+        g = torch.Generator().manual_seed(0)
+        vocab = cfg["llama"]["vocab_size"]
+        out = []
+        for _ in range(steps):
+            ids = torch.randint(0, vocab, (cfg["batch"], cfg["seq"]), generator=g)
+            out.append({"input_ids": ids, "labels": ids.clone()})
+        return out
+    from lorakit.data import build_causal_examples, collate_causal, load_demo, records_from_dicts
+
+    demo = load_demo()
+    records = records_from_dicts([{"messages": r["messages"]} for r in demo.train], name="built-in demo")
+    examples = build_causal_examples(records, tokenizer, seq_len=cfg["seq"], packing=True).examples
+    rows = [examples[i % len(examples)] for i in range(steps * cfg["batch"])]
+    return [collate_causal(rows[i:i + cfg["batch"]], pad_token_id=tokenizer.pad_token_id)
+            for i in range(0, len(rows), cfg["batch"])]
+
+
+def prepare(method: str, model, gradient_checkpointing: bool):
+    """(model, loss_fn) for one method."""
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif method.startswith("peft"):
+        import peft
+
+        if method == "peft+liger":
+            from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+            _apply_liger_kernel_to_instance(model=model)
+        model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                                           target_modules=TARGETS, task_type="CAUSAL_LM"))
+    else:
+        import lorakit
+
+        model = lorakit.get_peft_model(model, lorakit.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                                                 target_modules=TARGETS, task_type="CAUSAL_LM"))
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    loss_fn = None
+    if method == "lorakit":
+        from lorakit.fast import label_only_lm_loss
+
+        loss_fn = label_only_lm_loss(model)
+    return model, loss_fn or (lambda m, b: m(**b).loss)
+
+
+def child(config_name: str, method: str, steps: int, warmup: int, gradient_checkpointing: bool) -> dict:
+    import torch
+
+    cfg = CONFIGS[config_name]
+    torch.manual_seed(0)
+    model, tokenizer = build_model(cfg)
+    model, loss_fn = prepare(method, model, gradient_checkpointing)
+    model.train()
+    data = batches(cfg, tokenizer, steps + warmup)
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = {"fused": True} if cfg["device"] == "cuda" else {"foreach": True}
+    optimizer = torch.optim.AdamW(params, lr=1e-4, **fused)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg["device"] == "cuda" else torch.autocast("cpu", enabled=False)
+    sync = torch.cuda.synchronize if cfg["device"] == "cuda" else (lambda: None)
+    losses, start, tokens = [], None, 0
+    for i, batch in enumerate(data):
+        if i == warmup:
+            sync()
+            start = time.perf_counter()
+            if cfg["device"] == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+        batch = {k: v.to(cfg["device"]) for k, v in batch.items()}
+        with autocast:
+            loss = loss_fn(model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        if i >= warmup:
+            tokens += batch["input_ids"].numel()
+    sync()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() if cfg["device"] == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {"tokens_per_second": tokens / seconds, "peak_bytes": peak, "losses": losses,
+            "flops_per_token": flops_per_token(base, cfg["seq"], full=method == "full")}
+
+
+def flops_per_token(model, seq: int, full: bool) -> float:
+    """6N (full) or 4N (LoRA: no weight gradient for frozen W) + attention's 12 x layers x hidden x seq."""
+    import torch
+
+    n = sum(m.weight.numel() for m in model.modules()
+            if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Linear4bit")
+    c = model.config
+    return (6 if full else 4) * n + 12 * c.num_hidden_layers * c.hidden_size * seq
+
+
+def peak_flops(device: str) -> tuple[float, str]:
+    """Peak matmul FLOP/s: H100 SXM's dense bf16 spec on CUDA; a measured fp32 matmul on CPU."""
+    import torch
+
+    if device == "cuda":
+        return 989e12, "989 TFLOP/s (H100 SXM dense bf16 spec)"
+    a = torch.randn(2048, 2048)
+    a @ a
+    start = time.perf_counter()
+    for _ in range(5):
+        a @ a
+    rate = 5 * 2 * 2048 ** 3 / (time.perf_counter() - start)
+    return rate, f"{rate / 1e9:.0f} GFLOP/s (fp32 2048x2048 matmul measured here)"
+
+
+def available(method: str) -> bool:
+    import importlib.util
+
+    if method.startswith("peft") and importlib.util.find_spec("peft") is None:
+        return False
+    return method != "peft+liger" or importlib.util.find_spec("liger_kernel") is not None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="cpu", choices=list(CONFIGS))
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--steps", type=int, default=0, help="measured steps (default: 8 on CPU, 20 on CUDA)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--child", nargs=2, metavar=("METHOD", "JSON"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    cfg = CONFIGS[args.config]
+    steps = args.steps or (8 if cfg["device"] == "cpu" else 20)
+    if args.child:
+        method, out = args.child
+        Path(out).write_text(json.dumps(child(args.config, method, steps, args.warmup, args.gradient_checkpointing)))
+        return
+    import torch
+
+    if cfg["device"] == "cuda" and not torch.cuda.is_available():
+        print(f"benchmarks/throughput.py --config {args.config}: needs a CUDA GPU; skipped")
+        return
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in args.methods.split(","):
+            if not available(method):
+                print(f"== {method}: skipped (not installed)")
+                continue
+            print(f"== {method}", flush=True)
+            out = Path(tmp) / f"{method}.json"
+            cmd = [sys.executable, __file__, "--config", args.config, "--steps", str(steps), "--warmup",
+                   str(args.warmup), "--child", method, str(out)] + \
+                (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
+            subprocess.run(cmd, check=True)
+            results[method] = json.loads(out.read_text())
+    report(args, cfg, results)
+
+
+def report(args, cfg: dict, results: dict) -> None:
+    peak, peak_text = peak_flops(cfg["device"])
+    device = torch_device_name(cfg["device"])
+    print(f"\nthroughput, {args.config}: {cfg.get('model', 'random-init Llama')} {cfg['dtype']}, batch "
+          f"{cfg['batch']} x {cfg['seq']}, LoRA r=16 on 7 projections, dropout 0"
+          f"{', gradient checkpointing' if args.gradient_checkpointing else ''}; {device}; MFU against {peak_text}")
+    ref = results.get("peft")
+    print(f"{'method':<20}{'tokens/s':>10}{'vs peft':>9}{'peak GiB':>10}{'vs peft':>9}{'MFU':>8}")
+    for method, r in results.items():
+        mfu = r["tokens_per_second"] * r["flops_per_token"] / peak
+        speed = f"{r['tokens_per_second'] / ref['tokens_per_second']:>9.2f}" if ref else f"{'':>9}"
+        memory = f"{r['peak_bytes'] / ref['peak_bytes']:>9.2f}" if ref else f"{'':>9}"
+        print(f"{method:<20}{r['tokens_per_second']:>10.1f}{speed}{r['peak_bytes'] / 2**30:>10.2f}{memory}{mfu:>8.1%}")
+    if cfg["device"] == "cpu":
+        print("peak memory on CPU = the child process's max RSS (weights, activations, optimizer, Python)")
+    if "lorakit" in results and "lorakit-reference" in results:
+        fast, plain = results["lorakit"]["losses"], results["lorakit-reference"]["losses"]
+        print("\nloss per step, fast path vs reference (same weights, same batches):")
+        for i, (a, b) in enumerate(zip(fast, plain)):
+            print(f"  step {i + 1:>2}: {a:.5f}  {b:.5f}  diff {abs(a - b):.2e}")
+        print(f"max |difference| {max(abs(a - b) for a, b in zip(fast, plain)):.2e}")
+
+
+def torch_device_name(device: str) -> str:
+    import os
+    import platform
+
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+if __name__ == "__main__":
+    main()
