@@ -156,3 +156,43 @@ def test_eval_scores_a_seq_cls_adapter_with_its_labels(bert_dir, tmp_path, capsy
     summary = json.loads((out / "summary.json").read_text())
     assert results["base + adapter"]["accuracy"] == summary["eval_accuracy_after"] == 1.0
     assert "seq-cls" in capsys.readouterr().out
+
+
+def test_cli_trains_extractive_qa(bert_dir, tmp_path):
+    context = "john smith lives in paris . acme is great"
+    squad = {"version": "v2.0", "data": [{"title": "t", "paragraphs": [{"context": context, "qas": [
+        {"id": "1", "question": "who lives in paris", "is_impossible": False,
+         "answers": [{"text": "john smith", "answer_start": 0}]},
+        {"id": "2", "question": "where is acme", "is_impossible": True, "answers": []}]}]}]}
+    data = tmp_path / "squad.json"
+    data.write_text(json.dumps(squad))
+    out = tmp_path / "run"
+    main(["train", "--task", "qa", "--model", str(bert_dir), "--data", str(data), "--eval-data", str(data),
+          "--max-steps", "3", "--batch-size", "2", "--r", "4", "--seq-len", "32",
+          "--out", str(out), "--device", "cpu", "--save-every", "0", "--eval-every", "0"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"eval_exact_match_before", "eval_exact_match_after", "eval_f1_after", "eval_loss_after"} <= set(summary)
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["task_type"] == "QUESTION_ANS"
+
+
+def test_cli_trains_seq2seq(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from tests.test_data_helpers import tiny_tokenizer
+
+    folder = tmp_path / "t5"
+    tok = tiny_tokenizer(chat_template=False)
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                        decoder_start_token_id=tok.pad_token_id)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    data = _write_rows(tmp_path / "pairs.jsonl", [{"prompt": "the code", "completion": "is blue"},
+                                                   {"prompt": "the key", "completion": "is under the mat"}] * 8)
+    out = tmp_path / "run"
+    main(["train", "--task", "seq2seq", "--model", str(folder), "--data", str(data), "--eval-data", str(data),
+          "--max-steps", "20", "--batch-size", "4", "--lr", "1e-2", "--r", "4", "--seq-len", "16",
+          "--out", str(out), "--device", "cpu", "--save-every", "0", "--eval-every", "0"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    assert "eval_rouge_l_after" in summary

@@ -108,7 +108,7 @@ def _score(model, tokenizer, data: dict, run_dir: Path, when: str, config: Train
         task = data["task"]
         metrics = task["recipe"].evaluate(model, tokenizer, task["eval"], config.seq_len, config.batch_size * 4,
                                           task["labels"])
-        scores.update({f"eval_{name}": value for name, value in metrics.items()})
+        scores.update({name if name.startswith("eval_") else f"eval_{name}": value for name, value in metrics.items()})
     print(f"scored the model {when} training in {time.perf_counter() - start:.0f}s: "
           + ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, float)))
     atomic_write_json(cache, scores)
