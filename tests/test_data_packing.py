@@ -138,3 +138,16 @@ def test_packed_loss_equals_the_sum_of_separate_losses():
         packed = summed_loss(collate_causal(pack_examples(examples, 16), pad_token_id=0))
         separate = sum(summed_loss(collate_causal([e], pad_token_id=0)) for e in examples)
     torch.testing.assert_close(packed, separate, atol=1e-4, rtol=1e-5)
+
+
+def test_pack_examples_carries_other_per_token_keys_with_zero_at_each_start():
+    from lorakit.data import pack_examples
+
+    a = {"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "distill_mask": [0, 0, 0]}
+    b = {"input_ids": [4, 5], "labels": [-100, -100], "distill_mask": [1, 1]}
+    c = {"input_ids": [6, 7], "labels": [6, 7]}  # no distill_mask: zeros in its place
+    [row] = pack_examples([a, b, c], seq_len=8)
+    assert row["input_ids"] == [1, 2, 3, 4, 5, 6, 7]
+    assert row["distill_mask"] == [0, 0, 0, 0, 1, 0, 0]
+    assert row["labels"] == [-100, 2, 3, -100, -100, -100, 7]
+    assert row["position_ids"] == [0, 1, 2, 0, 1, 0, 1]

@@ -108,7 +108,7 @@ def causal_data(config: TrainConfig, tokenizer, model_dtype, distill: bool) -> d
 def _demo_examples(demo, tokenizer, config: TrainConfig) -> dict[str, Any]:
     """The demo's examples: handbook answers are learned (labels); on the rehearsal chats the model is
     held to its own base predictions (`distill_mask`, a KL term in lorakit.fast's loss) instead."""
-    from ..data import build_causal_examples, records_from_dicts
+    from ..data import build_causal_examples, pack_examples, records_from_dicts
 
     def examples(rows: list[dict], name: str):
         return build_causal_examples(records_from_dicts([{"messages": r["messages"]} for r in rows], name=name),
@@ -122,8 +122,11 @@ def _demo_examples(demo, tokenizer, config: TrainConfig) -> dict[str, Any]:
         ex["distill_mask"] = [int(label != -100) for label in ex["labels"]]
         ex["labels"] = [-100] * len(ex["labels"])
     print(f"training data: handbook {handbook.stats.summary()}; rehearsal (kept close to the base model): "
-          f"{len(rehearsal.examples)} chats")
-    return {"train": handbook.examples + rehearsal.examples, "stats": handbook.stats}
+          f"{len(rehearsal.examples)} chats" + (", packed" if config.packing else ""))
+    train = handbook.examples + rehearsal.examples
+    if config.packing:
+        train = pack_examples(train, config.seq_len)
+    return {"train": train, "stats": handbook.stats}
 
 
 def _digest(data: bytes) -> str:

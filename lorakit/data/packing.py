@@ -43,11 +43,14 @@ def pack_examples(examples: list[dict], seq_len: int) -> list[dict]:
     each example, in order, goes into the first row with room for it.
 
     Args:
-        examples: dicts with `input_ids` and `labels` (lists of ints, same length).
+        examples: dicts with `input_ids` and `labels` (lists of ints, same length); other per-token
+            lists of that length (e.g. `distill_mask`) are packed alongside.
         seq_len: the row length limit.
 
     Returns:
-        Rows with `input_ids`, `labels` and `position_ids` (0, 1, ... per example).
+        Rows with `input_ids`, `labels`, `position_ids` (0, 1, ... per example) and the other
+        per-token keys. An example's first token predicts nothing: the token before it belongs
+        to another example, so its label is -100 and its other per-token values are 0.
     """
     fit = _FirstFit(len(examples), seq_len)
     rows: list[dict] = []
@@ -62,6 +65,14 @@ def pack_examples(examples: list[dict], seq_len: int) -> list[dict]:
         row["input_ids"] += example["input_ids"]
         row["labels"] += [IGNORE_INDEX] + list(example["labels"][1:])
         row["position_ids"] += list(range(length))
+        for key, values in example.items():
+            if key not in ("input_ids", "labels", "position_ids") and isinstance(values, list) \
+                    and len(values) == length:
+                row.setdefault(key, [0] * (len(row["input_ids"]) - length))
+                row[key] += [0] + list(values[1:])
+        for key in row:  # keys this example lacks stay aligned with input_ids
+            if len(row[key]) < len(row["input_ids"]):
+                row[key] += [0] * (len(row["input_ids"]) - len(row[key]))
     return rows
 
 
