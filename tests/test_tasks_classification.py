@@ -196,3 +196,15 @@ def test_cli_trains_seq2seq(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
     assert "eval_rouge_l_after" in summary
+
+
+def test_group_by_length_keeps_every_example_and_groups_similar_lengths():
+    from lorakit.train.batching import epoch_order, group_by_length
+
+    lengths = [(i * 37) % 50 + 1 for i in range(400)]
+    order = epoch_order(400, seed=1, epoch=0)
+    grouped = group_by_length(order, lengths, batch_size=4, mega_batches=10)
+    assert sorted(grouped) == list(range(400))  # the same examples, once each
+    padded = lambda o: sum(max(lengths[i] for i in o[k:k + 4]) * 4 for k in range(0, 400, 4))  # noqa: E731
+    assert padded(grouped) < 0.75 * padded(order)
+    assert grouped == group_by_length(order, lengths, batch_size=4, mega_batches=10)  # deterministic

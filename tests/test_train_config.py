@@ -95,3 +95,11 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     config = TrainConfig(targets=["q_proj"], lr=1e-3, resume="runs/old")
     path = write_resolved_config(tmp_path, config)
     assert TrainConfig.from_dict(yaml.safe_load(path.read_text())) == config
+
+
+def test_fsdp_refuses_what_it_cannot_shard():
+    with pytest.raises(ConfigError) as info:
+        TrainConfig(fsdp=True, quantize="nf4", dtype="float16", device="cuda").validate()
+    assert "fsdp cannot shard quantized" in str(info.value)
+    assert "fsdp with dtype float16" in str(info.value)
+    TrainConfig(fsdp=True, dtype="bfloat16").validate()

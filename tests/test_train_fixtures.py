@@ -81,3 +81,36 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# --- a tiny model folder and chat data, for tests that run `lorakit train` (also in subprocesses) ---
+
+def write_tiny_model_dir(folder) -> str:
+    """Save a random 2-layer Llama (hidden 32) and a local tokenizer into `folder`; return its path."""
+    from transformers import LlamaConfig
+
+    from tests.test_data_helpers import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def write_chat_data(path, n: int, offset: int = 0) -> str:
+    """`n` short question/answer chats of varied lengths as a .jsonl file; return its path."""
+    import json
+
+    words = ["blue", "the lab", "under the mat", "at noon", "ann", "a key", "the red door", "soon"]
+    rows = []
+    for i in range(offset, offset + n):
+        answer = " ".join(words[(i + k) % len(words)] for k in range(1 + i % 4))
+        rows.append({"messages": [{"role": "user", "content": f"question {i}: where is {words[i % 8]}"},
+                                  {"role": "assistant", "content": answer}]})
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)

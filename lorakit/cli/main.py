@@ -9,7 +9,7 @@ from ..errors import LorakitError
 from .args import add_options, build_config, load_yaml_config
 
 # The modules that define subcommands besides train (each registers itself with @command).
-COMMAND_MODULES = ("commands", "evaluate")
+COMMAND_MODULES = ("commands", "evaluate", "adapters", "estimate", "serve", "combine")
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {}
 
 
@@ -32,13 +32,14 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
 @command("train", "fine-tune with LoRA (no arguments: the embedded model on the built-in demo, on CPU)")(_train_options)
 def _train(args: argparse.Namespace) -> None:
     from ..train.config import TrainConfig
-    from .train import DEMO_DEFAULTS, run_train
+    from .train import run_defaults, run_train
 
-    given = set(vars(args)) | set(load_yaml_config(args.config, TrainConfig) if args.config else {})
-    if "data" not in given:  # the built-in demo: its own defaults, unless the user set an option
-        for key, value in DEMO_DEFAULTS.items():
-            if key not in given:
-                setattr(args, key, value)
+    from_file = load_yaml_config(args.config, TrainConfig) if args.config else {}
+    given = set(vars(args)) | set(from_file)
+    task = getattr(args, "task", None) or from_file.get("task", "causal-lm")
+    for key, value in run_defaults("data" in given, task).items():  # unless the user set the option
+        if key not in given:
+            setattr(args, key, value)
     run_train(build_config(TrainConfig, args))
 
 

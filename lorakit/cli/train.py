@@ -18,8 +18,21 @@ from .train_data import causal_data, label_arguments, read_task_records, task_da
 
 # The demo's settings, measured on a 2-core CPU (docs/BENCHMARKS.md): short answers need few tokens, and
 # three epochs at a higher learning rate teach 38 facts in about four minutes; r=8 keeps the adapter < 10 MB.
-DEMO_DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 16, "epochs": 3.0, "lr": 2e-3, "batch_size": 8, "seq_len": 128, "packing": False,
-                                 "warmup_ratio": 0.05, "eval_every": 0, "save_every": 25, "log_every": 5}
+DEMO_DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 16, "epochs": 3.0, "lr": 2e-3, "batch_size": 8, "seq_len": 128,
+                                 "packing": False, "warmup_ratio": 0.05, "eval_every": 0, "save_every": 25,
+                                 "log_every": 5}
+# Encoder tasks: sentences are short and the data sets large, so bigger batches grouped by length, and
+# a learning rate for one epoch over tens of thousands of examples (docs/BENCHMARKS.md, SST-2/CoNLL).
+_ENCODER_DEFAULTS: dict[str, Any] = {"r": 4, "alpha": 8, "lr": 1e-3, "batch_size": 32, "seq_len": 128,
+                                     "group_by_length": True, "warmup_ratio": 0.06, "lr_schedule": "linear",
+                                     "dropout": 0.1, "eval_every": 0, "save_every": 500, "log_every": 25}
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {"seq-cls": _ENCODER_DEFAULTS, "token-cls": _ENCODER_DEFAULTS,
+                                            "qa": {**_ENCODER_DEFAULTS, "seq_len": 384, "batch_size": 16}}
+
+
+def run_defaults(data_given: bool, task: str) -> dict[str, Any]:
+    """The defaults a run starts from before the user's options: the demo's without --data, else the task's."""
+    return TASK_DEFAULTS.get(task, {}) if data_given else DEMO_DEFAULTS
 
 
 def run_train(config: TrainConfig) -> dict[str, Any]:

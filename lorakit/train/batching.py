@@ -7,7 +7,7 @@ batches the uninterrupted run would have seen.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -92,3 +92,25 @@ def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     """A new dict with every tensor moved to `device` (the caller's batch is left as it was)."""
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
             for k, v in batch.items()}
+
+
+def example_lengths(examples: Sequence[Any]) -> list[int]:
+    """Tokens per example (the length of its input_ids)."""
+    return [len(ex["input_ids"]) for ex in examples]
+
+
+def group_by_length(order: list[int], lengths: Sequence[int], batch_size: int,
+                    mega_batches: int = 50) -> list[int]:
+    """Reorder one epoch's shuffled `order` so each micro-batch holds examples of similar length.
+
+    The order is cut into chunks of `mega_batches` x `batch_size` (still random), and each chunk is
+    sorted longest first, as transformers' LengthGroupedSampler does: the randomness of the epoch is
+    kept at the chunk level, and padding inside a micro-batch nearly disappears. Deterministic, so an
+    interrupted run resumes at the same place.
+    """
+    size = mega_batches * batch_size
+    out: list[int] = []
+    for start in range(0, len(order), size):
+        out += sorted(order[start:start + size], key=lambda i: -lengths[i])
+    return out
+

@@ -3,8 +3,10 @@
 Layout of one checkpoint folder:
 
     trainable.safetensors   every parameter with requires_grad, keyed by its named_parameters() name
-    optimizer.pt            {"optimizer": AdamW state, "scheduler": LambdaLR state, "grad_scaler": ...}
-    rng.pt                  python, numpy, torch CPU (and CUDA) generator states
+    optimizer.pt            {"optimizer": AdamW state, "scheduler": LambdaLR state, "grad_scaler": ...,
+                            "layout": "plain" (optimizer.state_dict()) or "fsdp" (full, name-keyed)}
+    rng.pt                  python, numpy, torch CPU (and CUDA) generator states; from a run of N
+                            processes also "ranks": every rank's states, in rank order
     trainer_state.json      step, epoch, position in the epoch, token counts, ... (`TrainState`)
     config.json             the TrainConfig of the run that wrote it
     checksums.json          sha256 of every file above; a checkpoint whose files are missing or
@@ -75,6 +77,8 @@ class TrainState:
     """The loss written in the last metrics line."""
     last_eval: Optional[dict] = None
     """The last evaluation figures (eval_loss, eval_perplexity, eval_tokens)."""
+    world_size: int = 1
+    """Processes that trained (the global batch is batch_size x world_size x grad_accum)."""
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainState":
@@ -97,6 +101,22 @@ def capture_rng() -> dict[str, Any]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def rng_payload(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """What rng.pt holds for the RNG states of every rank (rank 0's at the top level)."""
+    return states[0] if len(states) == 1 else {**states[0], "ranks": states}
+
+
+def restore_rank_rng(saved: dict[str, Any], rank: int, world_size: int) -> bool:
+    """Restore this rank's generators from rng.pt; False when the saved run had another number of
+    processes (rank 0's states are restored then, and dropout will not repeat the old run)."""
+    ranks = saved.get("ranks") or [saved]
+    if len(ranks) == world_size:
+        restore_rng(ranks[rank])
+        return True
+    restore_rng(ranks[0])
+    return False
 
 
 def restore_rng(state: dict[str, Any]) -> None:
@@ -218,17 +238,42 @@ def config_differences(path: Path | str, config: dict[str, Any]) -> list[str]:
 def save_checkpoint(run_dir: Path | str, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, grad_scaler: Any, state: TrainState,
                     config: dict[str, Any], keep: int) -> Path:
-    """Write `<run>/checkpoints/step-<state.step>/` atomically, then keep only the newest `keep`."""
+    """Write `<run>/checkpoints/step-<state.step>/` atomically, then keep only the newest `keep`.
+
+    The one-process form of `write_checkpoint`: tensors and RNG come from this process.
+    """
+    params = {n: p.detach().contiguous().cpu() for n, p in trainable_parameters(model)}
+    return write_checkpoint(run_dir, params, training_state(optimizer, scheduler, grad_scaler),
+                            capture_rng(), state, config, keep)
+
+
+def training_state(optimizer: torch.optim.Optimizer, scheduler: Any, grad_scaler: Any,
+                   optimizer_state: Optional[dict] = None) -> dict[str, Any]:
+    """optimizer.pt's content; `optimizer_state` replaces optimizer.state_dict() (FSDP's full one)."""
+    return {"optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
+            "layout": "plain" if optimizer_state is None else "fsdp",
+            "scheduler": scheduler.state_dict(), "grad_scaler": grad_scaler.state_dict()}
+
+
+def write_checkpoint(run_dir: Path | str, params: dict[str, torch.Tensor], training: dict[str, Any],
+                     rng: dict[str, Any], state: TrainState, config: dict[str, Any], keep: int) -> Path:
+    """Write `<run>/checkpoints/step-<state.step>/` from prepared parts, atomically; prune to `keep`.
+
+    Args:
+        params: full CPU tensors of the trainable parameters, by name.
+        training: `training_state(...)`. rng: `capture_rng()` or `rng_payload(...)`.
+    Raises:
+        OSError: the folder cannot be written (the temporary folder is removed; older checkpoints
+            are untouched).
+    """
     target = checkpoint_dir(run_dir, state.step)
-    _remove_leftovers(target.parent)
-    params = trainable_parameters(model)
+    clean_interrupted_writes(target.parent)
     with atomic_directory(target) as tmp:
-        save_file({n: p.detach().contiguous().cpu() for n, p in params}, str(tmp / PARAMS_FILE))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "grad_scaler": grad_scaler.state_dict()}, tmp / OPTIMIZER_FILE)
-        torch.save(capture_rng(), tmp / RNG_FILE)
+        save_file(params, str(tmp / PARAMS_FILE))
+        torch.save(training, tmp / OPTIMIZER_FILE)
+        torch.save(rng, tmp / RNG_FILE)
         trainer_state = {"format": FORMAT_VERSION, **dataclasses.asdict(state),
-                         "param_names": [n for n, _ in params]}
+                         "param_names": list(params)}
         _write_json(tmp / STATE_FILE, trainer_state)
         _write_json(tmp / CONFIG_FILE, config)
         _write_json(tmp / CHECKSUMS_FILE, {n: sha256_file(tmp / n) for n in REQUIRED_FILES})
@@ -236,40 +281,78 @@ def save_checkpoint(run_dir: Path | str, model: nn.Module, optimizer: torch.opti
     return target
 
 
-def load_checkpoint(path: Path | str, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, grad_scaler: Any) -> TrainState:
-    """Restore parameters, optimizer, scheduler, scaler and RNG from `path`; return its TrainState.
+@dataclass
+class CheckpointContents:
+    """A verified checkpoint read into memory (CPU tensors)."""
+
+    params: dict[str, torch.Tensor]
+    training: dict[str, Any]
+    rng: dict[str, Any]
+    state: TrainState
+
+
+def read_checkpoint(path: Path | str) -> CheckpointContents:
+    """Verify `path` and read it.
 
     Raises:
-        CheckpointError: the folder fails verification, or its parameters do not match the
-            model's trainable parameters (names or shapes).
+        CheckpointError: the folder fails verification (missing files, checksum mismatch).
     """
     path = Path(path)
     problems = verify_checkpoint(path)
     if problems:
         raise CheckpointError(f"checkpoint {path} is broken: {'; '.join(problems)}")
-    _load_trainable(path / PARAMS_FILE, model)
-    saved = torch.load(path / OPTIMIZER_FILE, weights_only=True, map_location="cpu")
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    grad_scaler.load_state_dict(saved["grad_scaler"])
-    restore_rng(torch.load(path / RNG_FILE, weights_only=True, map_location="cpu"))
-    return TrainState.from_dict(json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
+    return CheckpointContents(
+        params=load_file(str(path / PARAMS_FILE)),
+        training=torch.load(path / OPTIMIZER_FILE, weights_only=True, map_location="cpu"),
+        rng=torch.load(path / RNG_FILE, weights_only=True, map_location="cpu"),
+        state=TrainState.from_dict(json.loads((path / STATE_FILE).read_text(encoding="utf-8"))))
 
 
-def _load_trainable(file: Path, model: nn.Module) -> None:
-    saved = load_file(str(file))
+def load_checkpoint(path: Path | str, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, grad_scaler: Any) -> TrainState:
+    """Restore parameters, optimizer, scheduler, scaler and RNG from `path`; return its TrainState.
+
+    Raises:
+        CheckpointError: the folder fails verification, its parameters do not match the model's
+            trainable parameters (names or shapes), or it was written by an --fsdp run.
+    """
+    saved = read_checkpoint(path)
+    check_fits(saved.params, model, Path(path))
+    load_trainable(model, saved.params)
+    restore_training(saved.training, optimizer, scheduler, grad_scaler, Path(path))
+    restore_rng(saved.rng)
+    return saved.state
+
+
+def check_fits(saved: dict[str, torch.Tensor], model: nn.Module, path: Path) -> None:
+    """Raise CheckpointError unless `saved` has exactly the model's trainable names and shapes."""
     params = dict(trainable_parameters(model))
     missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
-    wrong = [n for n in params.keys() & saved.keys() if params[n].shape != saved[n].shape]
+    wrong = [n for n in params.keys() & saved.keys() if tuple(params[n].shape) != tuple(saved[n].shape)]
     if missing or unexpected or wrong:
         raise CheckpointError(
-            f"checkpoint {file.parent} does not fit this model's trainable parameters: "
+            f"checkpoint {path} does not fit this model's trainable parameters: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape differs {wrong[:5]} "
             "(was it written with other targets, rank or model?)")
+
+
+def load_trainable(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Copy `saved` into the model's trainable parameters (names already checked)."""
     with torch.no_grad():
-        for name, param in params.items():
+        for name, param in trainable_parameters(model):
             param.copy_(saved[name])
+
+
+def restore_training(training: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any,
+                     grad_scaler: Any, path: Path, optimizer_loaded: bool = False) -> None:
+    """Load optimizer (unless `optimizer_loaded`), scheduler and scaler states from optimizer.pt."""
+    if not optimizer_loaded:
+        if training.get("layout", "plain") != "plain":
+            raise CheckpointError(f"checkpoint {path} was written by an --fsdp run; resume it with "
+                                  "--fsdp under torchrun")
+        optimizer.load_state_dict(training["optimizer"])
+    scheduler.load_state_dict(training["scheduler"])
+    grad_scaler.load_state_dict(training["grad_scaler"])
 
 
 def prune_checkpoints(checkpoints: Path, keep: int) -> None:
@@ -291,11 +374,20 @@ def set_aside_later_checkpoints(run_dir: Path | str, step: int) -> list[Path]:
     return moved
 
 
-def _remove_leftovers(checkpoints: Path) -> None:
-    """Temporary folders left by a run killed while writing (see lorakit.atomic)."""
-    if checkpoints.is_dir():
-        for p in checkpoints.glob(".step-*"):
-            shutil.rmtree(p, ignore_errors=True)
+def clean_interrupted_writes(checkpoints: Path) -> None:
+    """Temporary folders left by a run killed while writing (see lorakit.atomic).
+
+    A run killed while replacing `step-N` may have left only `.step-N.old` (the complete previous
+    copy, moved aside a moment before the rename): that one is put back, not deleted.
+    """
+    if not checkpoints.is_dir():
+        return
+    for p in checkpoints.glob(".step-*.old"):
+        original = p.with_name(p.name[1:-len(".old")])
+        if not original.exists():
+            p.rename(original)
+    for p in checkpoints.glob(".step-*"):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -59,6 +59,9 @@ class TrainConfig:
     """Maximum tokens per example (longer ones are truncated)."""
     packing: bool = False
     """Concatenate short examples into full seq_len rows (causal-lm only)."""
+    group_by_length: bool = False
+    """Put examples of similar length in the same micro-batch (less padding, same data per epoch);
+    on by default for seq-cls and token-cls."""
 
     # --- LoRA shape -------------------------------------------------------------------------
     r: int = 16
@@ -101,9 +104,14 @@ class TrainConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Compute dtype: auto = bf16 autocast on CUDA, fp32 on CPU; float16 uses a gradient scaler."""
     quantize: Optional[Literal["nf4"]] = None
-    """Quantize the frozen base weights (QLoRA): nf4 needs CUDA and bitsandbytes. None = off."""
+    """QLoRA: store the frozen base linear weights in 4-bit NF4 with double-quantized scales (torchao,
+    pip install 'lorakit[qlora]'; CPU or CUDA; the output head and embeddings stay dense). None = off."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% slower."""
+    fsdp: bool = False
+    """Under torchrun: shard every weight over the processes with FSDP2 (fully_shard), for models
+    that do not fit one device. Off: each process holds the whole model and only the LoRA
+    gradients are summed across processes (docs/DISTRIBUTED.md)."""
 
     # --- run bookkeeping --------------------------------------------------------------------
     resume: Union[bool, str] = False
@@ -241,6 +249,10 @@ def _combination_problems(c: TrainConfig) -> list[str]:
         problems.append(f"quantize=nf4 needs a CUDA device; device is {c.device!r}")
     if c.packing and c.task != "causal-lm":
         problems.append(f"packing works only with task causal-lm; task is {c.task!r}")
+    if c.fsdp and c.quantize:
+        problems.append("fsdp cannot shard quantized (quantize=nf4) weights; use one of the two")
+    if c.fsdp and c.dtype == "float16":
+        problems.append("fsdp with dtype float16 (loss scaling) is not supported; use bfloat16")
     if c.dtype == "float16" and c.device == "cpu":
         problems.append("dtype float16 is not supported for training on CPU; use float32 or bfloat16")
     return problems

@@ -11,9 +11,16 @@ Before any backward pass the trainer counts the units n_i of every micro-batch i
 back-propagates loss_i * n_i / sum(n). The window's gradient is therefore the gradient of the mean
 loss over *all* its tokens, the same as one big batch, however unevenly the tokens are spread;
 a plain average of the micro-batch losses would over-weight short micro-batches.
+
+Several processes (torchrun; see `distributed.py` and docs/DISTRIBUTED.md). Every rank walks the
+same seeded order in global micro-batches of batch_size x world_size rows and trains on its own
+slice. The counts n_i are summed over ranks before any backward pass, each rank back-propagates
+loss_i * n_i / N_global, and the trainable gradients are then summed over ranks: the step equals one
+process's step on the global batch. Only rank 0 writes files; a stop (signal, NaN) is agreed by all.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -27,15 +34,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lorakit.errors import DataError, LorakitError
-from lorakit.train import batching, runtime
-from lorakit.train.checkpoint import (TrainState, config_differences, latest_good_checkpoint,
-                                      load_checkpoint, resolve_resume, save_checkpoint,
+from lorakit.train import batching, distributed, fsdp, runtime
+from lorakit.train.checkpoint import (TrainState, clean_interrupted_writes, config_differences,
+                                      latest_good_checkpoint, resolve_resume,
                                       set_aside_later_checkpoints)
+from lorakit.train.checkpointer import Checkpointer
 from lorakit.train.config import TrainConfig
 from lorakit.train.interrupt import StopFlag, stop_on_signals
 from lorakit.train.metrics import MetricsLog
 from lorakit.train.optim import build_optimizer, build_scheduler, trainable_parameters
 from lorakit.train.report import PLOT_FILE, plot_metrics, write_resolved_config
+from lorakit.train.storage import RunFolderError, describe, prepare_run_dir
 
 METRICS_FILE = "metrics.jsonl"
 Callback = Callable[["Trainer", dict], None]
@@ -120,21 +129,28 @@ class Trainer:
         self.loss_fn = loss_fn or (lambda model, batch: model(**batch).loss)
         self.device = runtime.model_device(model)
         self.amp_dtype = runtime.autocast_dtype(self.device, self.config.dtype)
+        self.group = distributed.group_for(self.device)
         c = self.config
-        self.micro_batches_per_epoch = batching.micro_batches_per_epoch(len(train_data), c.batch_size)
-        self.steps_per_epoch = batching.steps_per_epoch(len(train_data), c.batch_size, c.grad_accum)
+        self.global_batch = c.batch_size * self.group.world_size  # rows of one global micro-batch
+        self.micro_batches_per_epoch = batching.micro_batches_per_epoch(len(train_data), self.global_batch)
+        self.steps_per_epoch = batching.steps_per_epoch(len(train_data), self.global_batch, c.grad_accum)
         by_epochs = c.max_steps == -1
         self.total_steps = math.ceil(c.epochs * self.steps_per_epoch) if by_epochs else c.max_steps
         self.max_epochs = math.ceil(c.epochs) if by_epochs else None
-        self.params = [p for _, p in trainable_parameters(model)]
+        self.loss_module, self.sharded = self._prepare_model()
+        self.params = [p for _, p in trainable_parameters(model)]  # (FSDP: this rank's shards)
         self.optimizer = build_optimizer(model, c)
         self.scheduler = build_scheduler(self.optimizer, c, self.total_steps)
         self.grad_scaler = runtime.grad_scaler(self.device, self.amp_dtype)
+        self.checkpointer = Checkpointer(self.run_dir, self.config, self.group, model, self.loss_module,
+                                         self.sharded, self.optimizer, self.scheduler, self.grad_scaler)
         self.state = TrainState()
         self.stop_flag = StopFlag()
         self.metrics = MetricsLog(self.run_dir / METRICS_FILE)
         self.last_checkpoint: Optional[Path] = None
         self._saved_step = -1
+        self._stop_agreed = False  # a stop every rank has agreed on (see _agree_on_stop)
+        self._filler_batch: Optional[dict] = None
 
     # --- public -------------------------------------------------------------------------------
 
@@ -157,7 +173,9 @@ class Trainer:
                 self._run_epochs(bar)
             except BaseException:  # NaN stop, a second Ctrl-C, a crash: still leave the plot
                 self._tick()
-                plot_metrics(self.metrics.path, self.run_dir / PLOT_FILE)
+                if self.group.is_main:
+                    with contextlib.suppress(OSError):  # a full disk must not hide the first error
+                        plot_metrics(self.metrics.path, self.run_dir / PLOT_FILE)
                 raise
             return self._finish(resumed_from)
 
@@ -176,7 +194,7 @@ class Trainer:
                     if n == 0:
                         continue
                     with runtime.autocast(self.device, self.amp_dtype):
-                        loss = self.loss_fn(self.model, batching.to_device(batch, self.device))
+                        loss = self.loss_module(batching.to_device(batch, self.device))
                     loss_sum += loss.float().item() * n
                     units += n
         finally:
@@ -186,32 +204,51 @@ class Trainer:
 
     # --- start and finish ---------------------------------------------------------------------
 
+    def _prepare_model(self) -> tuple[fsdp.LossModule, bool]:
+        """Model + loss as one module; every rank starts from rank 0's trainable values (as DDP
+        does); with --fsdp under torchrun the weights are then sharded. Returns (module, sharded)."""
+        module = fsdp.LossModule(self.model, self.loss_fn)
+        self.group.broadcast_parameters([p for _, p in trainable_parameters(self.model)])
+        if not self.config.fsdp:
+            return module, False
+        if self.group.world_size == 1:
+            warnings.warn("--fsdp shards the model over processes, but this is a single process; "
+                          "start with torchrun --nproc-per-node N to shard", stacklevel=3)
+            return module, False
+        fsdp.shard(module, self.device)
+        return module, True
+
     def _start(self) -> Optional[int]:
         """Prepare the run folder and the model; restore a checkpoint or seed a fresh run."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_resolved_config(self.run_dir, self.config)
+        self.group.on_main(self._prepare_folder, "preparing the run folder")
         if self.config.gradient_checkpointing:
             runtime.enable_gradient_checkpointing(self.model)
         self.model.train()
-        checkpoint = resolve_resume(self.config.resume, self.run_dir)
+        checkpoint = self.group.on_main(lambda: resolve_resume(self.config.resume, self.run_dir),
+                                        "looking for the checkpoint to resume")
         if checkpoint is None:
-            if self.config.resume is True:
+            if self.config.resume is True and self.group.is_main:
                 warnings.warn(f"--resume: no checkpoint in {self.run_dir}; starting fresh", stacklevel=3)
-            runtime.seed_everything(self.config.seed)
-            self._set_aside_after(0)
-            self.metrics.truncate_after(0)
+            runtime.seed_everything(self.config.seed + self.group.rank)  # own dropout masks per rank
+            self.group.on_main(lambda: (self._set_aside_after(0), self.metrics.truncate_after(0)),
+                               "preparing the run folder")
             return None
-        changed = config_differences(checkpoint, self.config.to_dict())
+        changed = config_differences(checkpoint, self.config.to_dict()) if self.group.is_main else []
         if changed:
             warnings.warn(f"resuming from {checkpoint} with changed options ({'; '.join(changed)}); "
                           "training continues but not on the exact same curve", stacklevel=3)
-        self.state = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler,
-                                     self.grad_scaler)
+        self.state = self.checkpointer.load(checkpoint)
         self._saved_step, self.last_checkpoint = self.state.step, checkpoint
-        self._set_aside_after(self.state.step)
-        self.metrics.truncate_after(self.state.step)
+        self.group.on_main(lambda: (self._set_aside_after(self.state.step),
+                                    self.metrics.truncate_after(self.state.step)),
+                           "preparing the run folder")
         self._emit({"event": "resume", "step": self.state.step, "checkpoint": str(checkpoint)})
         return self.state.step
+
+    def _prepare_folder(self) -> None:
+        prepare_run_dir(self.run_dir)
+        write_resolved_config(self.run_dir, self.config)
+        clean_interrupted_writes(self.run_dir / "checkpoints")
 
     def _set_aside_after(self, step: int) -> None:
         moved = set_aside_later_checkpoints(self.run_dir, step)
@@ -221,7 +258,7 @@ class Trainer:
 
     def _finish(self, resumed_from: Optional[int]) -> TrainResult:
         """Final evaluation (unless interrupted) and checkpoint; the result figures."""
-        s, interrupted = self.state, self.stop_flag.requested
+        s, interrupted = self.state, self._stop_agreed
         evaluated_now = s.last_eval is not None and s.last_eval.get("step") == s.step
         if self.eval_data is not None and not interrupted and not evaluated_now:
             self._log_eval()
@@ -230,7 +267,10 @@ class Trainer:
         if interrupted:
             self._emit({"event": "stop", "step": s.step, "reason": self.stop_flag.reason})
         self._tick()
-        plot_metrics(self.metrics.path, self.run_dir / PLOT_FILE)
+        if self.group.is_main:
+            plot_metrics(self.metrics.path, self.run_dir / PLOT_FILE)
+        if self.sharded:  # callers score and save the model as usual afterwards
+            fsdp.release(self.loss_module)
         pending = s.log_loss_sum / s.log_loss_steps if s.log_loss_steps else None
         last_eval = s.last_eval or {}
         return TrainResult(
@@ -250,18 +290,24 @@ class Trainer:
     def _done(self) -> bool:
         s = self.state
         out_of_epochs = self.max_epochs is not None and s.epoch >= self.max_epochs
-        return s.step >= self.total_steps or out_of_epochs or self.stop_flag.requested
+        return s.step >= self.total_steps or out_of_epochs or self._stop_agreed
 
     def _run_epochs(self, bar: tqdm) -> None:
         """Walk epochs and accumulation windows from the current state until done."""
         c, s = self.config, self.state
+        self._agree_on_stop()
         while not self._done():
             order = batching.epoch_order(len(self.train_data), c.seed, s.epoch)
-            epoch_windows = batching.windows(batching.micro_batches(order, c.batch_size), c.grad_accum)
+            if c.group_by_length:  # similar lengths share a micro-batch: far less padding
+                order = batching.group_by_length(order, batching.example_lengths(self.train_data),
+                                                 self.global_batch)
+            epoch_windows = batching.windows(batching.micro_batches(order, self.global_batch),
+                                             c.grad_accum)
             first = -(-s.micro_batch // c.grad_accum)  # windows already consumed (last may be short)
             steps_before = s.step
             for window in epoch_windows[first:]:
                 self._train_window(window, bar)
+                self._agree_on_stop()
                 if self._done():
                     return
             if first == 0 and s.step == steps_before:
@@ -277,9 +323,21 @@ class Trainer:
         raise DataError("no training batch has any label tokens to learn from (all labels are "
                         "-100: prompts longer than --seq-len, or completions masked away?)")
 
+    def _agree_on_stop(self) -> None:
+        """Every rank stops after the same step: a stop asked of any one (a signal, request_stop)
+        counts for all. (One tiny all-reduce per step; nothing in a single process.)"""
+        self._stop_agreed = self.group.any(self.stop_flag.requested)
+        if self._stop_agreed:
+            self.stop_flag.request("another process was asked to stop")  # kept if already set
+
+    def _local_batch(self, micro_batch: list[int]) -> Optional[dict]:
+        """This rank's rows of a global micro-batch, collated (None when it has no rows)."""
+        rows = distributed.local_slice(micro_batch, self.config.batch_size, self.group.rank)
+        return self.collate_fn([self.train_data[i] for i in rows]) if rows else None
+
     def _train_window(self, window: list[list[int]], bar: tqdm) -> None:
         """One optimizer step from one accumulation window, then log / eval / save as due."""
-        batches = [self.collate_fn([self.train_data[i] for i in idx]) for idx in window]
+        batches = [self._local_batch(idx) for idx in window]
         outcome = self._optimizer_step(batches)
         self.state.micro_batch += len(window)
         if outcome is None:
@@ -303,35 +361,71 @@ class Trainer:
         if c.save_every and s.step % c.save_every == 0:
             self._save()
 
-    def _optimizer_step(self, batches: list[dict]) -> Optional[_StepOutcome]:
-        """Forward/backward every micro-batch (token-weighted) and step; None on NaN/inf."""
-        units = [self.count_loss_units(b) for b in batches]
-        total = sum(units)
+    def _optimizer_step(self, batches: list[Optional[dict]]) -> Optional[_StepOutcome]:
+        """Forward/backward this rank's micro-batches (weighted by the global window's loss units),
+        sum the gradients over ranks, clip and step; None on a NaN/inf loss on any rank."""
+        units = [self.count_loss_units(b) if b is not None else 0 for b in batches]
+        local_tokens = sum(batching.count_input_tokens(b) for b in batches if b is not None)
+        total, tokens = (int(v) for v in self.group.sum([sum(units), local_tokens]))
         self.optimizer.zero_grad(set_to_none=True)
         if total == 0:  # every label masked: nothing to learn from, not an error
             self._emit({"event": "empty_batch", "step": self.state.step + 1})
             return _StepOutcome(loss=float("nan"), grad_norm=0.0, lr=0.0, units=0, input_tokens=0)
-        window_loss = 0.0
-        for batch, n in zip(batches, units):
-            if n == 0:
-                continue
-            with runtime.autocast(self.device, self.amp_dtype):
-                loss = self.loss_fn(self.model, batching.to_device(batch, self.device)).float()
-            if not torch.isfinite(loss):
-                return None
-            self.grad_scaler.scale(loss * (n / total)).backward()
-            window_loss += loss.item() * n / total
+        window_loss, finite = self._backward(batches, units, total)
+        window_loss, nonfinite = self.group.sum([window_loss if finite else 0.0, 0.0 if finite else 1.0])
+        if nonfinite:
+            return None
+        if not self.sharded:  # (FSDP reduce-scattered them during backward)
+            self.group.reduce_gradients(self.params)
         self.grad_scaler.unscale_(self.optimizer)
         max_norm = self.config.max_grad_norm or math.inf  # inf: measure the norm, change nothing
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        grad_norm = float(fsdp.full_tensor(norm))
         if not math.isfinite(grad_norm) and not self.grad_scaler.is_enabled():
             return None  # (with fp16 loss scaling, inf grads are routine: the scaler skips the step)
         lr = self.scheduler.get_last_lr()[0] / self._group_ratio(0)
         self.grad_scaler.step(self.optimizer)
         self.grad_scaler.update()
         self.scheduler.step()
-        tokens = sum(batching.count_input_tokens(b) for b in batches)
         return _StepOutcome(window_loss, grad_norm, lr, total, tokens)
+
+    def _backward(self, batches: list[Optional[dict]], units: list[int],
+                  total: int) -> tuple[float, bool]:
+        """Back-propagate loss_i * n_i / total for each local micro-batch.
+
+        Returns this rank's share of the window's mean loss, and whether every loss was finite.
+        With FSDP every rank must run every forward/backward (they hold collectives), so a rank
+        without rows runs a filler batch with weight 0, and the loss is scaled by the world size
+        because FSDP averages the gradients over ranks where a sum is wanted.
+        """
+        scale = self.group.world_size if self.sharded else 1
+        window_loss, finite = 0.0, True
+        for batch, n in zip(batches, units):
+            if n == 0:
+                if not self.sharded:
+                    continue
+                batch = self._filler()
+            with runtime.autocast(self.device, self.amp_dtype):
+                loss = self.loss_module(batching.to_device(batch, self.device)).float()
+            if not torch.isfinite(loss):
+                finite = False
+                if not self.sharded:
+                    break
+            self.grad_scaler.scale(loss * (n * scale / total)).backward()
+            window_loss += loss.item() * n / total
+        return window_loss, finite
+
+    def _filler(self) -> dict:
+        """A batch with loss units, for FSDP ranks that have none in a micro-batch (weight 0)."""
+        if self._filler_batch is None:
+            for i in range(min(64, len(self.train_data))):
+                batch = self.collate_fn([self.train_data[i]])
+                if self.count_loss_units(batch) > 0:
+                    self._filler_batch = batch
+                    break
+            else:
+                raise DataError("none of the first 64 training examples has a label token to learn from")
+        return self._filler_batch
 
     def _on_nonfinite(self) -> None:
         """Apply nan_policy to a window whose loss (or gradient) was NaN/inf."""
@@ -371,22 +465,28 @@ class Trainer:
         self._emit({"event": "eval", "step": self.state.step, "epoch": self._epoch_float(), **figures})
 
     def _save(self) -> None:
+        """Checkpoint now (every rank takes part; rank 0 writes)."""
         self._tick()
-        self.last_checkpoint = save_checkpoint(
-            self.run_dir, self.model, self.optimizer, self.scheduler, self.grad_scaler,
-            self.state, self.config.to_dict(), self.config.keep_checkpoints)
+        self.last_checkpoint = self.checkpointer.save(self.state)
         self._saved_step = self.state.step
         self._emit({"event": "checkpoint", "step": self.state.step, "path": str(self.last_checkpoint)})
 
     def _emit(self, event: dict) -> None:
-        self.metrics.write(event)
+        """Log an event (rank 0 writes metrics.jsonl) and tell the callbacks (on every rank)."""
+        if self.group.is_main:
+            try:
+                self.metrics.write(event)
+            except OSError as err:
+                raise RunFolderError(f"could not append to {self.metrics.path}: {describe(err)}. "
+                                     "Free space or make --out writable, then rerun with --resume") from err
         for callback in self.callbacks:
             callback(self, event)
 
     # --- small helpers ------------------------------------------------------------------------
 
     def _progress_bar(self) -> tqdm:
-        return tqdm(total=self.total_steps, initial=self.state.step, disable=not self.progress,
+        return tqdm(total=self.total_steps, initial=self.state.step,
+                    disable=not self.progress or not self.group.is_main,
                     unit="step", desc="train", dynamic_ncols=True)
 
     def _tick(self) -> None:

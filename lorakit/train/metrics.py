@@ -43,8 +43,7 @@ class MetricsLog:
     """Appends events to `metrics.jsonl`, flushing each line so a crash loses at most one."""
 
     def __init__(self, path: Path | str):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(path)  # its folder is created by whoever starts the run (Trainer._start)
 
     def write(self, event: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
