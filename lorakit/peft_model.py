@@ -21,7 +21,7 @@ from .errors import AdapterError
 from .lora.files import (adapter_state_dict, fingerprint, fingerprint_mismatch, load_into, make_meta,
                          read_adapter_tensors, read_meta, save_adapter)
 from .lora.inject import find_targets, lora_layers
-from .lora.layer import BASE_ADAPTER, route_rows
+from .lora.layer import BASE_ADAPTER, is_quantized_weight, route_rows
 from .lora.model import LoraModel, resolve_config
 
 
@@ -224,8 +224,28 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
 
 
 def _fingerprint_before(model: nn.Module, config: LoraConfig) -> dict:
-    """The base fingerprint over the modules this config will target, taken before any init touches W."""
-    return fingerprint(model, find_targets(model, resolve_config(model, config)))
+    """The base fingerprint over the modules this config will target, taken before any init touches W.
+
+    Quantized (QLoRA) weights count by shape only: their 4-bit values differ from the base's by the
+    rounding, and the adapter must still load on the unquantized base.
+    """
+    names = find_targets(model, resolve_config(model, config))
+    quantized = [n for n in names if _is_quantized(model, n)]
+    if not quantized:
+        return fingerprint(model, names)
+    fp = fingerprint(model, [n for n in names if n not in quantized])
+    fp["shapes"] = {n: list(getattr(model.get_submodule(n), "base_layer", model.get_submodule(n)).weight.shape)
+                    for n in names}
+    fp["quantized_targets"] = len(quantized)
+    return fp
+
+
+def _is_quantized(model: nn.Module, name: str) -> bool:
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return False
+    return is_quantized_weight(getattr(getattr(module, "base_layer", module), "weight", None))
 
 
 def _loadable_config(config: LoraConfig, is_trainable: bool) -> LoraConfig:
@@ -234,7 +254,17 @@ def _loadable_config(config: LoraConfig, is_trainable: bool) -> LoraConfig:
 
 
 def _check_base(meta: dict, model: nn.Module, source: str, ignore: bool) -> None:
-    problem = fingerprint_mismatch(meta.get("base_fingerprint") or {}, model)
+    expected = dict(meta.get("base_fingerprint") or {})
+    quantized = {n for n in expected.get("shapes", {}) if _is_quantized(model, n)}
+    problem = None
+    if quantized:  # a QLoRA base: its layers are compared by shape, their values are 4-bit roundings
+        for name in sorted(quantized):
+            shape = list(getattr(model.get_submodule(name), "base_layer", model.get_submodule(name)).weight.shape)
+            if shape != expected["shapes"][name]:
+                problem = problem or f"{name} has shape {shape}, the adapter expects {expected['shapes'][name]}"
+        for key in ("shapes", "samples"):
+            expected[key] = {n: v for n, v in (expected.get(key) or {}).items() if n not in quantized}
+    problem = problem or fingerprint_mismatch(expected, model)
     if problem and not ignore:
         raise AdapterError(f"adapter {source} was trained on a different base model: {problem}. Load the base it "
                            "was made for, or pass ignore_base_mismatch=True (CLI: --ignore-base-mismatch) "

@@ -154,3 +154,12 @@ def test_demo_defaults_apply_only_without_data_and_yield_to_explicit_options(mon
     assert (overridden.r, overridden.alpha, overridden.lr) == (4, 16, 0.01)
     assert (user.r, user.alpha, user.lr, user.batch_size) == (16, 32, 2e-4, 4)
     assert (classify.task, classify.batch_size, classify.group_by_length, classify.lr) == ("seq-cls", 32, True, 0.5)
+
+
+def test_lora_r_alias_for_torchrun(monkeypatch):
+    import lorakit.cli.train as train_cmd
+
+    seen = []
+    monkeypatch.setattr(train_cmd, "run_train", seen.append)
+    main(["train", "--data", "x.jsonl", "--lora-r", "12", "--lora-alpha", "24"])
+    assert (seen[0].r, seen[0].alpha) == (12, 24)

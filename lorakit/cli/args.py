@@ -80,18 +80,23 @@ def _converter(hint: Any) -> tuple[Callable[[str], Any], Optional[list]]:
     return str, None
 
 
+# Second spellings: PEFT's names, and a way past torchrun, whose own parser takes `--r` for `--rdzv-*`.
+ALIASES = {"r": ["--lora-r"], "alpha": ["--lora-alpha"], "dropout": ["--lora-dropout"]}
+
+
 def add_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
     """One --option per field of dataclass `cls` (defaults left unset, so YAML values can fill them)."""
     hints, docs = typing.get_type_hints(cls), field_docs(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-")] + ALIASES.get(f.name, [])
         hint = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         help_text = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")
         if hint is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_text)
             continue
         convert, choices = _converter(hint)
         extra = {}
@@ -99,7 +104,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...
             convert, choices, extra = str, None, {"action": "append"}
         if typing.get_origin(hint) is Union and bool in typing.get_args(hint) and str in typing.get_args(hint):
             extra = {"nargs": "?", "const": True}  # --resume alone means "the latest checkpoint"
-        parser.add_argument(flag, type=convert, default=argparse.SUPPRESS, metavar=f.name.upper(),
+        parser.add_argument(*flags, dest=f.name, type=convert, default=argparse.SUPPRESS, metavar=f.name.upper(),
                             help=help_text + (f" choices: {', '.join(map(str, choices))}" if choices else ""), **extra)
 
 

@@ -7,6 +7,8 @@ general-knowledge questions measure what it kept.
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -45,6 +47,8 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
     from ..train.storage import prepare_run_dir
 
     config = init_distributed(config)  # under torchrun: join the process group, use this rank's device
+    if not is_main_process():  # one copy of the run's messages (errors still reach stderr from every rank)
+        sys.stdout = open(os.devnull, "w")
     run_dir = prepare_run_dir(config.run_dir())  # a clear error now if --out cannot be written
     write_resolved_config(run_dir, config)
     seed_everything(config.seed)
@@ -58,6 +62,9 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
         from ..quant import quantize_model
 
         model = quantize_model(model, config.quantize)
+        q = model.lorakit_quantization
+        print(f"QLoRA: {len(q['quantized'])} linear layers in NF4 ({q['dense_bytes'] / 1e6:.0f} MB -> "
+              f"{q['quantized_bytes'] / 1e6:.0f} MB), compute in {q['compute_dtype']}")
     lora = LoraConfig(**{**config.lora_kwargs(), "target_modules": _targets(config, model)})
     model = get_peft_model(model, lora)
     loss_fn = None if task else label_only_lm_loss(model)

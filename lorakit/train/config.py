@@ -6,6 +6,7 @@ field is its `--help` text) and YAML configs use the same names. Nothing here im
 from __future__ import annotations
 
 import copy
+import importlib.util
 import dataclasses
 import math
 import re
@@ -245,8 +246,8 @@ def _target_problems(targets: Any) -> list[str]:
 
 def _combination_problems(c: TrainConfig) -> list[str]:
     problems = []
-    if c.quantize == "nf4" and c.device in ("cpu", "mps"):
-        problems.append(f"quantize=nf4 needs a CUDA device; device is {c.device!r}")
+    if c.quantize == "nf4" and importlib.util.find_spec("torchao") is None:
+        problems.append("quantize=nf4 needs torchao: pip install 'lorakit[qlora]'")
     if c.packing and c.task != "causal-lm":
         problems.append(f"packing works only with task causal-lm; task is {c.task!r}")
     if c.fsdp and c.quantize:

@@ -1,0 +1,155 @@
+"""QLoRA: the frozen base weights in 4-bit NF4, LoRA trained on top in bf16 (CUDA) or fp32 (CPU).
+
+    from lorakit.quant import quantize_model
+    model = quantize_model(model, "nf4")              # every nn.Linear but the output head
+    model = get_peft_model(model, LoraConfig(...))    # LoRA wraps the 4-bit layers as usual
+    ... train; model.save_pretrained(...)             # an ordinary PEFT adapter: loads on an unquantized base
+    merged = model.merge_and_unload()                 # adapted layers are dequantized, then merged
+    merged = dequantize_model(merged, torch.bfloat16) # any layer LoRA did not target, too; save as usual
+    quantize_model(merged, "nf4")                     # requantize, if asked
+
+What is quantized: the weights of the base's `nn.Linear` layers, except the output head (lm_head, and
+whatever `get_output_embeddings()` returns) and anything already holding LoRA; embeddings, norms and
+biases stay dense (as in QLoRA). A layer whose shape torchao's NF4 cannot take (its size not a
+multiple of 64 values) is left dense, reported in `model.lorakit_quantization["skipped"]`, with a warning.
+
+Compute dtype (compute_dtype=None): bf16 on CUDA, QLoRA's choice. On CPU the model's own float dtype
+(fp32 by lorakit's default): CPU bf16 matmuls are slow on CPUs without AMX and give larger rounding,
+while the 4-bit storage is the same whatever the compute dtype. The backend is torchao; see
+lorakit/quant/nf4.py for why.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from . import nf4
+
+QUANT_METHODS = ("nf4",)
+"""The values `quantize=` accepts."""
+
+
+def default_compute_dtype(model: nn.Module) -> torch.dtype:
+    """bf16 on CUDA; on other devices the model's float dtype (fp32 or bf16), else fp32."""
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if first is None:
+        return torch.float32
+    if first.device.type == "cuda":
+        return torch.bfloat16
+    return first.dtype if first.dtype in (torch.float32, torch.bfloat16) else torch.float32
+
+
+def quantize_model(model: nn.Module, method: str = "nf4", compute_dtype: Optional[torch.dtype] = None,
+                   skip_modules: tuple[str, ...] = ()) -> nn.Module:
+    """Replace the frozen weights of `model`'s linear layers by 4-bit NF4, in place; returns `model`.
+
+    Args:
+        model: a torch / transformers model without LoRA layers yet (quantize first, then get_peft_model).
+        method: "nf4" (the only method so far).
+        compute_dtype: the dtype weights are dequantized to for each matmul; None = bf16 on CUDA, the
+            model's float dtype elsewhere (see the module docstring).
+        skip_modules: names (exact or `.suffix`) of more linear layers to keep dense.
+
+    Returns:
+        The same model. `model.lorakit_quantization` records the method, compute dtype, the quantized
+        and skipped layer names, and the bytes of the linear weights before and after.
+
+    Raises:
+        ConfigError: an unknown method, a model that already holds LoRA layers or no quantizable layer,
+            or torchao is not installed (the message says how to install it).
+    """
+    if method not in QUANT_METHODS:
+        raise ConfigError([f"quantize={method!r} is not supported; choose one of {QUANT_METHODS}"],
+                          where="quantize_model")
+    _check_no_lora(model)
+    compute_dtype = compute_dtype or default_compute_dtype(model)
+    report: dict[str, Any] = {"method": method, "compute_dtype": str(compute_dtype).removeprefix("torch."),
+                              "quantized": [], "skipped": {}, "dense_bytes": 0, "quantized_bytes": 0}
+    for name, module in _quantizable_linears(model, skip_modules):
+        dense_bytes = module.weight.numel() * module.weight.element_size()
+        try:
+            nf4.quantize_linear_(module, compute_dtype)
+        except ValueError as err:
+            report["skipped"][name] = str(err)
+            continue
+        report["quantized"].append(name)
+        report["dense_bytes"] += dense_bytes
+        report["quantized_bytes"] += nf4.nf4_bytes(module.weight)
+    if report["skipped"]:
+        first = next(iter(report["skipped"].items()))
+        warnings.warn(f"{len(report['skipped'])} linear layer(s) left unquantized (dense), e.g. {first[0]}: "
+                      f"{first[1]}. See model.lorakit_quantization['skipped'].", stacklevel=2)
+    if not report["quantized"]:
+        raise ConfigError([f"no linear layer of {type(model).__name__} could be quantized to {method}: "
+                           f"{report['skipped'] or 'it has no nn.Linear layers besides the output head'}"],
+                          where="quantize_model")
+    model.lorakit_quantization = report
+    return model
+
+
+def _check_no_lora(model: nn.Module) -> None:
+    from ..lora.layer import LoraLayer
+
+    if any(isinstance(m, LoraLayer) for m in model.modules()):
+        raise ConfigError(["this model already holds LoRA layers; quantize the base model first, then call "
+                           "get_peft_model (QLoRA: quantize_model(base) -> get_peft_model)"], where="quantize_model")
+
+
+def _quantizable_linears(model: nn.Module, skip_modules: tuple[str, ...]) -> list[tuple[str, nn.Linear]]:
+    """(name, layer) for every dense nn.Linear except the output head and the names in skip_modules."""
+    from ..lora.targets import name_matches, output_head_names
+
+    heads = output_head_names(model) | {n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] == "lm_head"}
+    out = []
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear or name in heads or name_matches(list(skip_modules), name):
+            continue
+        if is_quantized(module.weight):
+            continue
+        out.append((name, module))
+    return out
+
+
+def is_quantized(weight: torch.Tensor) -> bool:
+    """True when `weight` is a 4-bit NF4 tensor made by quantize_model."""
+    return nf4.is_nf4(weight)
+
+
+def quantized_layers(model: nn.Module) -> list[str]:
+    """Names of the nn.Linear modules whose weight is NF4 (inside a LoRA wrapper: `....q_proj.base_layer`)."""
+    return [name for name, m in model.named_modules() if type(m) is nn.Linear and is_quantized(m.weight)]
+
+
+@torch.no_grad()
+def dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = torch.bfloat16) -> nn.Module:
+    """Turn every NF4 weight of `model` back into a dense frozen weight, then cast the whole model to
+    `dtype` (bf16: what a merged QLoRA model is saved in); in place; returns `model`.
+
+    Use it after `merge_and_unload()` on a QLoRA model before `save_pretrained` (safetensors stores
+    dense tensors only). dtype=None keeps each layer's compute dtype and casts nothing. The values are
+    the 4-bit ones: dequantizing does not bring back the original weights.
+    """
+    for _, module in model.named_modules():
+        if type(module) is nn.Linear and is_quantized(module.weight):
+            nf4.dequantize_linear_(module, dtype)
+    if dtype is not None:
+        model.to(dtype)  # safe now: no NF4 tensor is left for .to(dtype) to dequantize behind our back
+    if hasattr(model, "lorakit_quantization"):
+        del model.lorakit_quantization
+    return model
+
+
+def quantized_bytes(model: nn.Module) -> int:
+    """Bytes held by all parameters and buffers of `model`, counting NF4 weights at their packed size."""
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        total += nf4.nf4_bytes(t) if is_quantized(t) else t.numel() * t.element_size()
+    return total
+
+
+__all__ = ["QUANT_METHODS", "quantize_model", "dequantize_model", "is_quantized", "quantized_layers",
+           "quantized_bytes", "default_compute_dtype"]

@@ -1,0 +1,185 @@
+"""QLoRA: NF4 base weights under LoRA. Forward close to fp32, only LoRA trains, merge and file round trips."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import assert_close, rel_err, tiny_llama
+
+pytest.importorskip("torchao")
+
+from lorakit import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from lorakit.errors import ConfigError  # noqa: E402
+from lorakit.quant import (dequantize_model, is_quantized, quantize_model, quantized_bytes,  # noqa: E402
+                           quantized_layers)
+from lorakit.quant.nf4 import scaler_block_size, why_not_quantizable  # noqa: E402
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# NF4 keeps 16 levels per block: a Gaussian weight comes back with ~10% relative error per matrix, and the
+# error of a 2-layer model's logits stays in that range. Not in conftest's table: it is quantization, not dtype.
+NF4_TOLERANCE = 0.15
+
+
+def _ids(seed: int = 1) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return torch.randint(1, 128, (2, 12))
+
+
+def _qlora(seed: int = 0):
+    """(QLoRA model with non-zero B, so the adapter acts; the unquantized base it came from)."""
+    base = tiny_llama(seed=seed)
+    reference = copy.deepcopy(base)
+    quantize_model(base, "nf4")
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=ALL))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.2)
+    return model, reference
+
+
+def test_every_linear_but_the_head_becomes_nf4():
+    model = quantize_model(tiny_llama(), "nf4")
+    names = quantized_layers(model)
+    assert len(names) == 2 * 7 and "lm_head" not in names
+    assert not is_quantized(model.lm_head.weight) and not is_quantized(model.model.embed_tokens.weight)
+    report = model.lorakit_quantization
+    assert report["skipped"] == {} and report["compute_dtype"] == "float32"
+    assert report["quantized_bytes"] < report["dense_bytes"] / 6  # ~0.52 byte vs 4 bytes a value
+    assert all(not p.requires_grad for n, p in model.named_parameters() if is_quantized(p))
+
+
+def test_quantized_forward_is_close_to_full_precision():
+    dense = tiny_llama()
+    quantized = quantize_model(copy.deepcopy(dense), "nf4")
+    ids = _ids()
+    with torch.no_grad():
+        err = rel_err(quantized(ids).logits, dense(ids).logits)
+    assert 0 < err < NF4_TOLERANCE
+
+
+def test_lora_wraps_the_quantized_layers_and_only_lora_trains():
+    model, _ = _qlora()
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(q_proj).__name__ == "LoraLinear" and is_quantized(q_proj.base_layer.weight)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if not is_quantized(p)}
+    base_before = [p.get_original_weight().clone() for p in model.parameters() if is_quantized(p)]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    ids = _ids()
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    changed = {n for n, p in model.named_parameters() if not is_quantized(p) and not torch.equal(p, before[n])}
+    assert changed and all(".lora_" in n for n in changed)
+    assert len(changed) == 2 * 7 * 2  # A and B of every target
+    for p, old in zip([p for p in model.parameters() if is_quantized(p)], base_before):
+        assert torch.equal(p.get_original_weight(), old)
+
+
+def test_merge_dequantizes_and_matches_the_unmerged_output():
+    model, _ = _qlora()
+    ids = _ids()
+    model.eval()
+    with torch.no_grad():
+        unmerged = model(ids).logits
+        model.merge_adapter()
+        merged_in_place = model(ids).logits
+        model.unmerge_adapter()
+        again = model(ids).logits
+        plain = model.merge_and_unload()
+        unloaded = plain(ids).logits
+    assert_close(merged_in_place, unmerged)
+    assert_close(again, unmerged)
+    assert_close(unloaded, unmerged)
+    assert quantized_layers(plain) == [] and all(type(m).__name__ != "LoraLinear" for m in plain.modules())
+
+
+def test_qlora_adapter_is_a_plain_adapter_that_loads_on_the_unquantized_base(tmp_path):
+    model, reference = _qlora()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["r"] == 4 and (tmp_path / "adapter_model.safetensors").is_file()
+    ids = _ids()
+    loaded = PeftModel.from_pretrained(copy.deepcopy(reference), tmp_path)
+    with torch.no_grad():
+        quantized_out = model.eval()(ids).logits
+        dense_out = loaded(ids).logits
+        base_out = reference(ids).logits
+    # the same adapter on the full-precision base: as close as the base models are to each other
+    assert rel_err(dense_out, quantized_out) < NF4_TOLERANCE
+    assert rel_err(dense_out, base_out) > 0.01  # the adapter does act (B != 0)
+    again = PeftModel.from_pretrained(quantize_model(copy.deepcopy(reference), "nf4"), tmp_path)
+    with torch.no_grad():
+        assert_close(again(ids).logits, quantized_out)
+
+
+def test_merged_qlora_model_saves_in_bf16_and_reloads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, _ = _qlora()
+    merged = dequantize_model(model.merge_and_unload(), torch.bfloat16)
+    merged.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    ids = _ids()
+    with torch.no_grad():
+        assert_close(reloaded(ids).logits, merged(ids).logits, torch.bfloat16)  # rotary buffers differ in dtype
+
+
+def test_dequantize_and_requantize_on_request():
+    model, _ = _qlora()
+    merged = model.merge_and_unload()
+    quantize_model(merged, "nf4", skip_modules=("q_proj",))  # merge dequantized the targets: requantize
+    assert len(quantized_layers(merged)) == 2 * 6
+    packed = quantized_bytes(merged)
+    dequantize_model(merged, torch.bfloat16)
+    assert quantized_layers(merged) == []
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}  # one dtype, ready to save
+    assert quantized_bytes(merged) > packed
+
+
+def test_shapes_nf4_cannot_take_are_skipped_with_a_warning():
+    assert scaler_block_size(192 * 576) == 216  # SmolLM2's k_proj: 1,728 blocks, not a multiple of 256
+    assert scaler_block_size(64) is None and "multiple of the NF4 block size" in why_not_quantizable(torch.ones(3, 7))
+    net = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))  # 96 values: not a multiple of 64
+    with pytest.warns(UserWarning, match="left unquantized"):
+        quantize_model(net, "nf4")
+    assert set(net.lorakit_quantization["skipped"]) == {"2"} and is_quantized(net[0].weight)
+
+
+def test_bad_requests_are_refused_with_what_to_do():
+    with pytest.raises(ConfigError, match="quantize='int3' is not supported"):
+        quantize_model(tiny_llama(), "int3")
+    model, _ = _qlora()
+    with pytest.raises(ConfigError, match="quantize the base model first"):
+        quantize_model(model, "nf4")
+
+
+def test_cli_train_with_quantize_nf4_writes_a_plain_adapter(tmp_path):
+    """`lorakit train --quantize nf4` on a tiny model folder: it trains, and the adapter loads on the dense base."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from lorakit.cli.main import main
+    from tests.test_data_helpers import tiny_tokenizer
+
+    tok, folder = tiny_tokenizer(), tmp_path / "tiny-llama"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    rows = [{"instruction": f"what is item {i}", "input": "", "output": f"item {i} is blue"} for i in range(24)]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(rows))
+    out = tmp_path / "run"
+    main(["train", "--model", str(folder), "--data", str(data), "--max-steps", "4", "--batch-size", "4",
+          "--seq-len", "32", "--lr", "5e-3", "--r", "4", "--alpha", "8", "--quantize", "nf4", "--out", str(out)])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    assert json.loads((out / "adapter" / "lorakit.json").read_text())["training"]["quantize"] == "nf4"
+    dense = AutoModelForCausalLM.from_pretrained(folder)
+    loaded = PeftModel.from_pretrained(dense, out / "adapter")  # fingerprint: shapes, not 4-bit values
+    assert not quantized_layers(loaded) and loaded.get_nb_trainable_parameters()[0] == 0
