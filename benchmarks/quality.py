@@ -34,13 +34,13 @@ TASKS = {
 }
 # Learning rates: LoRA's usual 10-20x full fine-tuning's (LoRA paper, RoBERTa: 4e-4..5e-4 vs 1e-5..3e-5).
 METHODS = {
-    "lora-qv": {"targets": ["query", "value"], "r": 8, "alpha": 16, "lr": 1e-3},
-    "lora-all": {"targets": "all-linear", "r": 8, "alpha": 16, "lr": 1e-3},
+    "lora-qv": {"targets": ["query", "value"], "r": 8, "alpha": 16, "lr": 2e-3},
+    "lora-all": {"targets": "all-linear", "r": 8, "alpha": 16, "lr": 2e-3},
     "full": {"lr": 1e-4},
 }
 COMMON = {"model": "minilm-l6", "epochs": 1.0, "batch_size": 32, "seq_len": 128, "seed": 42, "dropout": 0.0,
           "warmup_ratio": 0.06, "lr_schedule": "linear", "device": "cpu", "dtype": "float32", "save_every": 0,
-          "eval_every": 0, "log_every": 50}
+          "eval_every": 0, "log_every": 50, "group_by_length": True}
 
 
 def subset(path: Path, limit: int, seed: int, folder: Path) -> Path:

@@ -20,7 +20,7 @@ from .config import LoraConfig
 from .errors import AdapterError
 from .lora.files import (adapter_state_dict, fingerprint, fingerprint_mismatch, load_into, make_meta,
                          read_adapter_tensors, read_meta, save_adapter)
-from .lora.inject import find_targets, lora_layers
+from .lora.inject import ModulesToSave, find_targets, lora_layers
 from .lora.layer import BASE_ADAPTER, is_quantized_weight, route_rows
 from .lora.model import LoraModel, resolve_config
 
@@ -153,8 +153,15 @@ class PeftModel(nn.Module):
             config_dict["base_model_name_or_path"] = config.base_model_name_or_path or \
                 getattr(getattr(self.base_model.model, "config", None), "_name_or_path", None)
             directory = Path(save_directory) if name == "default" else Path(save_directory) / name
-            meta = make_meta(self.fingerprints.get(name, {}), {"adapter_name": name, **self.adapter_metadata.get(name, {})})
+            config_dict, facts = _peft_readable(config_dict, self._trained_copies(name))
+            meta = make_meta(self.fingerprints.get(name, {}),
+                             {"adapter_name": name, **facts, **self.adapter_metadata.get(name, {})})
             save_adapter(directory, tensors, config_dict, meta)
+
+    def _trained_copies(self, name: str) -> list[str]:
+        """Short names of the modules trained in full for adapter `name` (task heads, modules_to_save)."""
+        return sorted({full.rsplit(".", 1)[-1] for full, m in self.base_model.model.named_modules()
+                       if isinstance(m, ModulesToSave) and name in m.modules_to_save})
 
     def _as_plain_lora(self, name: str, tensors: dict, config: LoraConfig) -> tuple[dict, LoraConfig]:
         """ΔW = s·B A − s·B0 A0 = s·[B, −B0] [A; A0]: a rank-2r LoRA on the original weights."""
@@ -179,8 +186,8 @@ class PeftModel(nn.Module):
                         is_trainable: bool = False, config: Optional[LoraConfig] = None,
                         allow_pickle: bool = False, ignore_base_mismatch: bool = False, **_ignored) -> "PeftModel":
         """Load a saved adapter (lorakit's or PEFT's) onto a fresh base model."""
-        config = _loadable_config(config or LoraConfig.from_pretrained(model_id), is_trainable)
         meta = read_meta(model_id)
+        config = _loadable_config(config or _with_task_type(LoraConfig.from_pretrained(model_id), meta), is_trainable)
         _check_base(meta, model, str(model_id), ignore_base_mismatch)
         tensors = read_adapter_tensors(model_id, allow_pickle)
         peft_model = cls(model, config, adapter_name)
@@ -190,8 +197,8 @@ class PeftModel(nn.Module):
     def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False,
                      allow_pickle: bool = False, ignore_base_mismatch: bool = False, **_ignored) -> None:
         """Load another saved adapter into this model under `adapter_name` (not activated)."""
-        config = _loadable_config(LoraConfig.from_pretrained(model_id), is_trainable)
         meta = read_meta(model_id)
+        config = _loadable_config(_with_task_type(LoraConfig.from_pretrained(model_id), meta), is_trainable)
         _check_base(meta, self.base_model.model, str(model_id), ignore_base_mismatch)
         tensors = read_adapter_tensors(model_id, allow_pickle)
         self.add_adapter(adapter_name, config)
@@ -269,3 +276,28 @@ def _check_base(meta: dict, model: nn.Module, source: str, ignore: bool) -> None
         raise AdapterError(f"adapter {source} was trained on a different base model: {problem}. Load the base it "
                            "was made for, or pass ignore_base_mismatch=True (CLI: --ignore-base-mismatch) "
                            "if you know they match")
+
+
+PEFT_TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "SEQ_2_SEQ_LM", "QUESTION_ANS", "FEATURE_EXTRACTION")
+
+
+def _peft_readable(config_dict: dict, trained_copies: list[str]) -> tuple[dict, dict]:
+    """(adapter_config.json as PEFT reads it, facts for lorakit.json).
+
+    The modules trained in full (task heads included) are listed in modules_to_save, as PEFT writes them;
+    a task type PEFT does not know (IMAGE_CLASSIFICATION ...) is written as null, PEFT would refuse the
+    file otherwise, and kept in lorakit.json, from where lorakit restores it.
+    """
+    config_dict, facts = dict(config_dict), {}
+    if trained_copies and not config_dict.get("modules_to_save"):
+        config_dict["modules_to_save"] = trained_copies
+    task = config_dict.get("task_type")
+    if task is not None and str(task) not in PEFT_TASK_TYPES:
+        facts["task_type"], config_dict["task_type"] = str(task), None
+    return config_dict, facts
+
+
+def _with_task_type(config: LoraConfig, meta: dict) -> LoraConfig:
+    """The config with the task type lorakit.json kept for PEFT's sake (see `_peft_readable`)."""
+    return config.copy(task_type=meta["task_type"]) if config.task_type is None and meta.get("task_type") else config
+

@@ -129,6 +129,26 @@ def test_vit_adapter_loads_in_peft(tmp_path):
     assert rel_change(logits(tiny_vit(), pixels), logits(model, pixels)) > 1e-2
 
 
+def test_image_classification_task_type_adapter_loads_in_peft_and_back(tmp_path):
+    import json
+
+    peft = pytest.importorskip("peft", reason="PEFT is a test dependency (pip install -e .[test])")
+    base = tiny_vit()
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=default_image_targets(base),
+                                            init_lora_weights=False, task_type="IMAGE_CLASSIFICATION"))
+    with torch.no_grad():
+        for p in model.base_model.model.classifier.modules_to_save.parameters():
+            p.add_(0.5)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["task_type"] is None and config["modules_to_save"] == ["classifier"]  # as PEFT reads them
+    pixels, _ = toy_images(8)
+    assert_close(logits(peft.PeftModel.from_pretrained(tiny_vit(), str(tmp_path)), pixels), logits(model, pixels))
+    ours = PeftModel.from_pretrained(tiny_vit(), tmp_path)
+    assert ours.peft_config["default"].task_type == "IMAGE_CLASSIFICATION"
+    assert_close(logits(ours, pixels), logits(model, pixels))
+
+
 def rel_change(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
