@@ -61,7 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_import_noise() -> None:
+    """transformers imports torchao when it is installed (lorakit's QLoRA extra), and torchao logs about
+    CUDA-only kernels it cannot load and enum registrations; none of it concerns a lorakit user."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    _quiet_import_noise()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:

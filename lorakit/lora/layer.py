@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 from contextvars import ContextVar
 from typing import Iterator, Optional, Sequence
 
@@ -38,14 +39,19 @@ def route_rows(adapter_names: Sequence[str]) -> Iterator[None]:
 
 def rows_by_adapter(names: list[str], batch: int, device: torch.device) -> dict[str, torch.Tensor]:
     """{adapter: row indices}; names are repeated per row when the batch was expanded (beams, samples)."""
-    if batch != len(names):
-        if len(names) == 0 or batch % len(names):
-            raise AdapterError(f"adapter_names has {len(names)} entries but the batch has {batch} rows")
-        names = [n for n in names for _ in range(batch // len(names))]
     groups: dict[str, list[int]] = {}
-    for i, n in enumerate(names):
+    for i, n in enumerate(_expand_rows(names, batch)):
         groups.setdefault(n, []).append(i)
     return {n: torch.tensor(idx, device=device) for n, idx in groups.items()}
+
+
+def _expand_rows(names: list[str], batch: int) -> list[str]:
+    """One name per row: each name repeated when the batch was expanded (beams, samples)."""
+    if batch == len(names):
+        return names
+    if len(names) == 0 or batch % len(names):
+        raise AdapterError(f"adapter_names has {len(names)} entries but the batch has {batch} rows")
+    return [n for n in names for _ in range(batch // len(names))]
 
 
 class LoraLayer(nn.Module):
@@ -191,6 +197,9 @@ class LoraLayer(nn.Module):
         if self.merged_adapters:
             raise AdapterError("per-row adapter_names cannot be used while adapters are merged; "
                                "call model.unmerge_adapter() first")
+        gathered = self._gathered_delta(x, rows)
+        if gathered is not None:  # one gather + two batched matmuls, however many adapters the batch holds
+            return result + gathered.to(result.dtype)
         for name, idx in rows_by_adapter(rows, x.shape[0], x.device).items():
             if name == BASE_ADAPTER or name not in self.r:
                 continue
@@ -198,13 +207,21 @@ class LoraLayer(nn.Module):
             result = result.index_add(0, idx, delta)
         return result
 
+    def _gathered_delta(self, x: torch.Tensor, rows: list[str]) -> Optional[torch.Tensor]:
+        """Every row's own update in one pass (layers that support it), else None for the grouped path."""
+        return None
+
     # ------------------------------------------------------------------ merge
     @torch.no_grad()
     def merge(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
-        """W <- W + ΔW for each adapter (computed in fp32, cast back). Idempotent."""
+        """W <- W + ΔW for each adapter (computed in fp32, cast back). Idempotent.
+
+        A quantized base weight (QLoRA) is first made dense for good, in its compute dtype.
+        """
         for name in adapter_names if adapter_names is not None else self.active_adapters:
             if name in self.merged_adapters or name not in self.r:
                 continue
+            self._dense_base_weight()
             merged = VARIANTS[self.variant[name]].merge(self, name, self.weight_matrix().float())
             if safe_merge and not torch.isfinite(merged).all():
                 raise AdapterError(f"merging adapter {name!r} gives non-finite weights in this layer; "
@@ -221,12 +238,26 @@ class LoraLayer(nn.Module):
             self._write_weight(restored)
 
     @torch.no_grad()
+    def _dense_base_weight(self) -> None:
+        """Replace a quantized base weight by its dense values: rounding W + ΔW back to 4 bits would lose
+        most of ΔW, and unmerge could not restore W."""
+        weight = self.base_layer.weight
+        if is_quantized_weight(weight):
+            self.base_layer.weight = nn.Parameter(weight.get_original_weight(), requires_grad=False)
+
+    @torch.no_grad()
     def _write_weight(self, matrix: torch.Tensor) -> None:
         weight = self.base_layer.weight
         weight.data.copy_(self._to_weight_layout(matrix).reshape(weight.shape).to(weight.dtype))
 
     def extra_repr(self) -> str:
         return f"adapters={ {n: self.r[n] for n in self.r} }, active={self.active_adapters}"
+
+
+def is_quantized_weight(weight: torch.Tensor) -> bool:
+    """A quantized weight (torchao's NF4Tensor, made by lorakit.quant), recognised by the method that
+    dequantizes it, so the core never imports a quantization library."""
+    return callable(getattr(weight, "get_original_weight", None))
 
 
 def _accept_base_keys(module, state_dict, prefix, *args) -> None:
@@ -254,6 +285,60 @@ class LoraLinear(LoraLayer):
     def base_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """W x without the bias."""
         return F.linear(x, self.weight_matrix().to(x.dtype))
+
+    def _gathered_delta(self, x: torch.Tensor, rows: list[str]) -> Optional[torch.Tensor]:
+        """Punica/S-LoRA style: each row's (A, B) gathered from stacks, then two batched matmuls.
+
+        Row i's arithmetic uses only row i's input and its own adapter's factors, whatever else is in the
+        batch, so a request's output does not depend on its neighbours. Plain LoRA in eval mode only.
+        """
+        names = _expand_rows(rows, x.shape[0])
+        if x.dim() < 2:
+            return None
+        a_t, b_t, slots, has_dora = self._stacked_factors()  # (n+1, in, R), (n+1, R, out); slot 0 = none
+        used = set(names)
+        if has_dora and any(self.variant.get(n) == "dora" for n in used):
+            return None
+        if torch.is_grad_enabled() and any(p.requires_grad for n in used if n in self.r for p in self.factor_params(n)):
+            return None  # training: the stacks are copies, gradients must reach the parameters themselves
+        if self.training and any(not isinstance(self.lora_dropout[n], nn.Identity) for n in used if n in self.r):
+            return None
+        idx = torch.tensor([slots.get(n, 0) for n in names], device=x.device)  # (batch,) each row's slot
+        flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(a_t.dtype)  # (batch, tokens, in)
+        low = torch.bmm(flat, a_t.index_select(0, idx))  # (batch, tokens, R)
+        out = torch.bmm(low, b_t.index_select(0, idx))  # (batch, tokens, out), scaling folded into B
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def _stacked_factors(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, int], bool]:
+        """All adapters' A^T and (scaling * B)^T stacked and zero-padded to the largest rank; rebuilt
+        only when an adapter is added, removed, replaced or changed (its tensors' versions or storage)."""
+        modules = (tuple(self.lora_A.items()), tuple(self.lora_B.items()), tuple(self.scaling.items()))
+        cached = self.__dict__.get("_stacks")
+        if cached is not None and cached[0] == modules and cached[1] == _tensor_state(cached[2]):
+            return cached[3]
+        params = [(n, self.lora_A[n].weight, self.lora_B[n].weight) for n, _ in modules[0]]
+        in_f, out_f = self._features()
+        rank = max([a.shape[0] for _, a, _ in params], default=1)
+        ref = params[0][1] if params else self.base_layer.weight
+        a_t = torch.zeros(len(params) + 1, in_f, rank, dtype=ref.dtype, device=ref.device)
+        b_t = torch.zeros(len(params) + 1, rank, out_f, dtype=ref.dtype, device=ref.device)
+        with torch.no_grad():
+            for slot, (n, a, b) in enumerate(params, start=1):
+                a_t[slot, :, :a.shape[0]] = a.T  # (in, r)
+                b_t[slot, :b.shape[1], :] = (self.scaling[n] * b).T  # (r, out)
+        slots = {n: i for i, (n, _, _) in enumerate(params, start=1)}
+        tensors = [t for _, a, b in params for t in (a, b)]
+        value = (a_t, b_t, slots, any(v == "dora" for v in self.variant.values()))
+        self.__dict__["_stacks"] = (modules, _tensor_state(tensors), tensors, value)
+        return value
+
+
+def _tensor_state(tensors: list[torch.Tensor]) -> tuple:
+    """What changes when tensors are written in place (versions) or given new storage (pointers)."""
+    return tuple(map(_VERSION, tensors)), tuple(map(torch.Tensor.data_ptr, tensors))
+
+
+_VERSION = operator.attrgetter("_version")
 
 
 class LoraEmbedding(LoraLayer):
