@@ -163,3 +163,12 @@ def test_lora_r_alias_for_torchrun(monkeypatch):
     monkeypatch.setattr(train_cmd, "run_train", seen.append)
     main(["train", "--data", "x.jsonl", "--lora-r", "12", "--lora-alpha", "24"])
     assert (seen[0].r, seen[0].alpha) == (12, 24)
+
+
+def test_rank_report_is_written_into_the_run_folder(tiny_model_dir, chat_data, tmp_path):
+    out = tmp_path / "r"
+    main(["train", "--model", str(tiny_model_dir), "--data", str(chat_data), "--max-steps", "3", "--batch-size", "4",
+          "--seq-len", "64", "--lr", "5e-3", "--r", "4", "--out", str(out), "--device", "cpu", "--save-every", "0",
+          "--rank-report"])
+    report = json.loads((out / "rank_report.json").read_text())
+    assert 1 <= report["suggested_rank"] <= 4 and (out / "rank_spectrum.png").stat().st_size > 0

@@ -154,3 +154,20 @@ def test_safe_merge_refuses_non_finite():
     assert torch.equal(layer.base_layer.weight, before)
     assert not any(l.merged_adapters for l in model.modules() if hasattr(l, "merged_adapters"))
     assert type(model.get_base_model().transformer.h[0].attn.c_attn).__name__ == "LoraLinear"  # nothing unwrapped
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
+    import os
+    import stat
+
+    from lorakit.atomic import atomic_directory, atomic_write_text
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    atomic_write_text(tmp_path / "atomic.txt", "x")
+    assert stat.S_IMODE(os.stat(tmp_path / "atomic.txt").st_mode) == stat.S_IMODE(os.stat(plain).st_mode)
+    (tmp_path / "plain_dir").mkdir()
+    with atomic_directory(tmp_path / "atomic_dir") as d:
+        (d / "f").write_text("x")
+    assert stat.S_IMODE(os.stat(tmp_path / "atomic_dir").st_mode) == \
+        stat.S_IMODE(os.stat(tmp_path / "plain_dir").st_mode)

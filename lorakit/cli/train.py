@@ -88,6 +88,10 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
          "metrics": {**_figures(before, after), "steps": result.steps},
          **({"labels": data["task"]["labels"]} if data["task"] and data["task"]["labels"] else {})})
     model.save_pretrained(adapter_dir)
+    if config.rank_report:
+        from .adapters import write_rank_report
+
+        print(f"rank report: {write_rank_report(adapter_dir, run_dir)} (and rank_spectrum.png)")
     figures = _summary(model, result, before, after, adapter_dir, data)
     if data["demo"] is not None:
         _print_demo_table(before, after, data["demo"], figures)

@@ -130,6 +130,9 @@ class TrainConfig:
     nan_policy: Literal["stop", "skip"] = "stop"
     """On a NaN/inf loss: stop (keep the last good checkpoint, raise an error) or skip that
     batch and count it."""
+    rank_report: bool = False
+    """At the end, write the adapter's singular-value spectra (rank_spectrum.png, rank_report.json) and
+    the rank that keeps 99% of the update's energy into the run folder (see `lorakit rank`)."""
 
     def validate(self) -> "TrainConfig":
         """Check every field; raise one `ConfigError` listing all problems. Returns self."""
