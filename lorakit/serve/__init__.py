@@ -1,0 +1,8 @@
+"""`lorakit serve`: an OpenAI-compatible HTTP server, many adapters over one base model, batched together.
+
+    engine.py     continuous batching with per-request adapters and KV caches (one scheduler thread)
+    attention.py  ragged attention: each batch row attends over its own cache, batch-independent numerics
+    adapters.py   the adapters being served: names, loading from the adapters folder, unloading
+    protocol.py   OpenAI request validation, limits, response and stream-chunk shapes
+    app.py        the FastAPI application
+"""
