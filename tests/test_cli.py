@@ -172,3 +172,17 @@ def test_rank_report_is_written_into_the_run_folder(tiny_model_dir, chat_data, t
           "--rank-report"])
     report = json.loads((out / "rank_report.json").read_text())
     assert 1 <= report["suggested_rank"] <= 4 and (out / "rank_spectrum.png").stat().st_size > 0
+
+
+def test_seq_cls_on_a_llama_family_model_with_a_score_head(tiny_model_dir, tmp_path):
+    rows = [{"text": t, "label": lab} for t, lab in (("the code is blue", "yes"), ("we meet at noon", "no"))] * 12
+    data = tmp_path / "cls.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "run"
+    main(["train", "--task", "seq-cls", "--model", str(tiny_model_dir), "--data", str(data), "--eval-data", str(data),
+          "--max-steps", "25", "--batch-size", "8", "--lr", "1e-2", "--r", "4", "--out", str(out), "--device", "cpu",
+          "--save-every", "0"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval_accuracy_after"] == 1.0
+    from safetensors.torch import load_file
+    assert any(".score." in k or k.endswith("score.weight") for k in load_file(out / "adapter" / "adapter_model.safetensors"))

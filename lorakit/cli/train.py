@@ -25,7 +25,7 @@ DEMO_DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 16, "epochs": 3.0, "lr": 2e-3,
                                  "log_every": 5}
 # Encoder tasks: sentences are short and the data sets large, so bigger batches grouped by length, and
 # a learning rate for one epoch over tens of thousands of examples (docs/BENCHMARKS.md, SST-2/CoNLL).
-_ENCODER_DEFAULTS: dict[str, Any] = {"r": 4, "alpha": 8, "lr": 2e-3, "batch_size": 32, "seq_len": 128,
+_ENCODER_DEFAULTS: dict[str, Any] = {"r": 4, "alpha": 8, "lr": 3e-3, "batch_size": 32, "seq_len": 128,
                                      "group_by_length": True, "warmup_ratio": 0.06, "lr_schedule": "linear",
                                      "dropout": 0.1, "eval_every": 0, "save_every": 500, "log_every": 25}
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {"seq-cls": _ENCODER_DEFAULTS, "token-cls": _ENCODER_DEFAULTS,
@@ -103,12 +103,20 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
 
 
 def _targets(config: TrainConfig, model) -> Any:
-    """--targets, else attention + MLP projections of the architecture, else PEFT's default."""
+    """--targets, else attention + MLP projections of the architecture, else PEFT's default.
+
+    A sequence classifier on a BERT-style encoder reads the [CLS] vector through a pooler layer that
+    pre-training (here: sentence embedding by mean pooling) never tuned for the task: it gets LoRA too.
+    """
     from ..lora.targets import ATTENTION_MLP_TARGETS, model_type
 
     if config.targets is not None:
         return config.targets
-    return ATTENTION_MLP_TARGETS.get(model_type(model))
+    targets = ATTENTION_MLP_TARGETS.get(model_type(model))
+    has_pooler = any(name.endswith("pooler.dense") for name, _ in model.named_modules())
+    if targets is not None and config.task == "seq-cls" and has_pooler:
+        targets = list(targets) + ["pooler.dense"]
+    return targets
 
 
 def _score(model, tokenizer, data: dict, run_dir: Path, when: str, config: TrainConfig) -> dict[str, Any]:
