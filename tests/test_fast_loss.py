@@ -70,3 +70,32 @@ def test_distillation_term_is_kl_to_the_base_model():
     assert kl > 1e-3 and torch.allclose(total, loss_fn(model, batch) + kl, rtol=1e-5, atol=1e-6)
     total.backward()
     assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+
+
+def test_chunked_cross_entropy_equals_the_plain_one_across_chunks_and_dtypes():
+    import torch.nn.functional as F
+
+    from lorakit.fast.cross_entropy import chunked_linear_cross_entropy
+    from tests.conftest import assert_close
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        hidden = torch.randn(37, 16, generator=g).to(dtype).requires_grad_(True)
+        weight = (torch.randn(50, 16, generator=g) * 0.5).to(dtype)
+        targets = torch.randint(0, 50, (37,), generator=g)
+        ref = F.cross_entropy((hidden @ weight.T).float(), targets)
+        (ref_grad,) = torch.autograd.grad(ref, hidden)
+        for chunk in (1, 8, 37, 1000):
+            loss = chunked_linear_cross_entropy(hidden, weight, targets, chunk=chunk)
+            (grad,) = torch.autograd.grad(loss * 3.0, hidden)  # the upstream gradient is applied
+            assert_close(loss, ref, dtype)
+            assert_close(grad, 3.0 * ref_grad, dtype)
+
+
+def test_chunked_cross_entropy_refuses_a_trainable_head():
+    import pytest
+
+    from lorakit.fast.cross_entropy import chunked_linear_cross_entropy
+
+    with pytest.raises(ValueError, match="frozen"):
+        chunked_linear_cross_entropy(torch.randn(2, 4), torch.randn(5, 4, requires_grad=True), torch.tensor([0, 1]))

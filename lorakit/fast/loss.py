@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.fast.cross_entropy import chunked_linear_cross_entropy
+
 IGNORE_INDEX = -100
 
 
@@ -50,13 +52,21 @@ def label_only_lm_loss(model: nn.Module) -> Optional[Callable[[nn.Module, dict],
         keep = targets != IGNORE_INDEX  # (batch, seq-1)
         loss = hidden.new_zeros((), dtype=torch.float32)
         if keep.any():
-            logits = head(hidden[:, :-1][keep]).float()  # (n_labels, vocab): only where a label exists
-            loss = F.cross_entropy(logits, targets[keep])
+            loss = _label_loss(head, hidden[:, :-1][keep], targets[keep])  # only where a label exists
         if distill is not None and distill.any():
             loss = loss + _distillation(model_, backbone, head, batch, hidden, distill[:, 1:].bool())
         return loss
 
     return loss_fn
+
+
+def _label_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the head's logits: chunked (no full fp32 logits kept) for a frozen bias-free
+    linear head, transformers' way otherwise (a trained or LoRA-wrapped head)."""
+    weight = getattr(head, "weight", None)
+    if type(head) is nn.Linear and head.bias is None and weight is not None and not weight.requires_grad:
+        return chunked_linear_cross_entropy(hidden, weight, targets)
+    return F.cross_entropy(head(hidden).float(), targets)  # (n, vocab) logits
 
 
 def _distillation(model: nn.Module, backbone: nn.Module, head: nn.Module, batch: dict, hidden: torch.Tensor,
