@@ -27,10 +27,12 @@ keeps nothing; after the last layer the final norm keeps 4h (full: + a·h, the h
 With gradient checkpointing (transformers' per-layer, non-reentrant) only each layer's input is kept,
 a·h per token per layer, and one layer is recomputed during backward: its activations plus as much
 again for its gradients are added.
-Loss: the output head runs on the labelled positions only (lorakit.fast), logits are cast to fp32
-and log_softmax keeps its fp32 output; at the start of backward the two fp32 gradients (of the
-log-probs and of the logits) are alive beside it: 12·vocab bytes per labelled token. Every position is
-counted as labelled (packed pre-training style data), the worst case.
+Loss: the output head runs on the labelled positions only (lorakit.fast). With a trainable head (full
+fine-tuning) logits are cast to fp32 and log_softmax keeps its fp32 output; at the start of backward the
+two fp32 gradients (of the log-probs and of the logits) are alive beside it: 12·vocab bytes per labelled
+token. With a frozen head (LoRA, QLoRA) the chunked cross-entropy keeps only the hidden-state gradient
+(a·h per labelled token) and one chunk of fp32 logits and probabilities at a time (8·vocab bytes per row
+of a CE_CHUNK-row chunk). Every position is counted as labelled (packed pre-training data), the worst case.
 Peak = weights + gradients + optimizer states + max(saved activations + the loss's or one layer's
 transient buffers, AdamW's foreach step temporary: sqrt(v), one state's size) + QLoRA's dequantization
 buffer (torchao 0.18 materialises about 15 bytes per value of the largest layer while dequantizing it).
@@ -54,6 +56,8 @@ DEQUANT_BYTES_PER_VALUE = 15
 """torchao 0.18 `NF4Tensor.get_original_weight`: two int64 index tensors (8), two looked-up halves (2),
 the scaled halves (2), the stacked result (2) and an expanded scale copy (1), per value."""
 LOSS_BYTES_PER_VOCAB = 12
+CE_CHUNK = 1024  # rows per chunk of lorakit.fast.cross_entropy
+CHUNK_BYTES_PER_VOCAB = 8  # one chunk's fp32 logits, turned into probabilities in place, and its exp copy
 """fp32 log-probs kept by log_softmax + the two fp32 gradients alive at the start of backward."""
 
 
@@ -199,14 +203,17 @@ def estimate(shape: ModelShape, settings: EstimateSettings) -> MemoryEstimate:
     # first norm sees frozen embeddings' output, which needs no gradient, so it keeps nothing
     final = 4 * shape.hidden + (a * shape.hidden if s.method == "full" else 0)
     first_norm = 0 if s.method == "full" else (4 if shape.rms_norm else a) * shape.hidden
-    loss = LOSS_BYTES_PER_VOCAB * shape.vocab
+    if s.method == "full":
+        loss, loss_chunk = LOSS_BYTES_PER_VOCAB * shape.vocab, 0
+    else:  # frozen head: chunked cross-entropy
+        loss, loss_chunk = a * shape.hidden, CHUNK_BYTES_PER_VOCAB * shape.vocab * min(CE_CHUNK, tokens)
     if s.gradient_checkpointing:
         saved = shape.layers * a * shape.hidden + final
         transient = max(loss, 2 * per_layer)
     else:
         saved = shape.layers * per_layer + final - first_norm
         transient = max(loss, per_layer)
-    activations = tokens * (saved + transient)
+    activations = tokens * (saved + transient) + loss_chunk
     step_copy = trainable * (opt.bytes_per_value or a) if opt.foreach_copy and opt.states else 0
     dequant = DEQUANT_BYTES_PER_VALUE * max(i * o for i, o in linears.values()) if s.method == "qlora" else 0
     workspace = max(0, step_copy - activations) + dequant
