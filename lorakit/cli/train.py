@@ -25,10 +25,11 @@ DEMO_DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 16, "epochs": 3.0, "lr": 2e-3,
                                  "log_every": 5}
 # Encoder tasks: sentences are short and the data sets large, so bigger batches grouped by length, and
 # a learning rate for one epoch over tens of thousands of examples (docs/BENCHMARKS.md, SST-2/CoNLL).
-_ENCODER_DEFAULTS: dict[str, Any] = {"r": 4, "alpha": 8, "lr": 3e-3, "batch_size": 32, "seq_len": 128,
+_ENCODER_DEFAULTS: dict[str, Any] = {"r": 4, "alpha": 8, "lr": 2e-3, "batch_size": 32, "seq_len": 128,
                                      "group_by_length": True, "warmup_ratio": 0.06, "lr_schedule": "linear",
                                      "dropout": 0.1, "eval_every": 0, "save_every": 500, "log_every": 25}
-TASK_DEFAULTS: dict[str, dict[str, Any]] = {"seq-cls": _ENCODER_DEFAULTS, "token-cls": _ENCODER_DEFAULTS,
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {"seq-cls": {**_ENCODER_DEFAULTS, "lr": 1e-3},
+                                            "token-cls": _ENCODER_DEFAULTS,
                                             "qa": {**_ENCODER_DEFAULTS, "seq_len": 384, "batch_size": 16}}
 
 
