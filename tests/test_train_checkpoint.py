@@ -47,6 +47,7 @@ def sigint_at(step):
 
 
 def test_interrupted_and_resumed_run_matches_the_straight_run(tmp_path):
+    handler_before = signal.getsignal(signal.SIGINT)  # SIG_IGN when the suite runs in the background
     straight_model, straight = run(tmp_path / "straight")
 
     _, stopped = run(tmp_path / "resumed", callbacks=[sigint_at(6)])
@@ -65,7 +66,7 @@ def test_interrupted_and_resumed_run_matches_the_straight_run(tmp_path):
         assert b[step] == pytest.approx(a[step], abs=1e-6)
     assert resumed.train_tokens == straight.train_tokens
     assert resumed.final_eval_loss == pytest.approx(straight.final_eval_loss, abs=1e-6)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is handler_before  # handlers restored
 
 
 def test_request_stop_then_resume_from_an_explicit_checkpoint(tmp_path):
