@@ -131,11 +131,18 @@ def load_yaml_config(path: str, cls: type) -> dict[str, Any]:
     return values
 
 
-def build_config(cls: type, args: argparse.Namespace, skip: tuple[str, ...] = ()) -> Any:
-    """Defaults < YAML (--config) < command line, then the dataclass's own validation."""
+def build_config(cls: type, args: argparse.Namespace, skip: tuple[str, ...] = (),
+                 defaults: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None) -> Any:
+    """Defaults < `defaults(given)` < YAML (--config) < command line, then the dataclass's own validation.
+
+    `defaults(given)` returns defaults that depend on what the user gave (YAML and command line merged),
+    e.g. the demo's settings when no --data is given; they fill only the options the user left unset.
+    """
     values = load_yaml_config(args.config, cls) if getattr(args, "config", None) else {}
     names = {f.name for f in dataclasses.fields(cls)} - set(skip)
     values.update({k: v for k, v in vars(args).items() if k in names})
+    if defaults is not None:
+        values = {**defaults(values), **values}
     config = cls(**values)
     validate = getattr(config, "validate", None)
     return validate() or config if callable(validate) else config

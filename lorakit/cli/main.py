@@ -6,7 +6,7 @@ import sys
 from typing import Callable, Optional, Sequence
 
 from ..errors import LorakitError
-from .args import add_options, build_config, load_yaml_config
+from .args import add_options, build_config
 
 # The modules that define subcommands besides train (each registers itself with @command).
 COMMAND_MODULES = ("commands", "evaluate", "adapters", "estimate", "serve", "combine")
@@ -34,13 +34,8 @@ def _train(args: argparse.Namespace) -> None:
     from ..train.config import TrainConfig
     from .train import run_defaults, run_train
 
-    from_file = load_yaml_config(args.config, TrainConfig) if args.config else {}
-    given = set(vars(args)) | set(from_file)
-    task = getattr(args, "task", None) or from_file.get("task", "causal-lm")
-    for key, value in run_defaults("data" in given, task).items():  # unless the user set the option
-        if key not in given:
-            setattr(args, key, value)
-    run_train(build_config(TrainConfig, args))
+    run_train(build_config(TrainConfig, args, defaults=lambda given: run_defaults(
+        "data" in given, given.get("task", "causal-lm"))))
 
 
 def build_parser() -> argparse.ArgumentParser:
