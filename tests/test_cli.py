@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lorakit.cli.main import main
-from tests.test_data_helpers import tiny_tokenizer
+from tests.test_train_fixtures import write_tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 QA = [("what is the code", "the code is blue"), ("who runs the lab", "the lab is run by ann"),
@@ -17,17 +17,7 @@ QA = [("what is the code", "the code is blue"), ("who runs the lab", "the lab is
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return Path(write_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama")))
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import concurrent.futures
 import json
 import os
 import time
+from pathlib import Path
 from unittest.mock import ANY
 
 import httpx
@@ -14,7 +15,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from tests.test_data_helpers import tiny_tokenizer
+from tests.test_train_fixtures import write_tiny_model_dir
+
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 GREEDY = {"temperature": 0, "max_tokens": 12}
@@ -22,16 +24,7 @@ GREEDY = {"temperature": 0, "max_tokens": 12}
 
 def make_tiny_base(folder):
     """A random 2-layer Llama and its tokenizer saved as a transformers folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, max_position_embeddings=256)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return Path(write_tiny_model_dir(folder, max_position_embeddings=256))
 
 
 def make_adapter(base_dir, out, seed: int, r: int = 4, targets=TARGETS):

@@ -85,8 +85,9 @@ def one_torch_thread():
 
 # --- a tiny model folder and chat data, for tests that run `lorakit train` (also in subprocesses) ---
 
-def write_tiny_model_dir(folder) -> str:
-    """Save a random 2-layer Llama (hidden 32) and a local tokenizer into `folder`; return its path."""
+def write_tiny_model_dir(folder, **overrides) -> str:
+    """Save a random 2-layer Llama (hidden 32; `overrides` go to its LlamaConfig) and a local tokenizer
+    into `folder`; return its path."""
     from transformers import LlamaConfig
 
     from tests.test_data_helpers import tiny_tokenizer
@@ -95,7 +96,7 @@ def write_tiny_model_dir(folder) -> str:
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+                         eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, **overrides)
     LlamaForCausalLM(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)

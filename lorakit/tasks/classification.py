@@ -47,7 +47,7 @@ def label_ids(records: Records, labels: Sequence[str], field: str = "label") -> 
 
 def encode(records: Records, tokenizer, seq_len: int, labels: Optional[list[str]]) -> list[dict]:
     """One example per record: input_ids (+ attention_mask, token_type_ids) and the label id."""
-    recipe_check(records)
+    check_format(RECIPE, records)
     ids = label_ids(records, labels or label_names(records))
     texts = [record["text"] for record in records]
     enc = tokenizer(texts, truncation=True, max_length=seq_len)
@@ -129,10 +129,6 @@ def evaluate(model, tokenizer, records: Records, seq_len: int, batch_size: int,
     logits = predict(model, tokenizer, examples, batch_size)
     pred = [int(row.argmax()) for row in logits]
     return accuracy_f1([ex["labels"] for ex in examples], pred, len(labels))
-
-
-def recipe_check(records: Records) -> None:
-    check_format(RECIPE, records)
 
 
 RECIPE = TaskRecipe(name="seq-cls", formats=("classification",), label_names=label_names, encode=encode,
