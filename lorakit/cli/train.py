@@ -131,17 +131,17 @@ def _score(model, tokenizer, data: dict, run_dir: Path, when: str, config: Train
         return json.loads(cache.read_text())
     start = time.perf_counter()
     scores: dict[str, Any] = {}
-    if data["val"]:
+    if data["task"] is not None and len(data["task"]["eval"]):  # the recipes report eval_loss from the same pass
+        task = data["task"]
+        metrics = task["recipe"].evaluate(model, tokenizer, task["eval"], config.seq_len, config.batch_size * 4,
+                                          task["labels"])
+        scores.update({name if name.startswith("eval_") else f"eval_{name}": value for name, value in metrics.items()})
+    if data["val"] and "eval_loss" not in scores:
         scores["eval_loss"] = eval_loss(model, data["val"], data["collate"], config.batch_size,
                                         count_units=loss_unit_counter(config.task))["loss"]
     if data["demo"] is not None:
         demo = score_demo(model, tokenizer, data["demo"], answer_is_correct)
         scores.update(asdict(demo))
-    if data["task"] is not None and len(data["task"]["eval"]):
-        task = data["task"]
-        metrics = task["recipe"].evaluate(model, tokenizer, task["eval"], config.seq_len, config.batch_size * 4,
-                                          task["labels"])
-        scores.update({name if name.startswith("eval_") else f"eval_{name}": value for name, value in metrics.items()})
     print(f"scored the model {when} training in {time.perf_counter() - start:.0f}s: "
           + ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, float)))
     atomic_write_json(cache, scores)

@@ -82,26 +82,34 @@ def collate(examples: list[dict], tokenizer) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def predict(model, tokenizer, examples: list[dict], batch_size: int) -> list[torch.Tensor]:
-    """Logits per example, computed in length-sorted batches (little padding), returned in input order."""
+def predict(model, tokenizer, examples: list[dict], batch_size: int,
+            label_pad: Optional[int] = None) -> tuple[list[torch.Tensor], float]:
+    """(logits per example in input order, mean loss per loss unit), from one pass in length-sorted batches.
+
+    The loss unit is the example, or with `label_pad` (per-token labels) the labelled token.
+    """
     from lorakit.train.batching import to_device
     from lorakit.train.runtime import model_device
 
     device = model_device(model)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     out: list[Optional[torch.Tensor]] = [None] * len(examples)
+    total, units = 0.0, 0
     was_training = model.training
     model.eval()
     try:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            batch = pad_batch([{k: v for k, v in examples[i].items() if k != "labels"} for i in chunk], tokenizer)
-            logits = model(**to_device(batch, device)).logits.float().cpu()
+            batch = pad_batch([examples[i] for i in chunk], tokenizer, label_pad)
+            result = model(**to_device(batch, device))
+            n = int((batch["labels"] != label_pad).sum()) if label_pad is not None else len(chunk)
+            total, units = total + float(result.loss) * n, units + n
+            logits = result.logits.float().cpu()
             for row, i in enumerate(chunk):
                 out[i] = logits[row]
     finally:
         model.train(was_training)
-    return out  # type: ignore[return-value]
+    return out, total / max(units, 1)  # type: ignore[return-value]
 
 
 def accuracy_f1(gold: Sequence[int], pred: Sequence[int], num_labels: int) -> dict[str, float]:
@@ -123,12 +131,13 @@ def accuracy_f1(gold: Sequence[int], pred: Sequence[int], num_labels: int) -> di
 
 def evaluate(model, tokenizer, records: Records, seq_len: int, batch_size: int,
              labels: Optional[list[str]]) -> dict[str, float]:
-    """Accuracy and F1 of the model's argmax class on `records` (see the module docstring)."""
+    """Accuracy and F1 of the model's argmax class on `records` (see the module docstring), and the
+    mean loss per example (`eval_loss`), from the same forward pass."""
     labels = labels or label_names(records)
     examples = encode(records, tokenizer, seq_len, labels)
-    logits = predict(model, tokenizer, examples, batch_size)
+    logits, loss = predict(model, tokenizer, examples, batch_size)
     pred = [int(row.argmax()) for row in logits]
-    return accuracy_f1([ex["labels"] for ex in examples], pred, len(labels))
+    return {**accuracy_f1([ex["labels"] for ex in examples], pred, len(labels)), "eval_loss": loss}
 
 
 RECIPE = TaskRecipe(name="seq-cls", formats=("classification",), label_names=label_names, encode=encode,

@@ -96,13 +96,14 @@ def word_predictions(logits: torch.Tensor, example: dict) -> list[int]:
 
 def evaluate(model, tokenizer, records: Records, seq_len: int, batch_size: int,
              labels: Optional[list[str]]) -> dict[str, float]:
-    """Entity precision/recall/F1 (seqeval's definition) and word accuracy on `records`."""
+    """Entity precision/recall/F1 (seqeval's definition), word accuracy, and the mean loss per labelled
+    token (`eval_loss`, from the same forward pass) on `records`."""
     labels = labels or label_names(records)
     examples = encode(records, tokenizer, seq_len, labels)
-    logits = predict(model, tokenizer, examples, batch_size)
+    logits, loss = predict(model, tokenizer, examples, batch_size, label_pad=IGNORE)
     gold = [[labels[t] for t in tags] for tags in label_ids(records, labels, field="tags")]
     pred = [[labels[t] for t in word_predictions(row, ex)] for row, ex in zip(logits, examples)]
-    return entity_scores(gold, pred)
+    return {**entity_scores(gold, pred), "eval_loss": loss}
 
 
 RECIPE = TaskRecipe(name="token-cls", formats=("token_classification",), label_names=label_names,
