@@ -6,7 +6,8 @@
 
 Every method trains LoRA r=16, alpha 32, dropout 0 on q,k,v,o,gate,up,down with AdamW, from the same
 weights on the same batches, each in its own child process (so peak memory is its own):
-  lorakit            lorakit's training path: label-only LM head (`lorakit.fast.label_only_lm_loss`)
+  lorakit            lorakit's training path: label-only LM head (`lorakit.fast.label_only_lm_loss`) and packed-row
+                     attention (`lorakit.fast.use_packed_attention`)
   lorakit-reference  lorakit's LoRA layers with transformers' own loss (the reference the fast path must match)
   peft               PEFT's get_peft_model and transformers' loss: what a PEFT user runs
   peft+liger         the same with Liger Kernel's fused ops patched in (only when liger-kernel is installed)
@@ -107,9 +108,10 @@ def prepare(method: str, model, gradient_checkpointing: bool):
             model.enable_input_require_grads()
     loss_fn = None
     if method == "lorakit":
-        from lorakit.fast import label_only_lm_loss
+        from lorakit.fast import label_only_lm_loss, use_packed_attention
 
         loss_fn = label_only_lm_loss(model)
+        use_packed_attention(model)
     return model, loss_fn or (lambda m, b: m(**b).loss)
 
 

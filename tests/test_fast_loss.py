@@ -72,6 +72,48 @@ def test_distillation_term_is_kl_to_the_base_model():
     assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
 
 
+def test_base_states_of_a_row_are_computed_once_and_reused():
+    import torch.nn.functional as F
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    loss_fn = label_only_lm_loss(model)
+    mask = torch.zeros_like(_batch()["input_ids"])
+    mask[:, 3:7] = 1
+    marked = {**_batch(), "distill_mask": mask}
+    forwards = []
+    model.get_base_model().model.register_forward_hook(lambda *args: forwards.append(1))
+    first = loss_fn(model, marked)
+    assert len(forwards) == 2  # adapted + base
+    assert torch.equal(loss_fn(model, marked), first) and len(forwards) == 3  # base states reused
+    # the same rows right-padded one token longer (another batch's length): still the same rows
+    padded = {k: F.pad(v, (0, 1), value=-100 if k == "labels" else 0) for k, v in marked.items()}
+    assert torch.allclose(loss_fn(model, padded), first, atol=1e-6) and len(forwards) == 4
+    other = {**marked, "input_ids": (marked["input_ids"] + 1) % 128}  # new rows: the base runs again
+    loss_fn(model, other)
+    assert len(forwards) == 6
+
+
+def test_packed_examples_reuse_base_states_however_they_are_batched():
+    from lorakit.data import collate_causal, pack_examples
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    loss_fn = label_only_lm_loss(model)
+    g = torch.Generator().manual_seed(5)
+    examples = []
+    for n, length in enumerate((6, 9, 4, 7, 5)):
+        ids = torch.randint(3, 128, (length,), generator=g).tolist()
+        learn = n % 2 == 0  # learned examples have labels; the others are held to the base model
+        examples.append({"input_ids": ids, "labels": ids if learn else [-100] * length,
+                         "distill_mask": [int(not learn)] * length})
+    rows = pack_examples(examples, 16)
+    forwards = []
+    model.get_base_model().model.register_forward_hook(lambda *args: forwards.append(1))
+    by_rows = loss_fn(model, collate_causal(rows, pad_token_id=0))
+    assert len(forwards) == 2
+    flat = loss_fn(model, collate_causal(rows[::-1], pad_token_id=0, flatten=True))  # other rows, same examples
+    assert len(forwards) == 3 and torch.allclose(flat, by_rows, atol=1e-6)
+
+
 def test_chunked_cross_entropy_equals_the_plain_one_across_chunks_and_dtypes():
     import torch.nn.functional as F
 

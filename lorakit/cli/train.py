@@ -41,7 +41,7 @@ def run_defaults(data_given: bool, task: str) -> dict[str, Any]:
 def run_train(config: TrainConfig) -> dict[str, Any]:
     """Run one training job end to end; returns the summary figures (also written to summary.json)."""
     from .. import LoraConfig, get_peft_model
-    from ..fast import label_only_lm_loss
+    from ..fast import label_only_lm_loss, use_packed_attention
     from ..models import load_model
     from ..train import Trainer, seed_everything, write_resolved_config, write_summary
     from ..train.distributed import init_distributed, is_main_process
@@ -69,8 +69,10 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
     lora = LoraConfig(**{**config.lora_kwargs(), "target_modules": _targets(config, model)})
     model = get_peft_model(model, lora)
     loss_fn = None if task else label_only_lm_loss(model)
+    # packed examples attend within themselves, and a batch of packed rows is one row with no padding
+    padding_free = bool(config.packing and not task and use_packed_attention(model))
     data = task_data(task, config, tokenizer) if task else \
-        causal_data(config, tokenizer, loaded.dtype, distill=loss_fn is not None)
+        causal_data(config, tokenizer, loaded.dtype, distill=loss_fn is not None, flatten=padding_free)
     model.print_trainable_parameters()
     before = _score(model, tokenizer, data, run_dir, "before", config)
     trainer = Trainer(model, data["train"], data["collate"], config, run_dir, eval_data=data["val"],

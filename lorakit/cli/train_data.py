@@ -70,19 +70,21 @@ def task_data(task: dict[str, Any], config: TrainConfig, tokenizer) -> dict[str,
             "demo": None, "fingerprint": data_fingerprint(config.data), "task": task}
 
 
-def _collate_fn(tokenizer, model_dtype):
+def _collate_fn(tokenizer, model_dtype, flatten: bool):
     from ..data import collate_causal
 
     pad = tokenizer.pad_token_id
-    return lambda examples: collate_causal(examples, pad_token_id=pad, mask_dtype=model_dtype)  # masks in compute dtype
+    return lambda examples: collate_causal(examples, pad_token_id=pad, mask_dtype=model_dtype,  # masks in compute dtype
+                                           flatten=flatten)
 
 
-def causal_data(config: TrainConfig, tokenizer, model_dtype, distill: bool) -> dict[str, Any]:
+def causal_data(config: TrainConfig, tokenizer, model_dtype, distill: bool, flatten: bool = False) -> dict[str, Any]:
     """Causal-LM data: {"train": examples, "stats", "val": examples or None, "collate", "demo": Demo or None,
-    "fingerprint", "task": None}."""
+    "fingerprint", "task": None}. `distill`: the demo's rehearsal chats get a KL term (the loss supports it);
+    `flatten`: packed batches become one padding-free row (the model attends per example)."""
     from ..data import build_causal_examples, load_demo, read_records, records_from_dicts, train_val_split
 
-    collate = _collate_fn(tokenizer, model_dtype)
+    collate = _collate_fn(tokenizer, model_dtype, flatten)
     if config.data is None:
         demo = load_demo()
         fingerprint = "demo:" + _digest(json.dumps(demo.train, sort_keys=True).encode())
@@ -123,11 +125,8 @@ def _demo_examples(demo, tokenizer, config: TrainConfig) -> dict[str, Any]:
         ex["labels"] = [-100] * len(ex["labels"])
     print(f"training data: handbook {handbook.stats.summary()}; rehearsal (kept close to the base model): "
           f"{len(rehearsal.examples)} chats" + (", packed" if config.packing else ""))
-    train = handbook.examples + rehearsal.examples
-    if config.packing:
-        train = pack_examples(train, config.seq_len)
-    return {"train": train, "stats": handbook.stats}
+    parts = (handbook.examples, rehearsal.examples)
+    if config.packing:  # packed apart, so the base model's states are needed for the rehearsal rows only
+        parts = tuple(pack_examples(part, config.seq_len) for part in parts)
+    return {"train": parts[0] + parts[1], "stats": handbook.stats}
 
-
-def _digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:16]

@@ -237,7 +237,7 @@ def build_causal_examples(data: RecordSet, tokenizer, seq_len: int = 512,
         seq_len: maximum tokens per sequence; longer examples are cut from the right.
         mask_prompt: True = labels are -100 on prompt tokens (loss on responses only).
         packing: True = concatenate examples into rows of at most `seq_len` tokens
-            (first-fit), with `position_ids` restarting per example.
+            (first-fit decreasing), with `position_ids` restarting per example.
 
     Returns:
         `CausalExamples` (`.examples`, `.stats`, `.packed`).

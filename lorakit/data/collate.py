@@ -17,7 +17,7 @@ def _padded(rows: list[list[int]], length: int, value: int) -> torch.Tensor:
 
 def collate_causal(examples: list[dict], pad_token_id: int,
                    mask_dtype: torch.dtype = torch.float32,
-                   pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+                   pad_to_multiple_of: int | None = None, flatten: bool = False) -> dict[str, torch.Tensor]:
     """Stack examples into a batch, right-padded to the longest one.
 
     Args:
@@ -26,6 +26,8 @@ def collate_causal(examples: list[dict], pad_token_id: int,
         pad_token_id: token id used for padding (e.g. the tokenizer's pad or eos id).
         mask_dtype: dtype of the 4D mask of packed batches: the model's compute dtype.
         pad_to_multiple_of: round the padded length up to a multiple of this.
+        flatten: join packed rows into one row, with no padding at all (a (1, total tokens) batch);
+            for attention that works example by example (`lorakit.fast.use_packed_attention`).
 
     Returns:
         `input_ids` (batch, seq), `labels` (batch, seq; -100 on padding) and `attention_mask`:
@@ -39,6 +41,9 @@ def collate_causal(examples: list[dict], pad_token_id: int,
     packed = "position_ids" in examples[0]
     if any(("position_ids" in e) != packed for e in examples):
         raise ValueError("cannot mix packed and unpacked examples in one batch")
+    if packed and flatten and len(examples) > 1:
+        keys = dict.fromkeys(k for e in examples for k in e)  # a key some rows lack is 0 there
+        examples = [{k: [v for e in examples for v in e.get(k, [0] * len(e["input_ids"]))] for k in keys}]
     length = max(len(e["input_ids"]) for e in examples)
     if pad_to_multiple_of:
         length = -(-length // pad_to_multiple_of) * pad_to_multiple_of

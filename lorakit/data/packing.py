@@ -39,8 +39,9 @@ class _FirstFit:
 
 
 def pack_examples(examples: list[dict], seq_len: int) -> list[dict]:
-    """Pack examples (each at most `seq_len` tokens) into rows of at most `seq_len`, first-fit:
-    each example, in order, goes into the first row with room for it.
+    """Pack examples (each at most `seq_len` tokens) into rows of at most `seq_len`, first-fit
+    decreasing: longest first, each example goes into the first row with room for it (rows come out
+    nearly full, so little of a batch is padding).
 
     Args:
         examples: dicts with `input_ids` and `labels` (lists of ints, same length); other per-token
@@ -54,7 +55,7 @@ def pack_examples(examples: list[dict], seq_len: int) -> list[dict]:
     """
     fit = _FirstFit(len(examples), seq_len)
     rows: list[dict] = []
-    for example in examples:
+    for example in sorted(examples, key=lambda e: -len(e["input_ids"])):  # stable: ties keep their order
         length = len(example["input_ids"])
         if not 0 < length <= seq_len:
             raise ValueError(f"cannot pack an example of {length} tokens into rows of {seq_len}")

@@ -1,4 +1,5 @@
 """Faster training paths that compute the same results as the plain ones (each has a test against it)."""
+from lorakit.fast.attention import use_packed_attention
 from lorakit.fast.loss import label_only_lm_loss
 
-__all__ = ["label_only_lm_loss"]
+__all__ = ["label_only_lm_loss", "use_packed_attention"]

@@ -43,6 +43,7 @@ def label_only_lm_loss(model: nn.Module) -> Optional[Callable[[nn.Module, dict],
     if parts is None:
         return None
     backbone, head = parts
+    base_cache = _BaseHiddenCache()
 
     def loss_fn(model_: nn.Module, batch: dict) -> torch.Tensor:
         batch = dict(batch)
@@ -54,7 +55,7 @@ def label_only_lm_loss(model: nn.Module) -> Optional[Callable[[nn.Module, dict],
         if keep.any():
             loss = _label_loss(head, hidden[:, :-1][keep], targets[keep])  # only where a label exists
         if distill is not None and distill.any():
-            loss = loss + _distillation(model_, backbone, head, batch, hidden, distill[:, 1:].bool())
+            loss = loss + _distillation(model_, backbone, head, batch, hidden, distill[:, 1:].bool(), base_cache)
         return loss
 
     return loss_fn
@@ -70,15 +71,89 @@ def _label_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) ->
 
 
 def _distillation(model: nn.Module, backbone: nn.Module, head: nn.Module, batch: dict, hidden: torch.Tensor,
-                  marked: torch.Tensor) -> torch.Tensor:
+                  marked: torch.Tensor, cache: "_BaseHiddenCache") -> torch.Tensor:
     """Mean KL(base || adapted) of the next-token distributions at the marked positions.
 
-    The base distribution comes from the same model with its adapters disabled (no gradient), run only
-    on the rows that have marked positions; it keeps the adapter from changing what it should not.
+    The base distribution comes from the same model with its adapters disabled (no gradient); it keeps
+    the adapter from changing what it should not. The base is frozen, so its hidden states for a row
+    are computed once and reused when the row comes back (every later epoch).
     """
-    rows = marked.any(-1)  # (batch,)
-    with torch.no_grad(), model.disable_adapter():
-        base_hidden = backbone(**{k: v[rows] for k, v in batch.items()}).last_hidden_state
-        base_logp = F.log_softmax(head(base_hidden[:, :-1][marked[rows]]).float(), -1)  # (n, vocab)
+    base_hidden = cache.lookup(model, backbone, batch, marked)  # (n, hidden)
+    with torch.no_grad():
+        base_logp = F.log_softmax(head(base_hidden).float(), -1)  # (n, vocab)
     logp = F.log_softmax(head(hidden[:, :-1][marked]).float(), -1)  # (n, vocab)
     return (base_logp.exp() * (base_logp - logp)).sum(-1).mean()
+
+
+class _BaseHiddenCache:
+    """The frozen base model's last hidden states at an example's marked positions, keyed by its tokens.
+
+    The pieces of a batch are its examples: each packed example (position ids restart at 0), or each
+    unpacked row without its right padding (padding does not change a causal model's earlier states).
+    A piece's states depend only on its own tokens, so they are computed once, for the pieces not seen
+    before, and reused however the pieces are later batched. At most `limit_bytes` are kept; pieces
+    past it are recomputed every time.
+    """
+
+    def __init__(self, limit_bytes: int = 256 * 2**20):
+        self.pieces: dict[bytes, torch.Tensor] = {}
+        self.bytes, self.limit_bytes = 0, limit_bytes
+
+    def lookup(self, model: nn.Module, backbone: nn.Module, batch: dict, marked: torch.Tensor) -> torch.Tensor:
+        """(n, hidden) base hidden states at `marked` (batch, seq-1), in row-major order like `hidden[marked]`."""
+        pieces = [(i, s, e, at) for i, s, e in self._pieces(batch) if (at := self._marked(marked, i, s, e)).any()]
+        keys = [batch["input_ids"][i, s:e].cpu().numpy().tobytes() + b"|" + at.cpu().numpy().tobytes()
+                for i, s, e, at in pieces]
+        found = {k: self.pieces[k] for k in keys if k in self.pieces}
+        missing = {k: piece for k, piece in zip(keys, pieces) if k not in found}
+        if missing:
+            with torch.no_grad(), model.disable_adapter():
+                computed = self._compute(backbone, batch, list(missing.values()))
+            for key, states in zip(missing, computed):
+                found[key] = states
+                if self.bytes + states.nbytes <= self.limit_bytes:
+                    self.pieces[key] = states
+                    self.bytes += states.nbytes
+        return torch.cat([found[k] for k in keys])
+
+    @staticmethod
+    def _pieces(batch: dict) -> list[tuple[int, int, int]]:
+        """(row, start, stop) of every example in the batch."""
+        from lorakit.fast.attention import example_spans
+
+        ids = batch["input_ids"]
+        if "position_ids" in batch:
+            return [(i, s, e) for i, row in enumerate(example_spans(batch["position_ids"])) for s, e in row]
+        mask, pieces = batch.get("attention_mask"), []
+        for i in range(ids.shape[0]):
+            length = ids.shape[1]
+            if mask is not None and mask.dim() == 2 and bool(mask[i, : int(mask[i].sum())].all()):
+                length = int(mask[i].sum())  # right-padded: the padding is not part of the example
+            pieces.append((i, 0, length))
+        return pieces
+
+    @staticmethod
+    def _marked(marked: torch.Tensor, i: int, start: int, stop: int) -> torch.Tensor:
+        """The piece's marked positions, one per token (the row's last token predicts nothing)."""
+        at = torch.zeros(stop - start, dtype=torch.bool, device=marked.device)
+        part = marked[i, start:stop]
+        at[: len(part)] = part
+        return at
+
+    @staticmethod
+    def _compute(backbone: nn.Module, batch: dict, pieces: list) -> list[torch.Tensor]:
+        """Base hidden states at each piece's marked positions: packed pieces run together as one packed
+        row, unpacked ones as the subset of the batch's rows."""
+        from lorakit.data.packing import block_causal_mask
+
+        if "position_ids" in batch:
+            ids = torch.cat([batch["input_ids"][i, s:e] for i, s, e, _ in pieces])[None]  # (1, total)
+            positions = torch.cat([torch.arange(e - s, device=ids.device) for _, s, e, _ in pieces])[None]
+            given = batch.get("attention_mask")
+            mask = block_causal_mask(positions, given.dtype if given is not None else torch.float32)
+            states = backbone(input_ids=ids, position_ids=positions, attention_mask=mask).last_hidden_state[0]
+            starts = torch.tensor([0] + [e - s for _, s, e, _ in pieces]).cumsum(0).tolist()
+            return [states[o:o + len(at)][at].clone() for o, (_, _, _, at) in zip(starts, pieces)]
+        index = torch.tensor([i for i, _, _, _ in pieces], device=batch["input_ids"].device)
+        states = backbone(**{k: v[index] for k, v in batch.items()}).last_hidden_state
+        return [states[j, : len(at)][at].clone() for j, (_, _, _, at) in enumerate(pieces)]

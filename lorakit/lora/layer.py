@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AdapterError
+from ..fast.lora_linear import lora_linear
 from .variants import VARIANTS, init_factors
 
 BASE_ADAPTER = "__base__"
@@ -281,6 +282,32 @@ class LoraLinear(LoraLayer):
 
     def _lora_branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return self.lora_B[name](self.lora_A[name](x))  # (..., in) -> (..., r) -> (..., out)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = None if args or kwargs else self._fusable_adapter(x)
+        if name is None:
+            return super().forward(x, *args, **kwargs)
+        base = self.base_layer  # W x + b + s·B A x in one autograd node (lorakit.fast.lora_linear)
+        return lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                           self.scaling[name])
+
+    def _fusable_adapter(self, x: torch.Tensor) -> Optional[str]:
+        """The one active plain-LoRA adapter when the fused function computes exactly this layer's output:
+        a frozen nn.Linear base, no dropout at work, one dtype, no autocast, no merge or per-row routing."""
+        active = [n for n in self.active_adapters if n in self.r]
+        if len(active) != 1 or self.disabled or self.merged_adapters or self.fan_in_fan_out:
+            return None
+        name, base = active[0], self.base_layer
+        if self.variant[name] != "lora" or type(base) is not nn.Linear or ROW_ADAPTERS.get() is not None:
+            return None
+        weight, a, b = base.weight, self.lora_A[name].weight, self.lora_B[name].weight
+        if weight.requires_grad or type(weight.data) is not torch.Tensor or type(a.data) is not torch.Tensor:
+            return None
+        if not x.dtype == weight.dtype == a.dtype == b.dtype or torch.is_autocast_enabled(x.device.type):
+            return None
+        if self.training and not isinstance(self.lora_dropout[name], nn.Identity):
+            return None
+        return name
 
     def base_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """W x without the bias."""

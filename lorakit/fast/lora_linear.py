@@ -1,0 +1,51 @@
+"""The LoRA linear layer as one autograd function: y = x Wᵀ + b + s·(x Aᵀ) Bᵀ.
+
+Autograd over the plain layer keeps the branch as separate ops: a scaled copy of the update, an add,
+and in the backward a second add of the input gradients. Here the update is accumulated into the base
+output inside the matmul (addmm), and the backward computes only what LoRA trains, smallest products
+first (W and b are frozen: no weight gradient, and no (out x in) matrix is ever formed):
+
+    g  = s · dy B                 (tokens, r)
+    dB = s · dyᵀ (x Aᵀ)           (out, r)     x Aᵀ is kept from the forward
+    dA = gᵀ x                     (r, in)
+    dx = dy W + g A               (tokens, in)
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+class _LoraLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])  # (tokens, in)
+        low = flat @ lora_a.t()  # (tokens, r)
+        out = flat @ weight.t() if bias is None else torch.addmm(bias, flat, weight.t())  # (tokens, out)
+        out.addmm_(low, lora_b.t(), alpha=scaling)
+        ctx.save_for_backward(flat, low, weight, lora_a, lora_b)
+        ctx.scaling, ctx.in_shape = scaling, x.shape
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        flat, low, weight, lora_a, lora_b = ctx.saved_tensors
+        dy = grad_out.reshape(-1, grad_out.shape[-1])  # (tokens, out)
+        g = (dy @ lora_b).mul_(ctx.scaling)  # (tokens, r)
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (dy @ weight).addmm_(g, lora_a).reshape(ctx.in_shape)
+        if ctx.needs_input_grad[3]:
+            grad_a = g.t() @ flat  # (r, in)
+        if ctx.needs_input_grad[4]:
+            grad_b = dy.t() @ (low * ctx.scaling)  # (out, r)
+        return grad_x, None, None, grad_a, grad_b, None
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """x Wᵀ + b + scaling · (x Aᵀ) Bᵀ for x (..., in), W (out, in), A (r, in), B (out, r); gradients reach x,
+    A and B (W and b must be frozen: they get none)."""
+    return _LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling)

@@ -1,0 +1,67 @@
+"""Packed-row attention: the same outputs and LoRA gradients as sdpa with the block-diagonal mask."""
+import copy
+
+import torch
+
+from lorakit import LoraConfig, get_peft_model
+from lorakit.data import collate_causal, pack_examples
+from lorakit.fast import use_packed_attention
+from lorakit.fast.attention import PACKED_ATTENTION, example_spans
+from tests.conftest import tiny_llama
+
+
+def test_example_spans_split_at_restarts_and_keep_padding_together():
+    assert example_spans(torch.tensor([[0, 1, 2, 0, 1, 0, 0, 0]])) == [[(0, 3), (3, 5), (5, 8)]]
+    # a one-token example followed by a new example: both are spans of their own
+    assert example_spans(torch.tensor([[0, 0, 1, 2, 0, 0]])) == [[(0, 1), (1, 4), (4, 6)]]
+    assert example_spans(torch.tensor([[0, 1, 2, 3], [0, 1, 0, 1]])) == [[(0, 4)], [(0, 2), (2, 4)]]
+
+
+def _packed_batch():
+    g = torch.Generator().manual_seed(3)
+    examples = []
+    for length in (5, 9, 3, 7, 2, 11, 4):
+        ids = torch.randint(3, 128, (length,), generator=g).tolist()
+        examples.append({"input_ids": ids, "labels": ids})
+    return collate_causal(pack_examples(examples, 16), pad_token_id=0)
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_packed_attention_gives_the_same_loss_and_lora_gradients():
+    model = get_peft_model(tiny_llama(attn_implementation="sdpa"),
+                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    fast = copy.deepcopy(model)
+    assert use_packed_attention(fast) and fast.get_base_model().config._attn_implementation == PACKED_ATTENTION
+    batch = _packed_batch()
+    assert any(len(row) > 1 for row in example_spans(batch["position_ids"]))  # the packed path runs
+    ref_loss, ref_grads = _loss_and_grads(model, batch)
+    loss, grads = _loss_and_grads(fast, batch)
+    assert torch.allclose(loss, ref_loss, atol=1e-6)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, ref_grads[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_unpacked_batches_and_generation_are_unchanged():
+    model = tiny_llama(attn_implementation="sdpa")
+    fast = copy.deepcopy(model)
+    use_packed_attention(fast)
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # right padding
+    with torch.no_grad():
+        assert torch.allclose(fast(input_ids=ids, attention_mask=mask).logits,
+                              model(input_ids=ids, attention_mask=mask).logits, atol=1e-5)
+        prompt = {"input_ids": ids[:1, :5], "attention_mask": mask[:1, :5]}
+        assert torch.equal(fast.generate(**prompt, max_new_tokens=4, do_sample=False),
+                           model.generate(**prompt, max_new_tokens=4, do_sample=False))
+
+
+def test_models_without_sdpa_keep_their_attention():
+    model = tiny_llama(attn_implementation="eager")
+    assert not use_packed_attention(model) and model.config._attn_implementation == "eager"

@@ -1,0 +1,69 @@
+"""The fused LoRA linear function: the same outputs and gradients as the plain layer's autograd."""
+import pytest
+import torch
+from torch import nn
+
+from lorakit import LoraConfig, get_peft_model
+from lorakit.fast.lora_linear import lora_linear
+from tests.conftest import tiny_llama
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(7, 12), (2, 5, 12)])
+def test_matches_the_equation_and_its_gradients(bias, shape):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+    weight, b = torch.randn(9, 12, generator=g, dtype=torch.float64), torch.randn(9, generator=g, dtype=torch.float64)
+    a = torch.randn(3, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    b_ = torch.randn(9, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    bias_ = b if bias else None
+    plain = x @ weight.T + (b if bias else 0) + 0.7 * (x @ a.T) @ b_.T
+    fused = lora_linear(x, weight, bias_, a, b_, 0.7)
+    assert torch.allclose(fused, plain)
+    upstream = torch.randn(plain.shape, generator=g, dtype=torch.float64)
+    expected = torch.autograd.grad(plain, (x, a, b_), upstream)
+    got = torch.autograd.grad(fused, (x, a, b_), upstream)
+    for e, r in zip(expected, got):
+        assert torch.allclose(e, r)
+    assert torch.autograd.gradcheck(lambda x, a, b_: lora_linear(x, weight, bias_, a, b_, 0.7), (x, a, b_))
+
+
+def _grads(model, ids):
+    model.zero_grad()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_the_layer_uses_it_only_where_it_computes_the_same(monkeypatch):
+    import lorakit.lora.layer as layer
+
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    model.train()
+    calls = []
+    monkeypatch.setattr(layer, "lora_linear", lambda *a: calls.append(1) or lora_linear(*a))
+    fused_loss, fused = _grads(model, ids)
+    assert len(calls) == 14  # 7 projections x 2 layers
+    monkeypatch.setattr(layer.LoraLinear, "_fusable_adapter", lambda self, x: None)
+    plain_loss, plain = _grads(model, ids)
+    assert torch.allclose(fused_loss, plain_loss, atol=1e-6)
+    for name, grad in fused.items():
+        assert torch.allclose(grad, plain[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_dropout_merge_and_other_dtypes_take_the_plain_path():
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_dropout=0.1, target_modules=["q_proj"]))
+    q = model.get_base_model().model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 32)
+    model.train()
+    assert q._fusable_adapter(x) is None  # dropout at work
+    model.eval()
+    assert q._fusable_adapter(x) == "default"
+    assert q._fusable_adapter(x.double()) is None
+    model.merge_adapter()
+    assert q._fusable_adapter(x) is None
+    model.unmerge_adapter()
+    with model.disable_adapter():
+        assert q._fusable_adapter(x) is None
+    assert isinstance(q.base_layer, nn.Linear)
