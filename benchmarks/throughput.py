@@ -14,7 +14,8 @@ weights on the same batches, each in its own child process (so peak memory is it
   full               full fine-tuning (6N FLOPs per token instead of LoRA's 4N)
 Prints tokens/s, peak memory, MFU (FLOPs per token: 4N + attention for LoRA, 6N + attention for full,
 N = parameters in matmuls, attention = 12 x layers x hidden x seq), the ratios against PEFT, and the loss
-of each step of lorakit next to lorakit-reference (they must agree).
+of each step of lorakit next to lorakit-reference (they must agree). tokens/s counts real tokens, not
+padding: every method trains the same rows; lorakit's batches are padding-free, the others' are padded.
 """
 from __future__ import annotations
 
@@ -61,8 +62,10 @@ def build_model(cfg: dict):
     return model, None
 
 
-def batches(cfg: dict, tokenizer, steps: int) -> list[dict]:
-    """`steps` batches of batch x seq tokens: packed demo chats (CPU) or random tokens with labels (GPU)."""
+def batches(cfg: dict, tokenizer, steps: int, padding_free: bool) -> list[tuple[dict, int]]:
+    """`steps` (batch, real tokens) pairs of batch x seq: packed demo chats (CPU) or random tokens with
+    labels (GPU, no padding). Packed rows are padded to the longest, with the block-diagonal mask, or,
+    `padding_free`, joined into one row (lorakit's packed attention keeps the examples apart)."""
     import torch
 
     if tokenizer is None:
@@ -71,7 +74,7 @@ def batches(cfg: dict, tokenizer, steps: int) -> list[dict]:
         out = []
         for _ in range(steps):
             ids = torch.randint(0, vocab, (cfg["batch"], cfg["seq"]), generator=g)
-            out.append({"input_ids": ids, "labels": ids.clone()})
+            out.append(({"input_ids": ids, "labels": ids.clone()}, ids.numel()))
         return out
     from lorakit.data import build_causal_examples, collate_causal, load_demo, records_from_dicts
 
@@ -79,8 +82,9 @@ def batches(cfg: dict, tokenizer, steps: int) -> list[dict]:
     records = records_from_dicts([{"messages": r["messages"]} for r in demo.train], name="built-in demo")
     examples = build_causal_examples(records, tokenizer, seq_len=cfg["seq"], packing=True).examples
     rows = [examples[i % len(examples)] for i in range(steps * cfg["batch"])]
-    return [collate_causal(rows[i:i + cfg["batch"]], pad_token_id=tokenizer.pad_token_id)
-            for i in range(0, len(rows), cfg["batch"])]
+    groups = [rows[i:i + cfg["batch"]] for i in range(0, len(rows), cfg["batch"])]
+    return [(collate_causal(group, pad_token_id=tokenizer.pad_token_id, flatten=padding_free),
+             sum(len(row["input_ids"]) for row in group)) for group in groups]
 
 
 def prepare(method: str, model, gradient_checkpointing: bool):
@@ -123,14 +127,14 @@ def child(config_name: str, method: str, steps: int, warmup: int, gradient_check
     model, tokenizer = build_model(cfg)
     model, loss_fn = prepare(method, model, gradient_checkpointing)
     model.train()
-    data = batches(cfg, tokenizer, steps + warmup)
+    data = batches(cfg, tokenizer, steps + warmup, padding_free=method == "lorakit")
     params = [p for p in model.parameters() if p.requires_grad]
     fused = {"fused": True} if cfg["device"] == "cuda" else {"foreach": True}
     optimizer = torch.optim.AdamW(params, lr=1e-4, **fused)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg["device"] == "cuda" else torch.autocast("cpu", enabled=False)
     sync = torch.cuda.synchronize if cfg["device"] == "cuda" else (lambda: None)
     losses, start, tokens = [], None, 0
-    for i, batch in enumerate(data):
+    for i, (batch, real_tokens) in enumerate(data):
         if i == warmup:
             sync()
             start = time.perf_counter()
@@ -144,7 +148,7 @@ def child(config_name: str, method: str, steps: int, warmup: int, gradient_check
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         if i >= warmup:
-            tokens += batch["input_ids"].numel()
+            tokens += real_tokens  # padding is not counted: every method trains the same tokens
     sync()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() if cfg["device"] == "cuda" else \

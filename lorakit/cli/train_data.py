@@ -125,8 +125,8 @@ def _demo_examples(demo, tokenizer, config: TrainConfig) -> dict[str, Any]:
         ex["labels"] = [-100] * len(ex["labels"])
     print(f"training data: handbook {handbook.stats.summary()}; rehearsal (kept close to the base model): "
           f"{len(rehearsal.examples)} chats" + (", packed" if config.packing else ""))
-    parts = (handbook.examples, rehearsal.examples)
-    if config.packing:  # packed apart, so the base model's states are needed for the rehearsal rows only
-        parts = tuple(pack_examples(part, config.seq_len) for part in parts)
-    return {"train": parts[0] + parts[1], "stats": handbook.stats}
+    train = handbook.examples + rehearsal.examples
+    if config.packing:  # (the base model's states are computed per rehearsal chat, once, whatever its row)
+        train = pack_examples(train, config.seq_len)
+    return {"train": train, "stats": handbook.stats}
 

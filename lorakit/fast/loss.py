@@ -7,6 +7,7 @@ with a fraction of the head's FLOPs and memory.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Optional
 
 import torch
@@ -44,11 +45,12 @@ def label_only_lm_loss(model: nn.Module) -> Optional[Callable[[nn.Module, dict],
         return None
     backbone, head = parts
     base_cache = _BaseHiddenCache()
+    no_cache = _without_kv_cache(backbone)
 
     def loss_fn(model_: nn.Module, batch: dict) -> torch.Tensor:
         batch = dict(batch)
         labels, distill = batch.pop("labels"), batch.pop("distill_mask", None)
-        hidden = backbone(**batch).last_hidden_state  # (batch, seq, hidden)
+        hidden = backbone(**batch, **no_cache).last_hidden_state  # (batch, seq, hidden)
         targets = labels[:, 1:]  # token t+1 is predicted from position t
         keep = targets != IGNORE_INDEX  # (batch, seq-1)
         loss = hidden.new_zeros((), dtype=torch.float32)
@@ -59,6 +61,11 @@ def label_only_lm_loss(model: nn.Module) -> Optional[Callable[[nn.Module, dict],
         return loss
 
     return loss_fn
+
+
+def _without_kv_cache(backbone: nn.Module) -> dict:
+    """`use_cache=False` for backbones that take it: training needs no key/value cache (a copy per layer)."""
+    return {"use_cache": False} if "use_cache" in inspect.signature(backbone.forward).parameters else {}
 
 
 def _label_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -151,9 +158,10 @@ class _BaseHiddenCache:
             positions = torch.cat([torch.arange(e - s, device=ids.device) for _, s, e, _ in pieces])[None]
             given = batch.get("attention_mask")
             mask = block_causal_mask(positions, given.dtype if given is not None else torch.float32)
-            states = backbone(input_ids=ids, position_ids=positions, attention_mask=mask).last_hidden_state[0]
+            states = backbone(input_ids=ids, position_ids=positions, attention_mask=mask,
+                              **_without_kv_cache(backbone)).last_hidden_state[0]
             starts = torch.tensor([0] + [e - s for _, s, e, _ in pieces]).cumsum(0).tolist()
             return [states[o:o + len(at)][at].clone() for o, (_, _, _, at) in zip(starts, pieces)]
         index = torch.tensor([i for i, _, _, _ in pieces], device=batch["input_ids"].device)
-        states = backbone(**{k: v[index] for k, v in batch.items()}).last_hidden_state
+        states = backbone(**{k: v[index] for k, v in batch.items()}, **_without_kv_cache(backbone)).last_hidden_state
         return [states[j, : len(at)][at].clone() for j, (_, _, _, at) in enumerate(pieces)]

@@ -60,7 +60,8 @@ def build_param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters only, grouped as `build_param_groups` says."""
     groups = build_param_groups(model, config)
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
+    # foreach: one multi-tensor update for all the small LoRA tensors (PyTorch picks it on CUDA only)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, foreach=True)
 
 
 def warmup_steps_for(config: TrainConfig, total_steps: int) -> int:
