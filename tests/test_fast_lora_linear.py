@@ -26,6 +26,13 @@ def test_matches_the_equation_and_its_gradients(bias, shape):
     for e, r in zip(expected, got):
         assert torch.allclose(e, r)
     assert torch.autograd.gradcheck(lambda x, a, b_: lora_linear(x, weight, bias_, a, b_, 0.7), (x, a, b_))
+    # with the branch's own input (dropout(x)): its gradient goes back through it
+    keep = (torch.rand(shape, generator=g) > 0.3).double() / 0.7
+    plain = x @ weight.T + (b if bias else 0) + 0.7 * ((x * keep) @ a.T) @ b_.T
+    fused = lora_linear(x, weight, bias_, a, b_, 0.7, x * keep)
+    assert torch.allclose(fused, plain)
+    for e, r in zip(torch.autograd.grad(plain, (x, a, b_), upstream), torch.autograd.grad(fused, (x, a, b_), upstream)):
+        assert torch.allclose(e, r)
 
 
 def _grads(model, ids):
@@ -52,12 +59,29 @@ def test_the_layer_uses_it_only_where_it_computes_the_same(monkeypatch):
         assert torch.allclose(grad, plain[name], rtol=1e-4, atol=1e-6), name
 
 
-def test_dropout_merge_and_other_dtypes_take_the_plain_path():
+def test_dropout_masks_match_the_plain_path(monkeypatch):
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_dropout=0.3, target_modules="all-linear",
+                                                    init_lora_weights=False))
+    model.train()
+    torch.manual_seed(7)
+    fused_loss, fused = _grads(model, ids)
+    q = model.get_base_model().model.layers[0].self_attn.q_proj
+    assert q._fusable_adapter(torch.randn(2, 32)) == "default"
+    import lorakit.lora.layer as layer
+
+    monkeypatch.setattr(layer.LoraLinear, "_fusable_adapter", lambda self, x: None)
+    torch.manual_seed(7)  # the same dropout masks, drawn in the same order
+    plain_loss, plain = _grads(model, ids)
+    assert torch.allclose(fused_loss, plain_loss, atol=1e-6)
+    for name, grad in fused.items():
+        assert torch.allclose(grad, plain[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_merge_routing_and_other_dtypes_take_the_plain_path():
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_dropout=0.1, target_modules=["q_proj"]))
     q = model.get_base_model().model.layers[0].self_attn.q_proj
     x = torch.randn(2, 32)
-    model.train()
-    assert q._fusable_adapter(x) is None  # dropout at work
     model.eval()
     assert q._fusable_adapter(x) == "default"
     assert q._fusable_adapter(x.double()) is None

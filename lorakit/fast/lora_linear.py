@@ -1,4 +1,4 @@
-"""The LoRA linear layer as one autograd function: y = x Wᵀ + b + s·(x Aᵀ) Bᵀ.
+"""The LoRA linear layer as one autograd function: y = x Wᵀ + b + s·(d Aᵀ) Bᵀ, d = dropout(x) (or x).
 
 Autograd over the plain layer keeps the branch as separate ops: a scaled copy of the update, an add,
 and in the backward a second add of the input gradients. Here the update is accumulated into the base
@@ -6,9 +6,10 @@ output inside the matmul (addmm), and the backward computes only what LoRA train
 first (W and b are frozen: no weight gradient, and no (out x in) matrix is ever formed):
 
     g  = s · dy B                 (tokens, r)
-    dB = s · dyᵀ (x Aᵀ)           (out, r)     x Aᵀ is kept from the forward
-    dA = gᵀ x                     (r, in)
-    dx = dy W + g A               (tokens, in)
+    dB = s · dyᵀ (d Aᵀ)           (out, r)     d Aᵀ is kept from the forward
+    dA = gᵀ d                     (r, in)
+    dx = dy W + g A               (tokens, in) with no dropout; with dropout, dd = g A goes back
+                                               through the dropout mask to x
 """
 from __future__ import annotations
 
@@ -20,32 +21,39 @@ import torch
 class _LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
-                lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+                lora_b: torch.Tensor, scaling: float, dropped: Optional[torch.Tensor]) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])  # (tokens, in)
-        low = flat @ lora_a.t()  # (tokens, r)
+        branch_in = flat if dropped is None else dropped.reshape(flat.shape)
+        low = branch_in @ lora_a.t()  # (tokens, r)
         out = flat @ weight.t() if bias is None else torch.addmm(bias, flat, weight.t())  # (tokens, out)
         out.addmm_(low, lora_b.t(), alpha=scaling)
-        ctx.save_for_backward(flat, low, weight, lora_a, lora_b)
-        ctx.scaling, ctx.in_shape = scaling, x.shape
+        ctx.save_for_backward(branch_in, low, weight, lora_a, lora_b)
+        ctx.scaling, ctx.in_shape, ctx.dropout = scaling, x.shape, dropped is not None
         return out.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        flat, low, weight, lora_a, lora_b = ctx.saved_tensors
+        branch_in, low, weight, lora_a, lora_b = ctx.saved_tensors
         dy = grad_out.reshape(-1, grad_out.shape[-1])  # (tokens, out)
         g = (dy @ lora_b).mul_(ctx.scaling)  # (tokens, r)
-        grad_x = grad_a = grad_b = None
+        grad_x = grad_a = grad_b = grad_dropped = None
         if ctx.needs_input_grad[0]:
-            grad_x = (dy @ weight).addmm_(g, lora_a).reshape(ctx.in_shape)
+            grad_x = dy @ weight
+            if ctx.dropout:
+                grad_dropped = (g @ lora_a).reshape(ctx.in_shape)
+            else:
+                grad_x.addmm_(g, lora_a)
+            grad_x = grad_x.reshape(ctx.in_shape)
         if ctx.needs_input_grad[3]:
-            grad_a = g.t() @ flat  # (r, in)
+            grad_a = g.t() @ branch_in  # (r, in)
         if ctx.needs_input_grad[4]:
             grad_b = dy.t() @ (low * ctx.scaling)  # (out, r)
-        return grad_x, None, None, grad_a, grad_b, None
+        return grad_x, None, None, grad_a, grad_b, None, grad_dropped
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
-                lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """x Wᵀ + b + scaling · (x Aᵀ) Bᵀ for x (..., in), W (out, in), A (r, in), B (out, r); gradients reach x,
-    A and B (W and b must be frozen: they get none)."""
-    return _LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling)
+                lora_b: torch.Tensor, scaling: float, dropped: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x Wᵀ + b + scaling · (d Aᵀ) Bᵀ for x (..., in), W (out, in), A (r, in), B (out, r), where d is
+    `dropped` (x after the adapter's dropout, same shape) or x itself. Gradients reach x, A and B (W and b
+    must be frozen: they get none)."""
+    return _LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, dropped)

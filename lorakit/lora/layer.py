@@ -287,13 +287,14 @@ class LoraLinear(LoraLayer):
         name = None if args or kwargs else self._fusable_adapter(x)
         if name is None:
             return super().forward(x, *args, **kwargs)
-        base = self.base_layer  # W x + b + s·B A x in one autograd node (lorakit.fast.lora_linear)
+        base, dropout = self.base_layer, self.lora_dropout[name]  # W x + b + s·B A dropout(x) in one node
+        dropped = dropout(x) if self.training and not isinstance(dropout, nn.Identity) else None
         return lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                           self.scaling[name])
+                           self.scaling[name], dropped)
 
     def _fusable_adapter(self, x: torch.Tensor) -> Optional[str]:
         """The one active plain-LoRA adapter when the fused function computes exactly this layer's output:
-        a frozen nn.Linear base, no dropout at work, one dtype, no autocast, no merge or per-row routing."""
+        a frozen nn.Linear base, one dtype, no autocast, no merge or per-row routing."""
         active = [n for n in self.active_adapters if n in self.r]
         if len(active) != 1 or self.disabled or self.merged_adapters or self.fan_in_fan_out:
             return None
@@ -304,8 +305,6 @@ class LoraLinear(LoraLayer):
         if weight.requires_grad or type(weight.data) is not torch.Tensor or type(a.data) is not torch.Tensor:
             return None
         if not x.dtype == weight.dtype == a.dtype == b.dtype or torch.is_autocast_enabled(x.device.type):
-            return None
-        if self.training and not isinstance(self.lora_dropout[name], nn.Identity):
             return None
         return name
 
