@@ -5,9 +5,12 @@
 
 For each task it trains, from the same pre-trained minilm-l6 (all-MiniLM-L6-v2), with the same data,
 epochs, batch size, seed and sequence length:
+  lora-cli   what `lorakit train --task ...` does by default (cli/train.py TASK_DEFAULTS: r=4 on every
+             linear layer, + the pooler for seq-cls, its learning rate and dropout): the adapter under 1%
   lora-qv    LoRA r=8 on query and value (the LoRA paper's choice; PEFT's default for BERT)
   lora-all   LoRA r=8 on every linear layer of the encoder
   full       full fine-tuning of every weight
+The batch size is the CLI default of the task (16 for SST-2, 32 for CoNLL) for every method.
 Each run is a child process, so its peak memory (max RSS) is its own. Prints one table: the task's
 score (SST-2 dev accuracy, CoNLL-2003 test entity F1), trainable parameters, peak memory, wall time
 and the size of what must be saved, with ratios against full fine-tuning. Needs ../shared/data.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import subprocess
@@ -34,6 +38,7 @@ TASKS = {
 }
 # Learning rates: LoRA's usual 10-20x full fine-tuning's (LoRA paper, RoBERTa: 4e-4..5e-4 vs 1e-5..3e-5).
 METHODS = {
+    "lora-cli": {},  # the CLI's task defaults, filled in by `options_for`
     "lora-qv": {"targets": ["query", "value"], "r": 8, "alpha": 16, "lr": 2e-3},
     "lora-all": {"targets": "all-linear", "r": 8, "alpha": 16, "lr": 2e-3},
     "full": {"lr": 1e-4},
@@ -58,14 +63,29 @@ def child(task_name: str, method: str, data: str, out: str) -> dict:
     """Train and score one (task, method) in this process; returns the figures."""
     from lorakit.train.config import TrainConfig
 
-    spec, options = TASKS[task_name], dict(METHODS[method])
-    config = TrainConfig(**COMMON, task=spec["task"], data=data, eval_data=str(spec["eval"]), out=out, **options)
+    spec = TASKS[task_name]
+    config = TrainConfig(**options_for(spec["task"], method), task=spec["task"], data=data,
+                         eval_data=str(spec["eval"]), out=out)
     start = time.perf_counter()
     figures = full_finetune(config) if method == "full" else _lora(config)
     figures["wall_seconds"] = time.perf_counter() - start
     figures["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     figures["score"] = figures[f"eval_{spec['metric']}_after"]
+    figures["batch_size"] = config.batch_size
     return figures
+
+
+def options_for(task: str, method: str) -> dict:
+    """TrainConfig options of one method: COMMON with the task's CLI batch size, then the method's own;
+    lora-cli takes the CLI's task defaults as they are (only the model, epochs and budget fixed)."""
+    from lorakit.cli.train import TASK_DEFAULTS
+
+    defaults = TASK_DEFAULTS[task]
+    common = {**COMMON, "batch_size": defaults["batch_size"]}
+    if method == "lora-cli":
+        fixed = {k: COMMON[k] for k in ("model", "epochs", "seed", "device", "dtype", "save_every", "eval_every")}
+        return {**defaults, **fixed}
+    return {**common, **METHODS[method]}
 
 
 def _lora(config) -> dict:
@@ -101,7 +121,7 @@ def full_finetune(config) -> dict:
 
 def table(task_name: str, results: dict[str, dict]) -> str:
     spec, full = TASKS[task_name], results.get("full")
-    lines = [f"\n{spec['what']} — minilm-l6, {COMMON['epochs']:g} epoch, batch {COMMON['batch_size']}, "
+    lines = [f"\n{spec['what']} — minilm-l6, {COMMON['epochs']:g} epoch, batch {next(iter(results.values())).get('batch_size', '?')}, "
              f"{results[next(iter(results))].get('train_examples', '?')} training examples",
              f"{'method':<10}{'score':>8}{'vs full':>9}{'trainable':>12}{'peak RSS':>11}{'vs full':>9}"
              f"{'train s':>9}{'vs full':>9}{'saved MB':>10}{'vs full':>9}"]
@@ -122,6 +142,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--sst2-train", type=int, default=0, help="random SST-2 training rows (0 = all 67,349)")
     parser.add_argument("--out", default="runs/quality")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="methods trained side by side (each child then uses cpu_count / jobs threads)")
     parser.add_argument("--child", nargs=4, metavar=("TASK", "METHOD", "DATA", "JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -139,13 +161,17 @@ def main() -> None:
             data = TASKS[task_name]["data"]
             if task_name == "sst2":
                 data = subset(data, args.sst2_train, COMMON["seed"], Path(tmp))
-            results = {}
-            for method in args.methods.split(","):
-                result_file = out / f"{task_name}-{method}.json"
-                print(f"== {task_name} / {method}", flush=True)
-                subprocess.run([sys.executable, __file__, "--child", task_name, method, str(data), str(result_file)],
-                               check=True)
-                results[method] = json.loads(result_file.read_text())
+            methods = args.methods.split(",")
+            env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.jobs))}
+            for start in range(0, len(methods), args.jobs):
+                children = []
+                for method in methods[start:start + args.jobs]:
+                    print(f"== {task_name} / {method}", flush=True)
+                    children.append(subprocess.Popen([sys.executable, __file__, "--child", task_name, method, str(data),
+                                                      str(out / f"{task_name}-{method}.json")], env=env))
+                if any(child.wait() for child in children):
+                    raise SystemExit(f"benchmarks/quality.py: a {task_name} run failed (see above)")
+            results = {m: json.loads((out / f"{task_name}-{m}.json").read_text()) for m in methods}
             report = table(task_name, results)
             print(report, flush=True)
             (out / f"{task_name}.txt").write_text(report + "\n")

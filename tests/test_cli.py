@@ -143,7 +143,7 @@ def test_demo_defaults_apply_only_without_data_and_yield_to_explicit_options(mon
     assert (demo.r, demo.alpha, demo.lr, demo.batch_size) == (8, 16, 2e-3, 8)
     assert (overridden.r, overridden.alpha, overridden.lr) == (4, 16, 0.01)
     assert (user.r, user.alpha, user.lr, user.batch_size) == (16, 32, 2e-4, 4)
-    assert (classify.task, classify.batch_size, classify.group_by_length, classify.lr) == ("seq-cls", 32, True, 0.5)
+    assert (classify.task, classify.batch_size, classify.group_by_length, classify.lr) == ("seq-cls", 16, True, 0.5)
 
 
 def test_lora_r_alias_for_torchrun(monkeypatch):

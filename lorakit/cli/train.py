@@ -28,7 +28,7 @@ DEMO_DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 16, "epochs": 3.0, "lr": 2e-3,
 _ENCODER_DEFAULTS: dict[str, Any] = {"r": 4, "alpha": 8, "lr": 2e-3, "batch_size": 32, "seq_len": 128,
                                      "group_by_length": True, "warmup_ratio": 0.06, "lr_schedule": "linear",
                                      "dropout": 0.1, "eval_every": 0, "save_every": 500, "log_every": 25}
-TASK_DEFAULTS: dict[str, dict[str, Any]] = {"seq-cls": {**_ENCODER_DEFAULTS, "lr": 1e-3},
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {"seq-cls": {**_ENCODER_DEFAULTS, "lr": 1e-3, "batch_size": 16},
                                             "token-cls": _ENCODER_DEFAULTS,
                                             "qa": {**_ENCODER_DEFAULTS, "seq_len": 384, "batch_size": 16}}
 
