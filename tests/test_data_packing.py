@@ -153,7 +153,7 @@ def test_pack_examples_carries_other_per_token_keys_with_zero_at_each_start():
     assert row["position_ids"] == [0, 1, 2, 0, 1, 0, 1]
 
 
-def test_flattened_packed_batch_has_no_padding_and_the_same_tokens():
+def test_flattened_packed_batch_has_no_padding_and_the_same_tokens(monkeypatch):
     rows = pack_examples([example(4), example(3), example(6)], 8)
     flat = collate_causal(rows, pad_token_id=0, flatten=True)
     assert flat["input_ids"].shape == (1, 13) and flat["attention_mask"].shape == (1, 1, 13, 13)
@@ -161,5 +161,7 @@ def test_flattened_packed_batch_has_no_padding_and_the_same_tokens():
     padded = collate_causal(rows, pad_token_id=0)
     real = padded["labels"] != IGNORE_INDEX
     assert flat["labels"][flat["labels"] != IGNORE_INDEX].tolist() == padded["labels"][real].tolist()
+    monkeypatch.setattr("lorakit.data.collate.FLATTEN_MAX_TOKENS", 12)  # too long to join: padded rows
+    assert collate_causal(rows, pad_token_id=0, flatten=True)["input_ids"].shape == padded["input_ids"].shape
     plain = [example(3)]
     assert collate_causal(plain, pad_token_id=0, flatten=True).keys() == collate_causal(plain, pad_token_id=0).keys()

@@ -7,6 +7,10 @@ import torch
 from lorakit.data.packing import IGNORE_INDEX, block_causal_mask
 
 
+FLATTEN_MAX_TOKENS = 4096
+"""Longest row `flatten` makes (its float mask: 4096² values, 64 MB in fp32); longer batches stay padded rows."""
+
+
 def _padded(rows: list[list[int]], length: int, value: int) -> torch.Tensor:
     """(batch, length) long tensor, each row right-padded with `value`."""
     out = torch.full((len(rows), length), value, dtype=torch.long)
@@ -27,7 +31,8 @@ def collate_causal(examples: list[dict], pad_token_id: int,
         mask_dtype: dtype of the 4D mask of packed batches: the model's compute dtype.
         pad_to_multiple_of: round the padded length up to a multiple of this.
         flatten: join packed rows into one row, with no padding at all (a (1, total tokens) batch);
-            for attention that works example by example (`lorakit.fast.use_packed_attention`).
+            for attention that works example by example (`lorakit.fast.use_packed_attention`). Only
+            up to FLATTEN_MAX_TOKENS: the joined row's 4D mask grows with the square of its length.
 
     Returns:
         `input_ids` (batch, seq), `labels` (batch, seq; -100 on padding) and `attention_mask`:
@@ -41,7 +46,7 @@ def collate_causal(examples: list[dict], pad_token_id: int,
     packed = "position_ids" in examples[0]
     if any(("position_ids" in e) != packed for e in examples):
         raise ValueError("cannot mix packed and unpacked examples in one batch")
-    if packed and flatten and len(examples) > 1:
+    if packed and flatten and len(examples) > 1 and sum(len(e["input_ids"]) for e in examples) <= FLATTEN_MAX_TOKENS:
         keys = dict.fromkeys(k for e in examples for k in e)  # a key some rows lack is 0 there
         examples = [{k: [v for e in examples for v in e.get(k, [0] * len(e["input_ids"]))] for k in keys}]
     length = max(len(e["input_ids"]) for e in examples)

@@ -82,8 +82,8 @@ def _distillation(model: nn.Module, backbone: nn.Module, head: nn.Module, batch:
     """Mean KL(base || adapted) of the next-token distributions at the marked positions.
 
     The base distribution comes from the same model with its adapters disabled (no gradient); it keeps
-    the adapter from changing what it should not. The base is frozen, so its hidden states for a row
-    are computed once and reused when the row comes back (every later epoch).
+    the adapter from changing what it should not. The base is frozen, so its hidden states for an
+    example are computed once and reused when the example comes back (every later epoch).
     """
     base_hidden = cache.lookup(model, backbone, batch, marked)  # (n, hidden)
     with torch.no_grad():
