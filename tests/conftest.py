@@ -23,6 +23,14 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.fl
     assert err <= TOLERANCE[dtype], f"relative error {err:.3g} > {TOLERANCE[dtype]:.1g} for {dtype}"
 
 
+def loss_and_grads(model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`model(**batch).loss` and the gradient of every trainable parameter after its backward."""
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
 def tiny_llama(task: str = "causal", seed: int = 0, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 

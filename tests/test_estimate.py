@@ -47,6 +47,10 @@ def test_activations_scale_with_tokens_and_checkpointing_saves_most_of_them():
     one = estimate(shape, EstimateSettings(seq_len=1024, method="full")).activations_bytes
     assert estimate(shape, EstimateSettings(seq_len=1024, batch_size=4, method="full")).activations_bytes == 4 * one
     # LoRA: per-token terms scale, plus one constant chunk of the chunked cross-entropy's fp32 logits
+    from lorakit.estimate.memory import CE_CHUNK
+    from lorakit.fast.cross_entropy import CHUNK_ROWS
+
+    assert CE_CHUNK == CHUNK_ROWS  # the estimate counts the chunk the loss really uses
     chunk = 8 * shape.vocab * 1024
     lora = estimate(shape, EstimateSettings(seq_len=1024)).activations_bytes
     assert estimate(shape, EstimateSettings(seq_len=1024, batch_size=4)).activations_bytes == 4 * (lora - chunk) + chunk

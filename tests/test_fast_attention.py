@@ -7,7 +7,7 @@ from lorakit import LoraConfig, get_peft_model
 from lorakit.data import collate_causal, pack_examples
 from lorakit.fast import use_packed_attention
 from lorakit.fast.attention import PACKED_ATTENTION, example_spans
-from tests.conftest import tiny_llama
+from tests.conftest import loss_and_grads, tiny_llama
 
 
 def test_example_spans_split_at_restarts_and_keep_padding_together():
@@ -26,13 +26,6 @@ def _packed_batch():
     return collate_causal(pack_examples(examples, 16), pad_token_id=0)
 
 
-def _loss_and_grads(model, batch):
-    model.zero_grad()
-    loss = model(**batch).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def test_packed_attention_gives_the_same_loss_and_lora_gradients():
     model = get_peft_model(tiny_llama(attn_implementation="sdpa"),
                            LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
@@ -40,8 +33,8 @@ def test_packed_attention_gives_the_same_loss_and_lora_gradients():
     assert use_packed_attention(fast) and fast.get_base_model().config._attn_implementation == PACKED_ATTENTION
     batch = _packed_batch()
     assert any(len(row) > 1 for row in example_spans(batch["position_ids"]))  # the packed path runs
-    ref_loss, ref_grads = _loss_and_grads(model, batch)
-    loss, grads = _loss_and_grads(fast, batch)
+    ref_loss, ref_grads = loss_and_grads(model, batch)
+    loss, grads = loss_and_grads(fast, batch)
     assert torch.allclose(loss, ref_loss, atol=1e-6)
     for name, grad in grads.items():
         assert torch.allclose(grad, ref_grads[name], rtol=1e-4, atol=1e-6), name

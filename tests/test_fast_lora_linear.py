@@ -5,7 +5,7 @@ from torch import nn
 
 from lorakit import LoraConfig, get_peft_model
 from lorakit.fast.lora_linear import lora_linear
-from tests.conftest import tiny_llama
+from tests.conftest import loss_and_grads, tiny_llama
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -35,13 +35,6 @@ def test_matches_the_equation_and_its_gradients(bias, shape):
         assert torch.allclose(e, r)
 
 
-def _grads(model, ids):
-    model.zero_grad()
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def test_the_layer_uses_it_only_where_it_computes_the_same(monkeypatch):
     import lorakit.lora.layer as layer
 
@@ -50,10 +43,10 @@ def test_the_layer_uses_it_only_where_it_computes_the_same(monkeypatch):
     model.train()
     calls = []
     monkeypatch.setattr(layer, "lora_linear", lambda *a: calls.append(1) or lora_linear(*a))
-    fused_loss, fused = _grads(model, ids)
+    fused_loss, fused = loss_and_grads(model, {"input_ids": ids, "labels": ids})
     assert len(calls) == 14  # 7 projections x 2 layers
     monkeypatch.setattr(layer.LoraLinear, "_fusable_adapter", lambda self, x: None)
-    plain_loss, plain = _grads(model, ids)
+    plain_loss, plain = loss_and_grads(model, {"input_ids": ids, "labels": ids})
     assert torch.allclose(fused_loss, plain_loss, atol=1e-6)
     for name, grad in fused.items():
         assert torch.allclose(grad, plain[name], rtol=1e-4, atol=1e-6), name
@@ -65,14 +58,14 @@ def test_dropout_masks_match_the_plain_path(monkeypatch):
                                                     init_lora_weights=False))
     model.train()
     torch.manual_seed(7)
-    fused_loss, fused = _grads(model, ids)
+    fused_loss, fused = loss_and_grads(model, {"input_ids": ids, "labels": ids})
     q = model.get_base_model().model.layers[0].self_attn.q_proj
     assert q._fusable_adapter(torch.randn(2, 32)) == "default"
     import lorakit.lora.layer as layer
 
     monkeypatch.setattr(layer.LoraLinear, "_fusable_adapter", lambda self, x: None)
     torch.manual_seed(7)  # the same dropout masks, drawn in the same order
-    plain_loss, plain = _grads(model, ids)
+    plain_loss, plain = loss_and_grads(model, {"input_ids": ids, "labels": ids})
     assert torch.allclose(fused_loss, plain_loss, atol=1e-6)
     for name, grad in fused.items():
         assert torch.allclose(grad, plain[name], rtol=1e-4, atol=1e-6), name

@@ -56,9 +56,11 @@ DEQUANT_BYTES_PER_VALUE = 15
 """torchao 0.18 `NF4Tensor.get_original_weight`: two int64 index tensors (8), two looked-up halves (2),
 the scaled halves (2), the stacked result (2) and an expanded scale copy (1), per value."""
 LOSS_BYTES_PER_VOCAB = 12
-CE_CHUNK = 1024  # rows per chunk of lorakit.fast.cross_entropy
-CHUNK_BYTES_PER_VOCAB = 8  # one chunk's fp32 logits, turned into probabilities in place, and its exp copy
 """fp32 log-probs kept by log_softmax + the two fp32 gradients alive at the start of backward."""
+CE_CHUNK = 1024
+"""Rows per chunk of lorakit.fast.cross_entropy (its CHUNK_ROWS; kept here so the estimate needs no torch)."""
+CHUNK_BYTES_PER_VOCAB = 8
+"""One chunk's fp32 logits, turned into probabilities in place, and its exp copy."""
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import torch
 
+CHUNK_ROWS = 1024
+"""Rows per block of logits (memory: CHUNK_ROWS x vocab fp32 values at a time)."""
+
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
@@ -39,7 +42,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                                 chunk: int = 1024) -> torch.Tensor:
+                                 chunk: int = CHUNK_ROWS) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` against `targets`, equal to
     `F.cross_entropy((hidden @ weight.T).float(), targets)`, for a head weight that needs no gradient.
 

@@ -44,8 +44,8 @@ def label_only_lm_loss(model: nn.Module) -> Optional[Callable[[nn.Module, dict],
     if parts is None:
         return None
     backbone, head = parts
-    base_cache = _BaseHiddenCache()
     no_cache = _without_kv_cache(backbone)
+    base_cache = _BaseHiddenCache(no_cache)
 
     def loss_fn(model_: nn.Module, batch: dict) -> torch.Tensor:
         batch = dict(batch)
@@ -102,9 +102,10 @@ class _BaseHiddenCache:
     past it are recomputed every time.
     """
 
-    def __init__(self, limit_bytes: int = 256 * 2**20):
+    def __init__(self, forward_kwargs: dict, limit_bytes: int = 256 * 2**20):
         self.pieces: dict[bytes, torch.Tensor] = {}
         self.bytes, self.limit_bytes = 0, limit_bytes
+        self.forward_kwargs = forward_kwargs  # extra keywords of every base forward (no KV cache)
 
     def lookup(self, model: nn.Module, backbone: nn.Module, batch: dict, marked: torch.Tensor) -> torch.Tensor:
         """(n, hidden) base hidden states at `marked` (batch, seq-1), in row-major order like `hidden[marked]`."""
@@ -115,7 +116,7 @@ class _BaseHiddenCache:
         missing = {k: piece for k, piece in zip(keys, pieces) if k not in found}
         if missing:
             with torch.no_grad(), model.disable_adapter():
-                computed = self._compute(backbone, batch, list(missing.values()))
+                computed = self._compute(backbone, batch, list(missing.values()), self.forward_kwargs)
             for key, states in zip(missing, computed):
                 found[key] = states
                 if self.bytes + states.nbytes <= self.limit_bytes:
@@ -148,7 +149,7 @@ class _BaseHiddenCache:
         return at
 
     @staticmethod
-    def _compute(backbone: nn.Module, batch: dict, pieces: list) -> list[torch.Tensor]:
+    def _compute(backbone: nn.Module, batch: dict, pieces: list, kwargs: dict) -> list[torch.Tensor]:
         """Base hidden states at each piece's marked positions: packed pieces run together as one packed
         row, unpacked ones as the subset of the batch's rows."""
         from lorakit.data.packing import block_causal_mask
@@ -159,9 +160,9 @@ class _BaseHiddenCache:
             given = batch.get("attention_mask")
             mask = block_causal_mask(positions, given.dtype if given is not None else torch.float32)
             states = backbone(input_ids=ids, position_ids=positions, attention_mask=mask,
-                              **_without_kv_cache(backbone)).last_hidden_state[0]
+                              **kwargs).last_hidden_state[0]
             starts = torch.tensor([0] + [e - s for _, s, e, _ in pieces]).cumsum(0).tolist()
             return [states[o:o + len(at)][at].clone() for o, (_, _, _, at) in zip(starts, pieces)]
         index = torch.tensor([i for i, _, _, _ in pieces], device=batch["input_ids"].device)
-        states = backbone(**{k: v[index] for k, v in batch.items()}, **_without_kv_cache(backbone)).last_hidden_state
+        states = backbone(**{k: v[index] for k, v in batch.items()}, **kwargs).last_hidden_state
         return [states[j, : len(at)][at].clone() for j, (_, _, _, at) in enumerate(pieces)]
