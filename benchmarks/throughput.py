@@ -6,8 +6,9 @@
 
 Every method trains LoRA r=16, alpha 32, dropout 0 on q,k,v,o,gate,up,down with AdamW, from the same
 weights on the same batches, each in its own child process (so peak memory is its own):
-  lorakit            lorakit's training path: label-only LM head (`lorakit.fast.label_only_lm_loss`) and packed-row
-                     attention (`lorakit.fast.use_packed_attention`)
+  lorakit            lorakit's training path: label-only LM head (`lorakit.fast.label_only_lm_loss`), packed-row
+                     attention (`lorakit.fast.use_packed_attention`) and, on CUDA, the Triton kernels
+                     (`lorakit.fast.use_fast_kernels`)
   lorakit-reference  lorakit's LoRA layers with transformers' own loss (the reference the fast path must match)
   peft               PEFT's get_peft_model and transformers' loss: what a PEFT user runs
   peft+liger         the same with Liger Kernel's fused ops patched in (only when liger-kernel is installed)
@@ -112,14 +113,16 @@ def prepare(method: str, model, gradient_checkpointing: bool):
             model.enable_input_require_grads()
     loss_fn = None
     if method == "lorakit":
-        from lorakit.fast import label_only_lm_loss, use_packed_attention
+        from lorakit.fast import label_only_lm_loss, use_fast_kernels, use_packed_attention
 
         loss_fn = label_only_lm_loss(model)
         use_packed_attention(model)
+        print(f"lorakit kernels: {use_fast_kernels(model)}")
     return model, loss_fn or (lambda m, b: m(**b).loss)
 
 
-def child(config_name: str, method: str, steps: int, warmup: int, gradient_checkpointing: bool) -> dict:
+def child(config_name: str, method: str, steps: int, warmup: int, gradient_checkpointing: bool,
+          profile: bool = False) -> dict:
     import torch
 
     cfg = CONFIGS[config_name]
@@ -153,9 +156,32 @@ def child(config_name: str, method: str, steps: int, warmup: int, gradient_check
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() if cfg["device"] == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if profile:
+        profile_steps(method, model, loss_fn, optimizer, data[:3], cfg["device"], autocast)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return {"tokens_per_second": tokens / seconds, "peak_bytes": peak, "losses": losses,
             "flops_per_token": flops_per_token(base, cfg["seq"], full=method == "full")}
+
+
+def profile_steps(method: str, model, loss_fn, optimizer, data: list, device: str, autocast) -> None:
+    """Three more steps under torch.profiler: the ops that took the most device time, printed."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for batch, _ in data:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast:
+                loss = loss_fn(model, batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(f"-- profile of {method}, {len(data)} steps, by {key}")
+    print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60))
 
 
 def flops_per_token(model, seq: int, full: bool) -> float:
@@ -172,8 +198,17 @@ def peak_flops(device: str) -> tuple[float, str]:
     """Peak matmul FLOP/s: H100 SXM's dense bf16 spec on CUDA; a measured fp32 matmul on CPU."""
     import torch
 
-    if device == "cuda":
-        return 989e12, "989 TFLOP/s (H100 SXM dense bf16 spec)"
+    if device == "cuda":  # the rate this GPU's bf16 matmuls reach, measured, as the issue's MFU uses
+        a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        for _ in range(3):
+            a @ b
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(20):
+            a @ b
+        torch.cuda.synchronize()
+        rate = 20 * 2 * 8192 ** 3 / (time.perf_counter() - start)
+        return rate, f"{rate / 1e12:.0f} TFLOP/s (bf16 8192^3 matmul measured here)"
     a = torch.randn(2048, 2048)
     a @ a
     start = time.perf_counter()
@@ -198,13 +233,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="measured steps (default: 8 on CPU, 20 on CUDA)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="also print each method's top ops by device time")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     cfg = CONFIGS[args.config]
     steps = args.steps or (8 if cfg["device"] == "cpu" else 20)
     if args.child:
         method, out = args.child
-        Path(out).write_text(json.dumps(child(args.config, method, steps, args.warmup, args.gradient_checkpointing)))
+        Path(out).write_text(json.dumps(child(args.config, method, steps, args.warmup, args.gradient_checkpointing,
+                                             args.profile)))
         return
     import torch
 
@@ -221,7 +258,8 @@ def main() -> None:
             out = Path(tmp) / f"{method}.json"
             cmd = [sys.executable, __file__, "--config", args.config, "--steps", str(steps), "--warmup",
                    str(args.warmup), "--child", method, str(out)] + \
-                (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
+                (["--gradient-checkpointing"] if args.gradient_checkpointing else []) + \
+                (["--profile"] if args.profile else [])
             subprocess.run(cmd, check=True)
             results[method] = json.loads(out.read_text())
     report(args, cfg, results)

@@ -1,11 +1,15 @@
 """Shared fixtures: tiny deterministic models and one tolerance table per dtype."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+
+if not torch.cuda.is_available():  # the Triton kernels' tests run them on CPU through Triton's interpreter,
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # which must be chosen before triton is first imported
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

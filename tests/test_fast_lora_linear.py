@@ -5,7 +5,7 @@ from torch import nn
 
 from lorakit import LoraConfig, get_peft_model
 from lorakit.fast.lora_linear import lora_linear
-from tests.conftest import loss_and_grads, tiny_llama
+from tests.conftest import loss_and_grads, rel_err, tiny_llama
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -84,3 +84,34 @@ def test_merge_routing_and_other_dtypes_take_the_plain_path():
     with model.disable_adapter():
         assert q._fusable_adapter(x) is None
     assert isinstance(q.base_layer, nn.Linear)
+
+
+def test_under_autocast_fp32_factors_on_a_bf16_base_take_the_fused_path(monkeypatch):
+    """Mixed precision as PEFT runs it (bf16 base, fp32 LoRA factors, bf16 autocast): the fused function
+    casts the factors as autocast would; its loss and factor gradients are as close to a float64 run of
+    the same weights as the plain path's are."""
+    import copy
+
+    import lorakit.lora.layer as layer
+
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    model = get_peft_model(tiny_llama().to(torch.bfloat16),
+                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+    model.train()
+    _, exact = loss_and_grads(copy.deepcopy(model).double(), {"input_ids": ids, "labels": ids})
+    q = model.get_base_model().model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 32, dtype=torch.bfloat16)
+    assert q._fusable_adapter(x) is None  # fp32 factors, bf16 input, no autocast: the plain path's fp32 branch
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert q._fusable_adapter(x) == "default"
+        assert q._fusable_adapter(x.float()) is None  # input not in autocast's dtype
+        _, fused = loss_and_grads(model, {"input_ids": ids, "labels": ids})
+        monkeypatch.setattr(layer.LoraLinear, "_fusable_adapter", lambda self, x: None)
+        _, plain = loss_and_grads(model, {"input_ids": ids, "labels": ids})
+    fused_err = torch.tensor([rel_err(fused[n].double(), exact[n]) for n in exact])
+    plain_err = torch.tensor([rel_err(plain[n].double(), exact[n]) for n in exact])
+    assert all(g.dtype == torch.float32 for g in fused.values())
+    assert fused_err.max() < 0.1 and fused_err.mean() <= 1.5 * plain_err.mean(), (fused_err, plain_err)

@@ -41,7 +41,7 @@ def run_defaults(data_given: bool, task: str) -> dict[str, Any]:
 def run_train(config: TrainConfig) -> dict[str, Any]:
     """Run one training job end to end; returns the summary figures (also written to summary.json)."""
     from .. import LoraConfig, get_peft_model
-    from ..fast import label_only_lm_loss, use_packed_attention
+    from ..fast import label_only_lm_loss, use_fast_kernels, use_packed_attention
     from ..models import load_model
     from ..train import Trainer, seed_everything, write_resolved_config, write_summary
     from ..train.distributed import init_distributed, is_main_process
@@ -68,6 +68,7 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
               f"{q['quantized_bytes'] / 1e6:.0f} MB), compute in {q['compute_dtype']}")
     lora = LoraConfig(**{**config.lora_kwargs(), "target_modules": _targets(config, model)})
     model = get_peft_model(model, lora)
+    use_fast_kernels(model)  # Triton RMSNorm / SwiGLU / rotary on CUDA tensors; the same code as before elsewhere
     loss_fn = None if task else label_only_lm_loss(model)
     # packed examples attend within themselves, and a batch of packed rows is one row with no padding
     padding_free = bool(config.packing and not task and use_packed_attention(model))

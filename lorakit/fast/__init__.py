@@ -1,5 +1,6 @@
 """Faster training paths that compute the same results as the plain ones (each has a test against it)."""
 from lorakit.fast.attention import use_packed_attention
+from lorakit.fast.kernels import use_fast_kernels
 from lorakit.fast.loss import label_only_lm_loss
 
-__all__ = ["label_only_lm_loss", "use_packed_attention"]
+__all__ = ["label_only_lm_loss", "use_packed_attention", "use_fast_kernels"]

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from lorakit.fast.kernels.cross_entropy import cross_entropy_grad_
+from lorakit.fast.kernels.runtime import triton_runs
+
 CHUNK_ROWS = 1024
 """Rows per block of logits (memory: CHUNK_ROWS x vocab fp32 values at a time)."""
 
@@ -24,6 +27,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, n, chunk):
             h = hidden[start:start + chunk]  # (c, d)
             t = targets[start:start + chunk]  # (c,)
+            if triton_runs(h):  # one kernel: the rows' losses, and the logits overwritten by their gradient
+                logits = h @ weight.T  # (c, vocab) in the head's dtype
+                total += cross_entropy_grad_(logits, t).sum()
+                if grad_hidden is not None:
+                    grad_hidden[start:start + chunk] = (logits @ weight).to(hidden.dtype)  # (c, d)
+                continue
             logits = (h @ weight.T).float()  # (c, vocab)
             lse = torch.logsumexp(logits, dim=-1)  # (c,)
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()

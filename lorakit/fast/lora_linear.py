@@ -1,8 +1,8 @@
 """The LoRA linear layer as one autograd function: y = x Wᵀ + b + s·(d Aᵀ) Bᵀ, d = dropout(x) (or x).
 
 Autograd over the plain layer keeps the branch as separate ops: a scaled copy of the update, an add,
-and in the backward a second add of the input gradients. Here the update is accumulated into the base
-output inside the matmul (addmm), and the backward computes only what LoRA trains, smallest products
+and in the backward a second add of the input gradients. Here the base matmul accumulates onto the
+rank-r product inside the matmul (addmm), and the backward computes only what LoRA trains, smallest products
 first (W and b are frozen: no weight gradient, and no (out x in) matrix is ever formed):
 
     g  = s · dy B                 (tokens, r)
@@ -25,8 +25,11 @@ class _LoraLinearFunction(torch.autograd.Function):
         flat = x.reshape(-1, x.shape[-1])  # (tokens, in)
         branch_in = flat if dropped is None else dropped.reshape(flat.shape)
         low = branch_in @ lora_a.t()  # (tokens, r)
-        out = flat @ weight.t() if bias is None else torch.addmm(bias, flat, weight.t())  # (tokens, out)
-        out.addmm_(low, lora_b.t(), alpha=scaling)
+        # the rank-r product first, then the base matmul accumulates onto it: one pass over the output
+        # fewer than adding the small product to a finished base output
+        scaled_b = lora_b * scaling  # (out, r): scaling the factor, not the (tokens, out) product
+        out = low @ scaled_b.t() if bias is None else torch.addmm(bias, low, scaled_b.t())
+        out.addmm_(flat, weight.t())  # (tokens, out)
         ctx.save_for_backward(branch_in, low, weight, lora_a, lora_b)
         ctx.scaling, ctx.in_shape, ctx.dropout = scaling, x.shape, dropped is not None
         return out.reshape(*x.shape[:-1], weight.shape[0])
@@ -38,11 +41,11 @@ class _LoraLinearFunction(torch.autograd.Function):
         g = (dy @ lora_b).mul_(ctx.scaling)  # (tokens, r)
         grad_x = grad_a = grad_b = grad_dropped = None
         if ctx.needs_input_grad[0]:
-            grad_x = dy @ weight
             if ctx.dropout:
+                grad_x = dy @ weight
                 grad_dropped = (g @ lora_a).reshape(ctx.in_shape)
             else:
-                grad_x.addmm_(g, lora_a)
+                grad_x = (g @ lora_a).addmm_(dy, weight)  # the small product first, as in the forward
             grad_x = grad_x.reshape(ctx.in_shape)
         if ctx.needs_input_grad[3]:
             grad_a = g.t() @ branch_in  # (r, in)

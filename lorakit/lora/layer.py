@@ -289,12 +289,13 @@ class LoraLinear(LoraLayer):
             return super().forward(x, *args, **kwargs)
         base, dropout = self.base_layer, self.lora_dropout[name]  # W x + b + s·B A dropout(x) in one node
         dropped = dropout(x) if self.training and not isinstance(dropout, nn.Identity) else None
-        return lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                           self.scaling[name], dropped)
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight  # cast (under autocast) as autocast would
+        return lora_linear(x, base.weight, base.bias, a.to(x.dtype), b.to(x.dtype), self.scaling[name], dropped)
 
     def _fusable_adapter(self, x: torch.Tensor) -> Optional[str]:
         """The one active plain-LoRA adapter when the fused function computes exactly this layer's output:
-        a frozen nn.Linear base, one dtype, no autocast, no merge or per-row routing."""
+        a frozen nn.Linear base, no merge or per-row routing, and one dtype for input, base and factors
+        (under autocast: input and base in autocast's dtype, factors in any, as autocast casts them)."""
         active = [n for n in self.active_adapters if n in self.r]
         if len(active) != 1 or self.disabled or self.merged_adapters or self.fan_in_fan_out:
             return None
@@ -304,9 +305,11 @@ class LoraLinear(LoraLayer):
         weight, a, b = base.weight, self.lora_A[name].weight, self.lora_B[name].weight
         if weight.requires_grad or type(weight.data) is not torch.Tensor or type(a.data) is not torch.Tensor:
             return None
-        if not x.dtype == weight.dtype == a.dtype == b.dtype or torch.is_autocast_enabled(x.device.type):
+        if x.dtype != weight.dtype:
             return None
-        return name
+        if torch.is_autocast_enabled(x.device.type):
+            return name if torch.get_autocast_dtype(x.device.type) == x.dtype else None
+        return name if a.dtype == b.dtype == x.dtype else None
 
     def base_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """W x without the bias."""

@@ -1,0 +1,139 @@
+"""The Triton kernels against the plain PyTorch they replace: outputs and gradients within bf16 rounding.
+
+On a machine without a GPU the kernels run on CPU tensors through Triton's interpreter; with one (the
+device tool) the same tests run them on CUDA.
+"""
+import importlib
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the kernels are Triton; without it lorakit runs the plain code")
+
+from tests.conftest import rel_err, tiny_llama  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+MODULES = ["rms_norm", "swiglu", "rotary", "cross_entropy", "patch"]
+BF16 = 1e-2  # bf16 operands: relative errors land between 1e-3 and 1e-2
+
+
+@pytest.fixture(scope="module")
+def k():
+    """The kernel modules (compiled for the GPU, or interpreted on CPU: see conftest)."""
+    import lorakit.fast.kernels  # noqa: F401
+
+    return type("Kernels", (), {name: importlib.import_module(f"lorakit.fast.kernels.{name}") for name in MODULES})
+
+
+def _randn(*shape, dtype=torch.bfloat16, seed=0, grad=True):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(DEVICE, dtype).requires_grad_(grad)
+
+
+def _check(kernel_out, ref_out, inputs, tol=BF16):
+    """Outputs close to the float64 reference's; gradients (for one random upstream) as well."""
+    assert all(torch.isfinite(o).all() for o in kernel_out)
+    for o, r in zip(kernel_out, ref_out):
+        assert rel_err(o, r) < tol
+    ups = [torch.randn(r.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9)) for r in ref_out]
+    got = torch.autograd.grad(kernel_out, inputs, [u.to(o.device, o.dtype) for u, o in zip(ups, kernel_out)])
+    exact_inputs = [x.detach().double().cpu().requires_grad_() for x in inputs]
+    return got, ups, exact_inputs
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 64), (5, 96)])  # 96: a width that is not a power of two
+def test_rms_norm(k, shape):
+    x = _randn(*shape)
+    w = _randn(shape[-1], seed=1, grad=False)
+    y = k.rms_norm.rms_norm(x, w, 1e-6)
+    assert y.dtype == torch.bfloat16 and y.shape == x.shape
+    xd = x.detach().double().cpu().requires_grad_()
+    ref = k.rms_norm.rms_norm_reference(xd, w.double().cpu(), 1e-6)
+    got, ups, _ = _check([y], [ref], [x])
+    (exact,) = torch.autograd.grad(ref, xd, ups[0])
+    assert rel_err(got[0].cpu(), exact) < BF16
+    with pytest.raises(ValueError, match="no weight gradient"):
+        k.rms_norm.rms_norm(x, w.detach().requires_grad_(), 1e-6)
+
+
+def test_silu_mul(k):
+    gate, up = _randn(4, 9, 300), _randn(4, 9, 300, seed=1)  # 10,800 elements: a partial last block
+    y = k.swiglu.silu_mul(gate * 1, up * 1)  # copies: the backward reuses their memory for the gradients
+    gd, ud = (t.detach().double().cpu().requires_grad_() for t in (gate, up))
+    ref = k.swiglu.silu_mul_reference(gd, ud)
+    got, ups, _ = _check([y], [ref], [gate, up])
+    exact = torch.autograd.grad(ref, (gd, ud), ups[0])
+    for g_, e in zip(got, exact):
+        assert rel_err(g_.cpu(), e) < BF16
+
+
+@pytest.mark.parametrize("cos_batch", [2, 1])
+def test_rotary_on_transposed_views(k, cos_batch):
+    batch, seq, q_heads, k_heads, dim = 2, 5, 4, 2, 16
+    # as transformers hands them over: (b, s, h, d) projections viewed as (b, h, s, d)
+    q = _randn(batch, seq, q_heads, dim).transpose(1, 2)
+    kk = _randn(batch, seq, k_heads, dim, seed=1).transpose(1, 2)
+    angles = torch.rand(cos_batch, seq, dim, generator=torch.Generator().manual_seed(2)) * 6
+    cos, sin = angles.cos().to(DEVICE, torch.bfloat16), angles.sin().to(DEVICE, torch.bfloat16)
+    assert k.rotary.rotary_supported(q, kk, cos, sin)
+    qo, ko = k.rotary.rotary(q, kk, cos, sin)
+    assert qo.stride() == q.stride() and ko.stride() == kk.stride()
+    qd, kd = (t.detach().double().cpu().requires_grad_() for t in (q, kk))
+    ref = k.rotary.rotary_reference(qd, kd, cos.double().cpu(), sin.double().cpu())
+    got, ups, _ = _check([qo, ko], list(ref), [q, kk])
+    exact = torch.autograd.grad(ref, (qd, kd), ups)
+    for g_, e in zip(got, exact):
+        assert rel_err(g_.cpu(), e) < BF16
+
+
+def test_cross_entropy_grad(k):
+    rows, vocab = 6, 9000  # vocab: three blocks, the last partial
+    logits = (_randn(rows, vocab, grad=False) * 4)
+    targets = torch.tensor([0, 8999, 4095, 4096, 17, 3], device=DEVICE)
+    ref_loss, _ = k.cross_entropy.cross_entropy_grad_reference(logits.double(), targets)
+    z = logits.double().requires_grad_()
+    exact_grad = torch.autograd.grad(torch.nn.functional.cross_entropy(z, targets, reduction="sum"), z)[0]
+    buf = logits.clone()
+    loss = k.cross_entropy.cross_entropy_grad_(buf, targets)
+    assert loss.dtype == torch.float32
+    assert rel_err(loss, ref_loss) < 1e-5  # fp32 arithmetic on the same bf16 logits
+    assert rel_err(buf, exact_grad) < BF16  # the block now holds its gradient, rounded to bf16
+
+
+def test_use_fast_kernels_matches_the_model_and_its_lora_gradients(k, monkeypatch):
+    """A tiny Llama with LoRA, kernels switched in (forced onto CPU tensors under the interpreter):
+    loss and every LoRA gradient as the unpatched model gives them."""
+    from lorakit import LoraConfig, get_peft_model
+
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    model = get_peft_model(tiny_llama().to(DEVICE, torch.bfloat16),
+                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    model.train()
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach().float(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain_loss, plain = loss_and_grads()
+    monkeypatch.setattr(k.patch, "triton_runs", lambda t: True)
+    switched = k.patch.use_fast_kernels(model)
+    assert switched == ["rms_norm x5", "silu_mul x2", "rotary"]  # 2 layers x 2 norms + the final one
+    calls = []
+    for name in ("rms_norm", "silu_mul", "rotary"):
+        original = getattr(k.patch, name)
+        monkeypatch.setattr(k.patch, name, lambda *a, _o=original, _n=name: calls.append(_n) or _o(*a))
+    fast_loss, fast = loss_and_grads()
+    assert sorted(set(calls)) == ["rms_norm", "rotary", "silu_mul"] and len(calls) == 5 + 2 + 2
+    assert abs(fast_loss - plain_loss) < 2e-2 * plain_loss
+    errors = [rel_err(fast[n], plain[n]) for n in plain]
+    assert max(errors) < 0.1 and sum(errors) / len(errors) < 3e-2, errors
+
+
+def test_other_models_and_no_triton_are_left_alone(k, monkeypatch):
+    from tests.conftest import tiny_gpt2
+
+    assert k.patch.use_fast_kernels(tiny_gpt2()) == []
+    monkeypatch.setattr(k.patch, "HAS_TRITON", False)
+    assert k.patch.use_fast_kernels(tiny_llama()) == []
