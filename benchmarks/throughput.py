@@ -179,9 +179,9 @@ def profile_steps(method: str, model, loss_fn, optimizer, data: list, device: st
             optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
-    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
-    print(f"-- profile of {method}, {len(data)} steps, by {key}")
-    print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60))
+    for key in (["self_cuda_time_total"] if device == "cuda" else []) + ["self_cpu_time_total"]:
+        print(f"-- profile of {method}, {len(data)} steps, by {key}")
+        print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60))
 
 
 def flops_per_token(model, seq: int, full: bool) -> float:

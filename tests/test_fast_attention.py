@@ -58,3 +58,20 @@ def test_unpacked_batches_and_generation_are_unchanged():
 def test_models_without_sdpa_keep_their_attention():
     model = tiny_llama(attn_implementation="eager")
     assert not use_packed_attention(model) and model.config._attn_implementation == "eager"
+
+
+def test_spans_are_read_once_per_forward(monkeypatch):
+    """Every layer gets the same position_ids: the spans (a device read) are computed once, and again when
+    the tensor changes."""
+    import lorakit.fast.attention as attention
+
+    calls = []
+    original = attention.example_spans
+    monkeypatch.setattr(attention, "example_spans", lambda p: calls.append(1) or original(p))
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0]])
+    first = attention._spans_of(pos, 1)
+    assert attention._spans_of(pos, 1) == first == [[(0, 3), (3, 5), (5, 6)]] and len(calls) == 1
+    assert attention._spans_of(pos, 2) == [[(0, 3), (3, 5), (5, 6)]] * 2 and len(calls) == 2  # another batch
+    pos[0, 3] = 3  # changed in place: read again
+    assert attention._spans_of(pos, 2) == [[(0, 5), (5, 6)]] * 2 and len(calls) == 3
+    assert attention._spans_of(torch.arange(4)[None], 1) is None  # one example per row: plain sdpa

@@ -56,8 +56,23 @@ def _packed_spans(module: nn.Module, query: torch.Tensor, key: torch.Tensor, att
         return None  # a key/value cache: not a packed training batch
     if attention_mask is not None and attention_mask.dim() != 4:
         return None
-    spans = example_spans(position_ids.expand(batch, length))
-    return spans if any(len(row) > 1 for row in spans) else None
+    return _spans_of(position_ids, batch)
+
+
+_LAST_SPANS: list = [None, None, None]
+"""(key, position_ids, spans) of the last call: every layer of a forward gets the same position_ids
+tensor, so its spans are read off the device (a synchronisation) once per forward, not once per layer.
+The tensor is held so that its id cannot be reused by another while it is the key."""
+
+
+def _spans_of(position_ids: torch.Tensor, batch: int) -> Optional[list[list[tuple[int, int]]]]:
+    """`example_spans` of the `batch` rows (position_ids may be one row for all), or None when no row holds
+    more than one example."""
+    key = (id(position_ids), position_ids._version, batch)
+    if _LAST_SPANS[0] != key:
+        spans = example_spans(position_ids.expand(batch, position_ids.shape[-1]))
+        _LAST_SPANS[:] = [key, position_ids, spans if any(len(row) > 1 for row in spans) else None]
+    return _LAST_SPANS[2]
 
 
 def packed_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

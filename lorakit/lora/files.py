@@ -132,7 +132,7 @@ def fingerprint(model: nn.Module, target_names: list[str]) -> dict[str, Any]:
     for name in picks:
         module = model.get_submodule(name)
         w = getattr(module, "base_layer", module).weight.detach().reshape(-1)
-        idx = torch.linspace(0, w.numel() - 1, SAMPLES, device=w.device).long()
+        idx = torch.linspace(0, w.numel() - 1, SAMPLES, dtype=torch.float64).long().to(w.device)  # exact past 2^24
         samples[name] = [round(float(v), 6) for v in w[idx].float().cpu()]
     digest = hashlib.sha256(json.dumps([shapes, {k: [round(v, 2) for v in s] for k, s in samples.items()}],
                                        sort_keys=True).encode()).hexdigest()[:16]

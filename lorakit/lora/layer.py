@@ -268,6 +268,9 @@ def _accept_base_keys(module, state_dict, prefix, *args) -> None:
             state_dict[new] = state_dict.pop(old)
 
 
+_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
+
+
 class LoraLinear(LoraLayer):
     """LoRA for nn.Linear and GPT-2's Conv1D (fan_in_fan_out: weight stored as (in, out))."""
 
@@ -303,8 +306,8 @@ class LoraLinear(LoraLayer):
         if self.variant[name] != "lora" or type(base) is not nn.Linear or ROW_ADAPTERS.get() is not None:
             return None
         weight, a, b = base.weight, self.lora_A[name].weight, self.lora_B[name].weight
-        if weight.requires_grad or type(weight.data) is not torch.Tensor or type(a.data) is not torch.Tensor:
-            return None
+        if weight.requires_grad or type(weight) not in _PLAIN_TENSORS or type(a) not in _PLAIN_TENSORS:
+            return None  # e.g. a 4-bit tensor subclass (QLoRA) or a sharded one
         if x.dtype != weight.dtype:
             return None
         if torch.is_autocast_enabled(x.device.type):
