@@ -3,8 +3,8 @@
 Random-init Llama configs (no download): a 1B (hidden 2048, 16 layers, 32/8 heads, intermediate 8192,
 vocab 128256, tied) for full / LoRA / QLoRA, and an 8B (Llama-3.1-8B's shape) for LoRA / QLoRA. Each
 case builds the model in bf16 on the GPU (QLoRA: then quantizes it with lorakit.quant), adds LoRA
-(r=16, alpha 32, dropout 0.05, the seven projections: what `lorakit train` does), resets the peak
-counter, and runs a few steps the way lorakit's trainer does: bf16 autocast, lorakit's label-only
+(r=16, alpha 32, dropout 0.05, the seven projections) and lorakit's Triton kernels (what `lorakit train`
+does), resets the peak counter, and runs a few steps the way lorakit's trainer does: bf16 autocast, lorakit's label-only
 loss, torch AdamW over the trainable parameters, gradient clipping at 1.0. Rows are random token ids,
 every position labelled, no padding: the case the estimate models.
 
@@ -48,6 +48,7 @@ def build(shape: str, method: str, device: torch.device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lorakit import LoraConfig, get_peft_model
+    from lorakit.fast import use_fast_kernels
     from lorakit.quant import quantize_model
 
     config = LlamaConfig(**SHAPES[shape], attn_implementation="sdpa", use_cache=False)
@@ -61,9 +62,10 @@ def build(shape: str, method: str, device: torch.device):
         torch.set_default_dtype(previous)
     if method == "qlora":
         quantize_model(model, "nf4")
-    if method == "full":
-        return model
-    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS))
+    if method != "full":
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS))
+    use_fast_kernels(model)  # as lorakit train does: the Triton norm, SwiGLU and rotary on CUDA
+    return model
 
 
 def train_steps(model, steps: int, seq_len: int, batch_size: int, checkpointing: bool,

@@ -51,7 +51,7 @@ def test_activations_scale_with_tokens_and_checkpointing_saves_most_of_them():
     from lorakit.fast.cross_entropy import CHUNK_ROWS
 
     assert CE_CHUNK == CHUNK_ROWS  # the estimate counts the chunk the loss really uses
-    chunk = 8 * shape.vocab * 1024
+    chunk = 2 * shape.vocab * 1024  # with lorakit's Triton cross-entropy: bf16 logits (8 bytes per vocab without)
     lora = estimate(shape, EstimateSettings(seq_len=1024)).activations_bytes
     assert estimate(shape, EstimateSettings(seq_len=1024, batch_size=4)).activations_bytes == 4 * (lora - chunk) + chunk
     one = lora
@@ -66,7 +66,9 @@ def test_lora_dropout_and_targets_change_what_is_saved():
     assert all_targets > no_dropout and all_targets > q_v
     h, f = shape.hidden, shape.intermediate  # hand count, no dropout, all targets (o_proj reads SDPA's output):
     expected = 2 * 4 * h + 2 * (h + h + f) + 2 * 16 * 7 + 2 * (2 * 4096 + 2 * 1024) + 4 * 32 + 3 * 2 * f
-    assert no_dropout == expected
+    assert layer_activation_bytes(shape, replace(s, dropout=0.0, kernels=False), list(shape.linear_shapes())) == expected
+    # lorakit's Triton kernels: each norm keeps its bf16 input (not an fp32 copy), silu·up keeps gate and up only
+    assert no_dropout == expected - 2 * (4 - 2) * h - 2 * f
 
 
 def test_fewer_optimizer_bytes_with_8bit_adam_and_none_with_sgd():
@@ -130,8 +132,9 @@ def test_bad_options_are_reported_together():
         parse_size("lots")
 
 
-def _autograd_saved_bytes(method: str, seq_len: int, batch_size: int, config: dict) -> int:
-    """Bytes of the distinct non-parameter tensors autograd keeps for backward in one lorakit loss forward."""
+def _autograd_saved_bytes(method: str, seq_len: int, batch_size: int, config: dict, kernels: bool = False) -> int:
+    """Bytes of the distinct non-parameter tensors autograd keeps for backward in one lorakit loss forward
+    (`kernels`: with lorakit's Triton kernels, run here on CPU tensors through Triton's interpreter)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -149,6 +152,10 @@ def _autograd_saved_bytes(method: str, seq_len: int, batch_size: int, config: di
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
                                                  target_modules=list(resolve_shape("llama-3.2-1b").linear_shapes())))
     model.train()
+    if kernels:
+        from lorakit.fast.kernels import patch
+
+        patch.use_fast_kernels(model)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept: dict[int, int] = {}
 
@@ -164,19 +171,36 @@ def _autograd_saved_bytes(method: str, seq_len: int, batch_size: int, config: di
     return sum(kept.values())
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_the_activation_model_matches_what_autograd_keeps(method):
-    """The per-token formula against the tensors a bf16 transformers Llama really saves (CPU SDPA, no dropout)."""
+@pytest.mark.parametrize("method,kernels", [("full", False), ("lora", False), ("lora", True)])
+def test_the_activation_model_matches_what_autograd_keeps(method, kernels, monkeypatch):
+    """The per-token formula against the tensors a bf16 transformers Llama really saves (CPU SDPA, no dropout),
+    plain and with lorakit's Triton kernels (forced onto CPU tensors, run by Triton's interpreter)."""
+    if kernels:
+        pytest.importorskip("triton", reason="the kernels are Triton")
+        import lorakit.fast.cross_entropy as ce
+        from lorakit.fast.kernels import patch
+
+        monkeypatch.setattr(patch, "triton_runs", lambda t: True)
+        monkeypatch.setattr(ce, "triton_runs", lambda t: True)
     config = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False)
     seq_len, batch_size = 64, 2
-    measured = _autograd_saved_bytes(method, seq_len, batch_size, config)
+    measured = _autograd_saved_bytes(method, seq_len, batch_size, config, kernels)
     from lorakit.estimate import shape_from_config
 
     est = estimate(shape_from_config({"model_type": "llama", **config}, "probe"),
-                   EstimateSettings(method=method, dropout=0.0, seq_len=seq_len, batch_size=batch_size))
+                   EstimateSettings(method=method, dropout=0.0, seq_len=seq_len, batch_size=batch_size,
+                                    kernels=kernels))
     labelled = (seq_len - 1) * batch_size
     # what the loss keeps: fp32 log-probs (trainable head), or the bf16 hidden-state gradient (chunked, frozen head)
     kept_by_loss = 4 * config["vocab_size"] * labelled if method == "full" else 2 * config["hidden_size"] * labelled
     modelled = est.detail["saved_bytes_per_token"] * seq_len * batch_size + kept_by_loss
     assert measured == pytest.approx(modelled, rel=0.05)
+
+
+def test_the_kernel_families_match_the_kernels():
+    pytest.importorskip("triton", reason="the kernels are Triton")
+    from lorakit.estimate.memory import KERNEL_FAMILIES
+    from lorakit.fast.kernels.patch import FAMILIES
+
+    assert KERNEL_FAMILIES == FAMILIES

@@ -12,7 +12,8 @@ the rest (embeddings, output head, norms) in bf16. LoRA adds r·(in + out) param
 Activations: what autograd keeps for backward, in bytes per token of one decoder layer (a = 2 bytes for
 bf16; h hidden, f intermediate, q = heads·head_dim, k = kv_heads·head_dim, n_h heads):
   * RMSNorm: transformers upcasts the input to fp32 and `pow`/`mul` keep it: 4h per norm (+ a·h more
-    when the norm weight trains, full fine-tuning only).
+    when the norm weight trains, full fine-tuning only). lorakit's Triton norm (`kernels`: CUDA, the
+    Llama family, frozen norm weight) keeps the bf16 input: a·h.
   * the input of each linear layer whose weight trains (full) or that carries LoRA, once per distinct
     tensor: a·h (q/k/v input), a·h (gate/up input), a·f (down input); o_proj's input is SDPA's output,
     already kept. With LoRA dropout p > 0 every target keeps its own dropped copy and its mask instead:
@@ -21,18 +22,20 @@ bf16; h hidden, f intermediate, q = heads·head_dim, k = kv_heads·head_dim, n_h
   * SDPA (flash / memory-efficient): q, k, v and the output, a·(2q + 2k), plus an fp32 logsumexp
     per head, 4·n_h. k and v stay at kv_heads when there is no padding mask (transformers then calls
     SDPA with enable_gqa); with a mask they are repeated to all heads, add 2a·(q - k).
-  * gated MLP: act(gate) keeps gate, act·up keeps both factors: 3a·f (a non-gated MLP: a·f).
+  * gated MLP: act(gate) keeps gate, act·up keeps both factors: 3a·f (a non-gated MLP: a·f); lorakit's
+    Triton silu·up (`kernels`) keeps gate and up: 2a·f.
 With frozen embeddings (LoRA) the first layer's first norm sees an input that needs no gradient and
 keeps nothing; after the last layer the final norm keeps 4h (full: + a·h, the head's input).
 With gradient checkpointing (transformers' per-layer, non-reentrant) only each layer's input is kept,
-a·h per token per layer, and one layer is recomputed during backward: its activations plus as much
-again for its gradients are added.
+a·h per token per layer, and one layer is recomputed during backward: its activations plus the widest
+gradients alive in its backward (the MLP's, 2a·f for gate and up) are added.
 Loss: the output head runs on the labelled positions only (lorakit.fast). With a trainable head (full
 fine-tuning) logits are cast to fp32 and log_softmax keeps its fp32 output; at the start of backward the
 two fp32 gradients (of the log-probs and of the logits) are alive beside it: 12·vocab bytes per labelled
 token. With a frozen head (LoRA, QLoRA) the chunked cross-entropy keeps only the hidden-state gradient
 (a·h per labelled token) and one chunk of fp32 logits and probabilities at a time (8·vocab bytes per row
-of a CE_CHUNK-row chunk). Every position is counted as labelled (packed pre-training data), the worst case.
+of a CE_CHUNK-row chunk; with `kernels`, the chunk's bf16 logits overwritten by their gradient: a·vocab).
+Every position is counted as labelled (packed pre-training data), the worst case.
 Peak = weights + gradients + optimizer states + max(saved activations + the loss's or one layer's
 transient buffers, AdamW's foreach step temporary: sqrt(v), one state's size) + QLoRA's dequantization
 buffer (torchao 0.18 materialises about 15 bytes per value of the largest layer while dequantizing it).
@@ -61,6 +64,9 @@ CE_CHUNK = 1024
 """Rows per chunk of lorakit.fast.cross_entropy (its CHUNK_ROWS; kept here so the estimate needs no torch)."""
 CHUNK_BYTES_PER_VOCAB = 8
 """One chunk's fp32 logits, turned into probabilities in place, and its exp copy."""
+KERNEL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+"""Model types whose norms and MLP lorakit's Triton kernels take on CUDA (lorakit.fast.kernels.patch's
+FAMILIES; kept here so the estimate needs no torch)."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,9 @@ class EstimateSettings:
     optimizer: str = "adamw"
     dropout: float = 0.05
     dtype: str = "bf16"
+    kernels: bool = True
+    """lorakit's Triton kernels (what `lorakit train` uses on CUDA for the Llama family); False: the plain
+    transformers code (CPU, or other model types whatever this says)."""
 
 
 @dataclass
@@ -157,7 +166,7 @@ def layer_activation_bytes(shape: ModelShape, s: EstimateSettings, targets: list
     h, f = shape.hidden, shape.intermediate
     q, k = shape.heads * shape.head_width, shape.kv_heads * shape.head_width
     full = s.method == "full"
-    norm = (4 * h if shape.rms_norm else a * h) + (a * h if full else 0)
+    norm = (_norm_input_bytes(shape, s) if not full else 4 * h if shape.rms_norm else a * h) + (a * h if full else 0)
     total = shape.norms_per_layer * norm
     widths = {name: i for name, (i, _) in shape.linear_shapes().items()}
     groups = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)]
@@ -178,8 +187,17 @@ def layer_activation_bytes(shape: ModelShape, s: EstimateSettings, targets: list
     if not full:
         total += a * s.r * len(targets)  # A's outputs
     total += a * (2 * q + 2 * k) + 4 * shape.heads  # SDPA: q, k, v, output, fp32 logsumexp
-    total += (3 if shape.gated_mlp else 1) * a * f
+    total += (2 if _kernels(shape, s) else 3) * a * f if shape.gated_mlp else a * f
     return total
+
+
+def _kernels(shape: ModelShape, s: EstimateSettings) -> bool:
+    return s.kernels and shape.model_type in KERNEL_FAMILIES
+
+
+def _norm_input_bytes(shape: ModelShape, s: EstimateSettings) -> int:
+    """Per token, what a frozen norm keeps: its bf16 input (Triton norm, LayerNorm) or an fp32 copy."""
+    return DTYPE_BYTES[s.dtype] * shape.hidden if _kernels(shape, s) or not shape.rms_norm else 4 * shape.hidden
 
 
 def estimate(shape: ModelShape, settings: EstimateSettings) -> MemoryEstimate:
@@ -203,15 +221,17 @@ def estimate(shape: ModelShape, settings: EstimateSettings) -> MemoryEstimate:
     per_layer = layer_activation_bytes(shape, s, targets)
     # the final norm's fp32 input; full: the head's gathered input too. LoRA without checkpointing: the
     # first norm sees frozen embeddings' output, which needs no gradient, so it keeps nothing
-    final = 4 * shape.hidden + (a * shape.hidden if s.method == "full" else 0)
-    first_norm = 0 if s.method == "full" else (4 if shape.rms_norm else a) * shape.hidden
-    if s.method == "full":
+    full = s.method == "full"
+    final = 4 * shape.hidden + a * shape.hidden if full else _norm_input_bytes(shape, s)
+    first_norm = 0 if full else _norm_input_bytes(shape, s)
+    if full:
         loss, loss_chunk = LOSS_BYTES_PER_VOCAB * shape.vocab, 0
     else:  # frozen head: chunked cross-entropy
-        loss, loss_chunk = a * shape.hidden, CHUNK_BYTES_PER_VOCAB * shape.vocab * min(CE_CHUNK, tokens)
+        per_vocab = a if _kernels(shape, s) else CHUNK_BYTES_PER_VOCAB
+        loss, loss_chunk = a * shape.hidden, per_vocab * shape.vocab * min(CE_CHUNK, tokens)
     if s.gradient_checkpointing:
         saved = shape.layers * a * shape.hidden + final
-        transient = max(loss, 2 * per_layer)
+        transient = max(loss, per_layer + (2 if shape.gated_mlp else 1) * a * shape.intermediate)
     else:
         saved = shape.layers * per_layer + final - first_norm
         transient = max(loss, per_layer)
