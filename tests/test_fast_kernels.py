@@ -137,3 +137,51 @@ def test_other_models_and_no_triton_are_left_alone(k, monkeypatch):
     assert k.patch.use_fast_kernels(tiny_gpt2()) == []
     monkeypatch.setattr(k.patch, "HAS_TRITON", False)
     assert k.patch.use_fast_kernels(tiny_llama()) == []
+
+
+def test_nf4_dequantize_gives_torchaos_values(k):
+    pytest.importorskip("torchao", reason="QLoRA's NF4 comes from torchao")
+    from lorakit.fast.kernels.nf4 import nf4_dequantize
+    from lorakit.quant.nf4 import quantize_weight
+
+    w = torch.randn(96, 200, generator=torch.Generator().manual_seed(3)).to(DEVICE)  # 300 blocks, scaler block 150
+    q = quantize_weight(w, torch.bfloat16)
+    expected, got = q.get_original_weight(), nf4_dequantize(q)
+    assert got.shape == expected.shape and got.dtype == expected.dtype == torch.bfloat16
+    if DEVICE == "cuda":
+        assert torch.equal(got, expected)
+    else:  # the interpreter rounds fp32 -> bf16 toward zero where CUDA (and torch) round to nearest even
+        ulp = expected.float().abs() * 2 ** -7
+        assert ((got.float() - expected.float()).abs() <= ulp).all()
+
+
+def test_qlora_layers_take_the_kernel_path_with_the_same_gradients(k, monkeypatch):
+    """A QLoRA tiny Llama: with the NF4 kernel path forced on (interpreted on CPU) the loss and LoRA
+    gradients match torchao's path, and nothing but the LoRA factors gets a gradient."""
+    pytest.importorskip("torchao", reason="QLoRA's NF4 comes from torchao")
+    import lorakit.quant.nf4 as nf4
+    from lorakit import LoraConfig, get_peft_model
+    from lorakit.quant import quantize_model
+
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    model = quantize_model(tiny_llama().to(DEVICE), "nf4")
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    model.train()
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach().float(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain = loss_and_grads()
+    calls = []
+    original = nf4._NF4Linear.apply
+    monkeypatch.setattr(nf4, "triton_runs", lambda t: True)
+    monkeypatch.setattr(nf4._NF4Linear, "apply", lambda *a: calls.append(1) or original(*a))
+    fast_loss, fast = loss_and_grads()
+    assert len(calls) == 14  # 7 projections x 2 layers
+    assert set(fast) == set(plain) and all("lora_" in n for n in fast)
+    assert abs(fast_loss - plain_loss) < 1e-2 * plain_loss
+    errors = [rel_err(fast[n], plain[n]) for n in plain]
+    assert max(errors) < 0.05, errors

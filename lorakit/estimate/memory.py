@@ -38,7 +38,8 @@ of a CE_CHUNK-row chunk; with `kernels`, the chunk's bf16 logits overwritten by 
 Every position is counted as labelled (packed pre-training data), the worst case.
 Peak = weights + gradients + optimizer states + max(saved activations + the loss's or one layer's
 transient buffers, AdamW's foreach step temporary: sqrt(v), one state's size) + QLoRA's dequantization
-buffer (torchao 0.18 materialises about 15 bytes per value of the largest layer while dequantizing it).
+buffer (lorakit's kernel writes the largest layer's dense weight, a bytes per value; with `kernels` off,
+torchao 0.18 materialises about 15 bytes per value while dequantizing it).
 Not modelled: the attention mask with padding (s² bytes per row), allocator fragmentation, and MoE.
 tests/test_estimate.py checks the saved-activation part against the tensors autograd really keeps (a
 bf16 Llama on CPU, full and LoRA): within 5%.
@@ -105,8 +106,8 @@ class EstimateSettings:
     dropout: float = 0.05
     dtype: str = "bf16"
     kernels: bool = True
-    """lorakit's Triton kernels (what `lorakit train` uses on CUDA for the Llama family); False: the plain
-    transformers code (CPU, or other model types whatever this says)."""
+    """lorakit's Triton kernels (what `lorakit train` uses on CUDA: norms, SwiGLU and cross-entropy for the
+    Llama family, NF4 dequantization for any); False: the plain transformers and torchao code (CPU)."""
 
 
 @dataclass
@@ -237,7 +238,8 @@ def estimate(shape: ModelShape, settings: EstimateSettings) -> MemoryEstimate:
         transient = max(loss, per_layer)
     activations = tokens * (saved + transient) + loss_chunk
     step_copy = trainable * (opt.bytes_per_value or a) if opt.foreach_copy and opt.states else 0
-    dequant = DEQUANT_BYTES_PER_VALUE * max(i * o for i, o in linears.values()) if s.method == "qlora" else 0
+    per_value = a if s.kernels else DEQUANT_BYTES_PER_VALUE
+    dequant = per_value * max(i * o for i, o in linears.values()) if s.method == "qlora" else 0
     workspace = max(0, step_copy - activations) + dequant
     fixed = int(weights) + trainable * a + int(optimizer)
     detail = {"per_layer_activation_bytes_per_token": per_layer, "saved_bytes_per_token": saved,

@@ -14,17 +14,23 @@ Bytes per weight: 0.5 + 1/64 + (factor bytes) / (64 · scaler_block_size) ≈ 0.
 How it computes: the layer stays a plain `nn.Linear` whose `weight` is an `NF4Tensor` parameter
 (requires_grad=False). torchao routes `F.linear(x, nf4_weight)` to its `LinearNF4` autograd function,
 which dequantizes the weight to x's dtype for the matmul in forward and again in backward, saving only
-the 4-bit weight for backward, never a dense copy. Because the module is still an `nn.Linear`, lorakit's
-injection finds and wraps it unchanged, and LoRA's A and B stay dense.
+the 4-bit weight for backward, never a dense copy. On CUDA (with Triton) the layer's forward does the
+same with lorakit's dequantization kernel (`lorakit.fast.kernels.nf4`: the same values, but only the
+dense weight is allocated, where torchao's makes ~15 bytes of temporaries per value). Because the module
+is still an `nn.Linear`, lorakit's injection finds and wraps it unchanged, and LoRA's A and B stay dense.
 """
 from __future__ import annotations
 
+import types
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..fast.kernels.nf4 import nf4_dequantize
+from ..fast.kernels.runtime import triton_runs
 
 BLOCK_SIZE = 64
 """Values per absmax block (QLoRA's and torchao's default)."""
@@ -104,6 +110,7 @@ def quantize_linear_(module: nn.Linear, compute_dtype: torch.dtype) -> None:
     module.weight = nn.Parameter(nf4, requires_grad=False)
     if module.bias is not None:
         module.bias.data = module.bias.data.to(compute_dtype)
+    module.forward = types.MethodType(_nf4_linear_forward, module)
 
 
 @torch.no_grad()
@@ -112,6 +119,28 @@ def dequantize_linear_(module: nn.Linear, dtype: Optional[torch.dtype] = None) -
     weight = module.weight
     dense = weight.get_original_weight()
     module.weight = nn.Parameter(dense.to(dtype or dense.dtype), requires_grad=weight.requires_grad)
+    module.__dict__.pop("forward", None)  # nn.Linear's own forward again
+
+
+def _nf4_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if triton_runs(x) and is_nf4(self.weight):
+        return _NF4Linear.apply(x, self.weight, self.bias)
+    return F.linear(x, self.weight, self.bias)  # torchao's LinearNF4
+
+
+class _NF4Linear(torch.autograd.Function):
+    """x Wᵀ + b for a frozen NF4 W, dequantized by lorakit's kernel in forward and again in backward
+    (only the 4-bit weight is kept between them)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return F.linear(x, nf4_dequantize(weight).to(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        return grad_out @ nf4_dequantize(weight).to(grad_out.dtype), None, None
 
 
 def nf4_bytes(weight: torch.Tensor) -> int:
