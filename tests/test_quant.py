@@ -183,3 +183,54 @@ def test_cli_train_with_quantize_nf4_writes_a_plain_adapter(tmp_path):
     dense = AutoModelForCausalLM.from_pretrained(folder)
     loaded = PeftModel.from_pretrained(dense, out / "adapter")  # fingerprint: shapes, not 4-bit values
     assert not quantized_layers(loaded) and loaded.get_nb_trainable_parameters()[0] == 0
+
+
+def _nf4_of(w: torch.Tensor):
+    from lorakit.quant.nf4 import quantize_weight
+
+    q = quantize_weight(w, torch.float32)
+    return q, q.dequantize_scalers(q.quantized_scalers, q.quantization_factor, q.scaler_block_size)
+
+
+def test_gptq_rounding_is_nearest_for_uncorrelated_inputs_and_better_for_correlated_ones():
+    """With H a multiple of the identity no error can be pushed anywhere useful: GPTQ's codes are the nearest
+    levels (of the stored, double-quantized scales). With correlated inputs its output error ‖(W − Q) X‖ is
+    smaller than round-to-nearest's."""
+    from lorakit.quant.gptq import nf4_codes, requantize_nf4_
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 128, generator=g)
+    q, scales = _nf4_of(w)
+    per_weight = scales.repeat_interleave(q.block_size).reshape(w.shape)
+    nearest_codes = (w[..., None] / per_weight[..., None] - q.nf4).abs().argmin(-1)
+    codes = nf4_codes(w, scales, q.nf4, 3.0 * torch.eye(128), q.block_size)
+    assert torch.equal(codes.long(), nearest_codes)
+    requantize_nf4_(q, nearest_codes.to(torch.uint8))
+    nearest = q.get_original_weight()
+
+    mix = torch.randn(128, 128, generator=g)
+    x = torch.randn(4096, 128, generator=g) @ mix * torch.linspace(0.1, 3, 128)  # (tokens, in), correlated
+    codes = nf4_codes(w, scales, q.nf4, x.T @ x, q.block_size)
+    requantize_nf4_(q, codes)
+    chosen = q.get_original_weight()
+    assert torch.equal(chosen.reshape(-1, 64), q.nf4[codes.long()].reshape(-1, 64) * scales[:, None])  # NF4 levels
+    rtn_error, gptq_error = ((w - nearest) @ x.T).norm(), ((w - chosen) @ x.T).norm()
+    assert gptq_error < 0.8 * rtn_error, (gptq_error, rtn_error)
+
+
+def test_calibrated_quantization_lowers_the_output_error_of_a_model():
+    from lorakit.quant.nf4 import is_nf4
+
+    dense = tiny_llama()
+    batches = [{"input_ids": _ids(seed)} for seed in range(4)]
+    with torch.no_grad():
+        reference = [dense(**b).logits for b in batches]
+    nearest, calibrated = quantize_model(copy.deepcopy(dense), "nf4"), \
+        quantize_model(copy.deepcopy(dense), "nf4", calibration=batches)
+    assert calibrated.lorakit_quantization["rounding"] == "gptq (4 calibration batches)"
+    assert nearest.lorakit_quantization["rounding"] == "nearest"
+    assert all(is_nf4(m.weight) for m in calibrated.modules() if type(m) is nn.Linear and m is not calibrated.lm_head)
+    with torch.no_grad():
+        errors = [sum(rel_err(model(**b).logits, r) for b, r in zip(batches, reference)) for model in (nearest, calibrated)]
+    assert errors[1] < errors[0], errors
+    assert calibrated.training is dense.training  # calibration ran in eval mode and left the mode alone

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..atomic import atomic_write_json
 from ..train.config import TrainConfig
-from .train_data import causal_data, label_arguments, read_task_records, task_data
+from .train_data import calibration_batches, causal_data, label_arguments, read_task_records, task_data
 
 # The demo's settings, measured on a 2-core CPU (docs/BENCHMARKS.md): short answers need few tokens, and
 # three epochs at a higher learning rate teach 38 facts in about four minutes; r=8 keeps the adapter < 10 MB.
@@ -62,10 +62,12 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
     if config.quantize:  # QLoRA: the frozen base weights in 4-bit before LoRA wraps them
         from ..quant import quantize_model
 
-        model = quantize_model(model, config.quantize)
+        calibration = calibration_batches(config, tokenizer, loaded.device) \
+            if config.quantize_calibration > 0 and not task else None
+        model = quantize_model(model, config.quantize, calibration=calibration)
         q = model.lorakit_quantization
         print(f"QLoRA: {len(q['quantized'])} linear layers in NF4 ({q['dense_bytes'] / 1e6:.0f} MB -> "
-              f"{q['quantized_bytes'] / 1e6:.0f} MB), compute in {q['compute_dtype']}")
+              f"{q['quantized_bytes'] / 1e6:.0f} MB), compute in {q['compute_dtype']}, rounding: {q['rounding']}")
     lora = LoraConfig(**{**config.lora_kwargs(), "target_modules": _targets(config, model)})
     model = get_peft_model(model, lora)
     use_fast_kernels(model)  # Triton RMSNorm / SwiGLU / rotary on CUDA tensors; the same code as before elsewhere

@@ -14,6 +14,8 @@ from typing import Any, Optional
 from ..train.config import TrainConfig
 
 VAL_FRACTION = 0.05
+CALIBRATION_BATCH = 8
+"""Rows per forward pass while collecting QLoRA's calibration statistics."""
 
 
 def data_fingerprint(path: str) -> str:
@@ -76,6 +78,27 @@ def _collate_fn(tokenizer, model_dtype, flatten: bool):
     pad = tokenizer.pad_token_id
     return lambda examples: collate_causal(examples, pad_token_id=pad, mask_dtype=model_dtype,  # masks in compute dtype
                                            flatten=flatten)
+
+
+def calibration_batches(config: TrainConfig, tokenizer, device) -> list[dict[str, Any]]:
+    """QLoRA's calibration inputs (GPTQ rounding): the first `config.quantize_calibration` examples of the
+    run's training split (the demo's chats without --data), unpacked, CALIBRATION_BATCH rows a batch."""
+    from dataclasses import replace
+
+    from ..data import build_causal_examples, collate_causal, load_demo, read_records, records_from_dicts, train_val_split
+
+    if config.data is None:
+        records = records_from_dicts([{"messages": r["messages"]} for r in load_demo().train], name="built-in demo")
+    else:
+        records = read_records(config.data)
+        if not config.eval_data:
+            records, _ = train_val_split(records, val_fraction=VAL_FRACTION, seed=config.seed)
+    n = config.quantize_calibration
+    examples = build_causal_examples(replace(records, records=records.records[:n], sources=records.sources[:n]),
+                                     tokenizer, seq_len=config.seq_len).examples
+    groups = [examples[i:i + CALIBRATION_BATCH] for i in range(0, len(examples), CALIBRATION_BATCH)]
+    batches = [collate_causal(group, pad_token_id=tokenizer.pad_token_id) for group in groups]
+    return [{k: b[k].to(device) for k in ("input_ids", "attention_mask")} for b in batches]
 
 
 def causal_data(config: TrainConfig, tokenizer, model_dtype, distill: bool, flatten: bool = False) -> dict[str, Any]:

@@ -21,16 +21,18 @@ lorakit/quant/nf4.py for why.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from . import nf4
+from . import gptq, nf4
 
 QUANT_METHODS = ("nf4",)
 """The values `quantize=` accepts."""
+MOMENT_BYTES = 2 << 30
+"""Input moments (GPTQ's H) held at once while calibrating: layers are calibrated in groups this big."""
 
 
 def default_compute_dtype(model: nn.Module) -> torch.dtype:
@@ -44,7 +46,7 @@ def default_compute_dtype(model: nn.Module) -> torch.dtype:
 
 
 def quantize_model(model: nn.Module, method: str = "nf4", compute_dtype: Optional[torch.dtype] = None,
-                   skip_modules: tuple[str, ...] = ()) -> nn.Module:
+                   skip_modules: tuple[str, ...] = (), calibration: Optional[Sequence[dict]] = None) -> nn.Module:
     """Replace the frozen weights of `model`'s linear layers by 4-bit NF4, in place; returns `model`.
 
     Args:
@@ -53,6 +55,9 @@ def quantize_model(model: nn.Module, method: str = "nf4", compute_dtype: Optiona
         compute_dtype: the dtype weights are dequantized to for each matmul; None = bf16 on CUDA, the
             model's float dtype elsewhere (see the module docstring).
         skip_modules: names (exact or `.suffix`) of more linear layers to keep dense.
+        calibration: batches of the model's inputs (input_ids, attention_mask): each weight's NF4 level is
+            then chosen against them (GPTQ's rounding, lorakit/quant/gptq.py) instead of being the nearest;
+            the result is the same NF4 format. None: round to nearest.
 
     Returns:
         The same model. `model.lorakit_quantization` records the method, compute dtype, the quantized
@@ -69,20 +74,52 @@ def quantize_model(model: nn.Module, method: str = "nf4", compute_dtype: Optiona
     compute_dtype = compute_dtype or default_compute_dtype(model)
     report: dict[str, Any] = {"method": method, "compute_dtype": str(compute_dtype).removeprefix("torch."),
                               "quantized": [], "skipped": {}, "dense_bytes": 0, "quantized_bytes": 0}
-    for name, module in _quantizable_linears(model, skip_modules):
-        dense_bytes = module.weight.numel() * module.weight.element_size()
-        try:
-            nf4.quantize_linear_(module, compute_dtype)
-        except ValueError as err:
-            report["skipped"][name] = str(err)
-            continue
-        report["quantized"].append(name)
-        report["dense_bytes"] += dense_bytes
-        report["quantized_bytes"] += nf4.nf4_bytes(module.weight)
+    report["rounding"] = f"gptq ({len(calibration)} calibration batches)" if calibration else "nearest"
+    for group in _calibration_groups(_quantizable_linears(model, skip_modules), calibration):
+        moments = gptq.input_moments(model, dict(group), calibration) if calibration else {}
+        for name, module in group:
+            dense = module.weight.detach()
+            dense_bytes = dense.numel() * dense.element_size()
+            try:
+                nf4.quantize_linear_(module, compute_dtype)
+            except ValueError as err:
+                report["skipped"][name] = str(err)
+                continue
+            if name in moments:
+                w = module.weight
+                scales = w.dequantize_scalers(w.quantized_scalers, w.quantization_factor, w.scaler_block_size)
+                gptq.requantize_nf4_(w, gptq.nf4_codes(dense, scales, w.nf4, moments.pop(name), w.block_size))
+            _record(report, name, dense_bytes, module)
+    return _finish(model, report, method)
+
+
+def _calibration_groups(layers: list[tuple[str, nn.Linear]], calibration) -> list[list[tuple[str, nn.Linear]]]:
+    """The layers in groups whose input moments (in² fp32 values each) fit MOMENT_BYTES together: each
+    group takes one calibration pass, through the model with the earlier groups already quantized (so
+    later layers see their quantized inputs, as GPTQ does). Without calibration: one group."""
+    if not calibration:
+        return [layers]
+    groups, size = [[]], 0
+    for name, module in layers:
+        need = 4 * module.in_features ** 2
+        if groups[-1] and size + need > MOMENT_BYTES:
+            groups, size = groups + [[]], 0
+        groups[-1].append((name, module))
+        size += need
+    return groups
+
+
+def _record(report: dict, name: str, dense_bytes: int, module: nn.Linear) -> None:
+    report["quantized"].append(name)
+    report["dense_bytes"] += dense_bytes
+    report["quantized_bytes"] += nf4.nf4_bytes(module.weight)
+
+
+def _finish(model: nn.Module, report: dict, method: str) -> nn.Module:
     if report["skipped"]:
         first = next(iter(report["skipped"].items()))
         warnings.warn(f"{len(report['skipped'])} linear layer(s) left unquantized (dense), e.g. {first[0]}: "
-                      f"{first[1]}. See model.lorakit_quantization['skipped'].", stacklevel=2)
+                      f"{first[1]}. See model.lorakit_quantization['skipped'].", stacklevel=3)
     if not report["quantized"]:
         raise ConfigError([f"no linear layer of {type(model).__name__} could be quantized to {method}: "
                            f"{report['skipped'] or 'it has no nn.Linear layers besides the output head'}"],
