@@ -24,6 +24,7 @@ TASK_TYPES = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS", "token-cls": "TOKE
 LR_SCHEDULES = ("cosine", "linear", "constant")
 NAN_POLICIES = ("stop", "skip")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+OPTIMIZERS = ("adamw", "adamw8bit")
 INIT_LORA_WEIGHTS = (True, False, "gaussian", "pissa", "olora")
 
 
@@ -96,6 +97,10 @@ class TrainConfig:
     lora_plus_ratio: Optional[float] = None
     """LoRA+: the learning rate of the lora_B matrices is lr x this ratio (the paper suggests
     16). None = off."""
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    """adamw: torch's AdamW. adamw8bit: torchao's AdamW8bit, moments in 8 bits per value in blocks of 256
+    (tensors under 4,096 values keep fp32 moments); its step is compiled with torch.compile the first
+    time each shape is seen (seconds on CPU). Needs torchao; not with --fsdp."""
     seed: int = 42
     """Seed for initialisation, dropout and the data order of every epoch."""
 
@@ -176,7 +181,7 @@ class TrainConfig:
 def _choice_problems(c: TrainConfig) -> list[str]:
     choices = [("task", c.task, TASKS), ("lr_schedule", c.lr_schedule, LR_SCHEDULES),
                ("nan_policy", c.nan_policy, NAN_POLICIES), ("dtype", c.dtype, DTYPES),
-               ("quantize", c.quantize, (None, "nf4"))]
+               ("quantize", c.quantize, (None, "nf4")), ("optimizer", c.optimizer, OPTIMIZERS)]
     problems = [f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}"
                 for name, value, allowed in choices if value not in allowed]
     if not any(c.init_lora_weights is v or c.init_lora_weights == v and isinstance(v, str)
@@ -257,6 +262,10 @@ def _combination_problems(c: TrainConfig) -> list[str]:
         problems.append("quantize=nf4 needs torchao: pip install 'lorakit[qlora]'")
     if c.packing and c.task != "causal-lm":
         problems.append(f"packing works only with task causal-lm; task is {c.task!r}")
+    if c.optimizer == "adamw8bit" and importlib.util.find_spec("torchao") is None:
+        problems.append("optimizer=adamw8bit needs torchao: pip install 'lorakit[qlora]'")
+    if c.fsdp and c.optimizer != "adamw":
+        problems.append(f"fsdp saves plain AdamW states only; optimizer {c.optimizer!r} is not supported with it")
     if c.fsdp and c.quantize:
         problems.append("fsdp cannot shard quantized (quantize=nf4) weights; use one of the two")
     if c.fsdp and c.dtype == "float16":

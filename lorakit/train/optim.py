@@ -1,4 +1,5 @@
-"""AdamW over the trainable parameters (with LoRA+ groups) and the warmup + decay schedule."""
+"""AdamW (torch's, or torchao's 8-bit) over the trainable parameters (with LoRA+ groups) and the warmup +
+decay schedule."""
 from __future__ import annotations
 
 import math
@@ -57,9 +58,14 @@ def build_param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
     return [groups[k] for k in order if k in groups]
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters only, grouped as `build_param_groups` says."""
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters only, grouped as `build_param_groups` says: torch's, or with
+    `config.optimizer == "adamw8bit"` torchao's AdamW8bit (8-bit block-wise moments)."""
     groups = build_param_groups(model, config)
+    if config.optimizer == "adamw8bit":
+        from torchao.optim import AdamW8bit
+
+        return AdamW8bit(groups, lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
     # foreach: one multi-tensor update for all the small LoRA tensors (PyTorch picks it on CUDA only)
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, foreach=True)
 
