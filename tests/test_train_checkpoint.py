@@ -170,3 +170,27 @@ def test_sigterm_requests_a_stop_and_handlers_are_restored():
         os.kill(os.getpid(), signal.SIGTERM)
         assert flag.requested and flag.reason == "SIGTERM received"
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_adamw8bit_trains_checkpoints_and_resumes_exactly(tmp_path):
+    """--optimizer adamw8bit through the Trainer: logged lr is a number (torchao keeps it as a tensor),
+    its 8-bit states go into the checkpoint and a resumed run ends where the straight one does."""
+    pytest.importorskip("torchao", reason="adamw8bit is torchao's")
+
+    def go(run_dir, callbacks=(), **overrides):
+        model = tiny_lora_model(seed=2, r=128)  # lora_A 128 x 32: 4,096 values, the smallest AdamW8bit quantizes
+        config = fast_config(**{**RESUME_SETTINGS, "max_steps": 4, "save_every": 2, "optimizer": "adamw8bit",
+                                **overrides})
+        trainer = Trainer(model, resume_data(), collate, config, run_dir, callbacks=callbacks, progress=False)
+        return model, trainer.fit()
+
+    straight_model, _ = go(tmp_path / "straight")
+    assert all(isinstance(lr, float) for lr in
+               (e["lr"] for e in read_metrics(tmp_path / "straight" / "metrics.jsonl") if e["event"] == "train"))
+    _, stopped = go(tmp_path / "resumed", callbacks=[sigint_at(2)])
+    assert stopped.interrupted and stopped.steps == 2
+    resumed_model, resumed = go(tmp_path / "resumed", resume=True)
+    assert resumed.resumed_from_step == 2 and resumed.steps == 4
+    expected, got = trainable_snapshot(straight_model), trainable_snapshot(resumed_model)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0)

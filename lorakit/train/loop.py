@@ -383,7 +383,7 @@ class Trainer:
         grad_norm = float(fsdp.full_tensor(norm))
         if not math.isfinite(grad_norm) and not self.grad_scaler.is_enabled():
             return None  # (with fp16 loss scaling, inf grads are routine: the scaler skips the step)
-        lr = self.scheduler.get_last_lr()[0] / self._group_ratio(0)
+        lr = float(self.scheduler.get_last_lr()[0]) / self._group_ratio(0)  # (torchao keeps lr as a tensor)
         self.grad_scaler.step(self.optimizer)
         self.grad_scaler.update()
         self.scheduler.step()
@@ -501,7 +501,7 @@ class Trainer:
 
     def _group_ratio(self, index: int) -> float:
         """How the group's peak lr relates to config.lr (LoRA+ B groups run at lr x ratio)."""
-        return self.optimizer.param_groups[index]["initial_lr"] / self.config.lr
+        return float(self.optimizer.param_groups[index]["initial_lr"]) / self.config.lr
 
     def _epoch_float(self) -> float:
         return self.state.epoch + self.state.micro_batch / self.micro_batches_per_epoch
