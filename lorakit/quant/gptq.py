@@ -28,7 +28,8 @@ COLUMNS_PER_PASS = 128
 @torch.no_grad()
 def input_moments(model: nn.Module, layers: dict[str, nn.Linear], batches: Iterable[dict]) -> dict[str, torch.Tensor]:
     """H = Σ x xᵀ (fp32) of each named linear layer's inputs over the calibration `batches` (the model's
-    forward keyword arguments, e.g. input_ids and attention_mask), from one pass of the dense model."""
+    forward keyword arguments, e.g. input_ids and attention_mask): one pass of the model as it is now
+    (quantize_model calibrates group by group, so later layers see the earlier ones quantized)."""
     moments = {name: torch.zeros(m.in_features, m.in_features, device=m.weight.device) for name, m in layers.items()}
 
     def hook(name):
