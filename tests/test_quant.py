@@ -234,3 +234,19 @@ def test_calibrated_quantization_lowers_the_output_error_of_a_model():
         errors = [sum(rel_err(model(**b).logits, r) for b, r in zip(batches, reference)) for model in (nearest, calibrated)]
     assert errors[1] < errors[0], errors
     assert calibrated.training is dense.training  # calibration ran in eval mode and left the mode alone
+
+
+def test_a_quantized_model_with_the_kernels_switched_in_pickles():
+    """The per-instance forwards (NF4 layers, kernel norms and MLPs) survive torch.save of the whole model."""
+    import io
+
+    from lorakit.fast import use_fast_kernels
+
+    model = quantize_model(tiny_llama(), "nf4")
+    use_fast_kernels(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False)
+    ids = _ids()
+    assert torch.equal(restored(ids).logits, model(ids).logits)

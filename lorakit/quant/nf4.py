@@ -21,7 +21,7 @@ is still an `nn.Linear`, lorakit's injection finds and wraps it unchanged, and L
 """
 from __future__ import annotations
 
-import types
+import functools
 from typing import Optional
 
 import torch
@@ -110,7 +110,7 @@ def quantize_linear_(module: nn.Linear, compute_dtype: torch.dtype) -> None:
     module.weight = nn.Parameter(nf4, requires_grad=False)
     if module.bias is not None:
         module.bias.data = module.bias.data.to(compute_dtype)
-    module.forward = types.MethodType(_nf4_linear_forward, module)
+    module.forward = functools.partial(_nf4_linear_forward, module)  # (a partial pickles; a bound method would not)
 
 
 @torch.no_grad()

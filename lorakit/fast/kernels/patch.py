@@ -7,8 +7,8 @@ module) the same way: kernel where it runs, transformers' function otherwise.
 """
 from __future__ import annotations
 
+import functools
 import importlib
-import types
 
 import torch
 from torch import nn
@@ -60,10 +60,10 @@ def use_fast_kernels(model: nn.Module) -> list[str]:
     for module in base.modules():
         name = type(module).__name__
         if name in NORMS and hasattr(module, "variance_epsilon"):
-            module.forward = types.MethodType(_norm_forward, module)
+            module.forward = functools.partial(_norm_forward, module)  # a partial pickles, a bound method not
             norms += 1
         elif name in MLPS and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation"):
-            module.forward = types.MethodType(_mlp_forward, module)
+            module.forward = functools.partial(_mlp_forward, module)
             mlps += 1
     modeling = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
     current = getattr(modeling, "apply_rotary_pos_emb", None)
