@@ -143,13 +143,7 @@ def child(config_name: str, method: str, steps: int, warmup: int, gradient_check
             start = time.perf_counter()
             if cfg["device"] == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-        batch = {k: v.to(cfg["device"]) for k, v in batch.items()}
-        with autocast:
-            loss = loss_fn(model, batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        losses.append(float(train_step(model, loss_fn, optimizer, batch, cfg["device"], autocast)))
         if i >= warmup:
             tokens += real_tokens  # padding is not counted: every method trains the same tokens
     sync()
@@ -163,6 +157,17 @@ def child(config_name: str, method: str, steps: int, warmup: int, gradient_check
             "flops_per_token": flops_per_token(base, cfg["seq"], full=method == "full")}
 
 
+def train_step(model, loss_fn, optimizer, batch: dict, device: str, autocast):
+    """One optimizer step on `batch` (moved to `device`, forward under `autocast`); returns the loss."""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    with autocast:
+        loss = loss_fn(model, batch)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def profile_steps(method: str, model, loss_fn, optimizer, data: list, device: str, autocast) -> None:
     """Three more steps under torch.profiler: the ops that took the most device time, printed."""
     import torch
@@ -171,12 +176,7 @@ def profile_steps(method: str, model, loss_fn, optimizer, data: list, device: st
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
         for batch, _ in data:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast:
-                loss = loss_fn(model, batch)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            train_step(model, loss_fn, optimizer, batch, device, autocast)
         if device == "cuda":
             torch.cuda.synchronize()
     for key in (["self_cuda_time_total"] if device == "cuda" else []) + ["self_cpu_time_total"]:
@@ -195,27 +195,24 @@ def flops_per_token(model, seq: int, full: bool) -> float:
 
 
 def peak_flops(device: str) -> tuple[float, str]:
-    """Peak matmul FLOP/s: H100 SXM's dense bf16 spec on CUDA; a measured fp32 matmul on CPU."""
+    """The matmul rate MFU is measured against, measured here: bf16 8192³ products on CUDA (what the
+    issue's MFU uses), fp32 2048³ on CPU."""
     import torch
 
-    if device == "cuda":  # the rate this GPU's bf16 matmuls reach, measured, as the issue's MFU uses
-        a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        for _ in range(3):
-            a @ b
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(20):
-            a @ b
-        torch.cuda.synchronize()
-        rate = 20 * 2 * 8192 ** 3 / (time.perf_counter() - start)
-        return rate, f"{rate / 1e12:.0f} TFLOP/s (bf16 8192^3 matmul measured here)"
-    a = torch.randn(2048, 2048)
-    a @ a
-    start = time.perf_counter()
-    for _ in range(5):
-        a @ a
-    rate = 5 * 2 * 2048 ** 3 / (time.perf_counter() - start)
-    return rate, f"{rate / 1e9:.0f} GFLOP/s (fp32 2048x2048 matmul measured here)"
+    cuda = device == "cuda"
+    n, dtype, label, unit = (8192, torch.bfloat16, "bf16 8192^3", 1e12) if cuda else \
+        (2048, torch.float32, "fp32 2048x2048", 1e9)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3 if cuda else 1):
+        a @ b
+    sync()
+    repeats, start = 20 if cuda else 5, time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync()
+    rate = repeats * 2 * n ** 3 / (time.perf_counter() - start)
+    return rate, f"{rate / unit:.0f} {'TFLOP/s' if cuda else 'GFLOP/s'} ({label} matmul measured here)"
 
 
 def available(method: str) -> bool:
@@ -231,14 +228,15 @@ def main() -> None:
     parser.add_argument("--config", default="cpu", choices=list(CONFIGS))
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--steps", type=int, default=0, help="measured steps (default: 8 on CPU, 20 on CUDA)")
-    parser.add_argument("--warmup", type=int, default=0, help="unmeasured first steps (default: 2 on CPU, 5 on CUDA)")
+    parser.add_argument("--warmup", type=int, help="unmeasured first steps (default: 2 on CPU, 5 on CUDA)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--profile", action="store_true", help="also print each method's top ops by device time")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     cfg = CONFIGS[args.config]
     steps = args.steps or (8 if cfg["device"] == "cpu" else 20)
-    args.warmup = args.warmup or (2 if cfg["device"] == "cpu" else 5)  # CUDA: Triton compiles, clocks settle
+    if args.warmup is None:
+        args.warmup = 2 if cfg["device"] == "cpu" else 5  # CUDA: Triton compiles, clocks settle
     if args.child:
         method, out = args.child
         Path(out).write_text(json.dumps(child(args.config, method, steps, args.warmup, args.gradient_checkpointing,

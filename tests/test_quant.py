@@ -186,10 +186,11 @@ def test_cli_train_with_quantize_nf4_writes_a_plain_adapter(tmp_path):
 
 
 def _nf4_of(w: torch.Tensor):
+    from lorakit.fast.kernels.nf4 import block_scales
     from lorakit.quant.nf4 import quantize_weight
 
     q = quantize_weight(w, torch.float32)
-    return q, q.dequantize_scalers(q.quantized_scalers, q.quantization_factor, q.scaler_block_size)
+    return q, block_scales(q)
 
 
 def test_gptq_rounding_is_nearest_for_uncorrelated_inputs_and_better_for_correlated_ones():

@@ -82,17 +82,12 @@ def _collate_fn(tokenizer, model_dtype, flatten: bool):
 
 def calibration_batches(config: TrainConfig, tokenizer, device) -> list[dict[str, Any]]:
     """QLoRA's calibration inputs (GPTQ rounding): the first `config.quantize_calibration` examples of the
-    run's training split (the demo's chats without --data), unpacked, CALIBRATION_BATCH rows a batch."""
+    run's training records (`_causal_records`), unpacked, CALIBRATION_BATCH rows a batch."""
     from dataclasses import replace
 
-    from ..data import build_causal_examples, collate_causal, load_demo, read_records, records_from_dicts, train_val_split
+    from ..data import build_causal_examples, collate_causal
 
-    if config.data is None:
-        records = records_from_dicts([{"messages": r["messages"]} for r in load_demo().train], name="built-in demo")
-    else:
-        records = read_records(config.data)
-        if not config.eval_data:
-            records, _ = train_val_split(records, val_fraction=VAL_FRACTION, seed=config.seed)
+    records, _ = _causal_records(config, with_val=False)
     n = config.quantize_calibration
     examples = build_causal_examples(replace(records, records=records.records[:n], sources=records.sources[:n]),
                                      tokenizer, seq_len=config.seq_len).examples
@@ -101,11 +96,26 @@ def calibration_batches(config: TrainConfig, tokenizer, device) -> list[dict[str
     return [{k: b[k].to(device) for k in ("input_ids", "attention_mask")} for b in batches]
 
 
+def _causal_records(config: TrainConfig, demo=None, with_val: bool = True) -> tuple[Any, Any]:
+    """(train, val) records of a causal-LM run: the demo's chats and no val without --data (the demo is
+    judged on its held-out questions); else --data with --eval-data, or a seeded VAL_FRACTION split of
+    --data. `with_val=False`: val is None and --eval-data is not read."""
+    from ..data import load_demo, read_records, records_from_dicts, train_val_split
+
+    if config.data is None:
+        demo = demo or load_demo()
+        return records_from_dicts([{"messages": r["messages"]} for r in demo.train], name="built-in demo"), None
+    records = read_records(config.data)
+    if config.eval_data:
+        return records, read_records(config.eval_data) if with_val else None
+    return train_val_split(records, val_fraction=VAL_FRACTION, seed=config.seed)
+
+
 def causal_data(config: TrainConfig, tokenizer, model_dtype, distill: bool, flatten: bool = False) -> dict[str, Any]:
     """Causal-LM data: {"train": examples, "stats", "val": examples or None, "collate", "demo": Demo or None,
     "fingerprint", "task": None}. `distill`: the demo's rehearsal chats get a KL term (the loss supports it);
     `flatten`: packed batches become one padding-free row (the model attends per example)."""
-    from ..data import build_causal_examples, load_demo, read_records, records_from_dicts, train_val_split
+    from ..data import build_causal_examples, load_demo
 
     collate = _collate_fn(tokenizer, model_dtype, flatten)
     if config.data is None:
@@ -114,15 +124,9 @@ def causal_data(config: TrainConfig, tokenizer, model_dtype, distill: bool, flat
         if distill:
             return {**_demo_examples(demo, tokenizer, config), "val": None, "collate": collate, "demo": demo,
                     "fingerprint": fingerprint, "task": None}
-        train = records_from_dicts([{"messages": r["messages"]} for r in demo.train], name="built-in demo")
-        val = None  # the demo is judged on its held-out questions
     else:
-        demo, records = None, read_records(config.data)
-        fingerprint = data_fingerprint(config.data)
-        if config.eval_data:
-            train, val = records, read_records(config.eval_data)
-        else:
-            train, val = train_val_split(records, val_fraction=VAL_FRACTION, seed=config.seed)
+        demo, fingerprint = None, data_fingerprint(config.data)
+    train, val = _causal_records(config, demo)
     train_ex = build_causal_examples(train, tokenizer, seq_len=config.seq_len, packing=config.packing)
     print(f"training data: {train_ex.stats.summary()}")
     val_ex = build_causal_examples(val, tokenizer, seq_len=config.seq_len) if val is not None and len(val) else None

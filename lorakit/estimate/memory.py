@@ -167,7 +167,10 @@ def layer_activation_bytes(shape: ModelShape, s: EstimateSettings, targets: list
     h, f = shape.hidden, shape.intermediate
     q, k = shape.heads * shape.head_width, shape.kv_heads * shape.head_width
     full = s.method == "full"
-    norm = (_norm_input_bytes(shape, s) if not full else 4 * h if shape.rms_norm else a * h) + (a * h if full else 0)
+    if full:  # the norm weight trains: what the plain norm keeps, and its normalized input for the weight's gradient
+        norm = (4 * h if shape.rms_norm else a * h) + a * h
+    else:
+        norm = _norm_input_bytes(shape, s)
     total = shape.norms_per_layer * norm
     widths = {name: i for name, (i, _) in shape.linear_shapes().items()}
     groups = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)]

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..fast.kernels.nf4 import block_scales
 from . import gptq, nf4
 
 QUANT_METHODS = ("nf4",)
@@ -87,8 +88,8 @@ def quantize_model(model: nn.Module, method: str = "nf4", compute_dtype: Optiona
                 continue
             if name in moments:
                 w = module.weight
-                scales = w.dequantize_scalers(w.quantized_scalers, w.quantization_factor, w.scaler_block_size)
-                gptq.requantize_nf4_(w, gptq.nf4_codes(dense, scales, w.nf4, moments.pop(name), w.block_size))
+                codes = gptq.nf4_codes(dense, block_scales(w), w.nf4, moments.pop(name), w.block_size)
+                gptq.requantize_nf4_(w, codes)
             _record(report, name, dense_bytes, module)
     return _finish(model, report, method)
 

@@ -34,10 +34,15 @@ if HAS_TRITON:
         tl.store(out_ptr + i, (level * scale).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def block_scales(weight) -> torch.Tensor:
+    """(blocks,) the scale of each block of a torchao NF4Tensor, in its dtype, double quantization undone:
+    the factor its dequantized values are the NF4 levels times."""
+    return weight.dequantize_scalers(weight.quantized_scalers, weight.quantization_factor, weight.scaler_block_size)
+
+
 def nf4_dequantize(weight) -> torch.Tensor:
     """The dense weight (its shape, its dtype) of a torchao NF4Tensor, equal to `get_original_weight()`."""
-    scales = weight.dequantize_scalers(weight.quantized_scalers, weight.quantization_factor,
-                                       weight.scaler_block_size)  # (blocks,) in the weight's dtype
+    scales = block_scales(weight)
     out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
     n = out.numel()
     _nf4_dequantize[(triton.cdiv(n, BLOCK),)](weight.quantized_data, weight.nf4, scales, out, n,
