@@ -86,6 +86,20 @@ def test_rotary_on_transposed_views(k, cos_batch):
         assert rel_err(g_.cpu(), e) < BF16
 
 
+def test_rotary_backward_takes_gradients_in_any_layout(k):
+    """Upstream gradients whose last dimension is not contiguous give the reference's gradients too."""
+    q, kk = _randn(1, 3, 2, 8).transpose(1, 2), _randn(1, 3, 1, 8, seed=1).transpose(1, 2)  # (1, h, 3, 8)
+    angles = torch.rand(1, 3, 8, generator=torch.Generator().manual_seed(2)) * 6
+    cos, sin = angles.cos().to(DEVICE, torch.bfloat16), angles.sin().to(DEVICE, torch.bfloat16)
+    ups = [torch.randn(1, h, 8, 3, generator=torch.Generator().manual_seed(h)).transpose(-1, -2) for h in (2, 1)]
+    assert all(u.stride(-1) != 1 for u in ups)
+    got = torch.autograd.grad(k.rotary.rotary(q, kk, cos, sin), (q, kk), [u.to(DEVICE, torch.bfloat16) for u in ups])
+    qd, kd = (t.detach().double().cpu().requires_grad_() for t in (q, kk))
+    ref = k.rotary.rotary_reference(qd, kd, cos.double().cpu(), sin.double().cpu())
+    for g_, e in zip(got, torch.autograd.grad(ref, (qd, kd), [u.double() for u in ups])):
+        assert rel_err(g_, e) < BF16
+
+
 def test_cross_entropy_grad(k):
     rows, vocab = 6, 9000  # vocab: three blocks, the last partial
     logits = (_randn(rows, vocab, grad=False) * 4)

@@ -94,6 +94,7 @@ class _Rotary(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
+        dq, dk = (g if g.stride(-1) == 1 else g.contiguous() for g in (dq, dk))  # the kernel steps d by 1
         dq, dk = _launch(dq, dk, cos, sin, backward=True)
         return dq, dk, None, None
 
