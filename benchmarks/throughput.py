@@ -107,7 +107,11 @@ def prepare(method: str, model, gradient_checkpointing: bool):
 
         model = lorakit.get_peft_model(model, lorakit.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
                                                                  target_modules=TARGETS, task_type="CAUSAL_LM"))
-    if gradient_checkpointing:
+    if gradient_checkpointing and method == "lorakit":
+        from lorakit.train.runtime import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)  # what lorakit train does: with the lean recompute
+    elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()

@@ -157,7 +157,11 @@ def _autograd_saved_bytes(method: str, seq_len: int, batch_size: int, config: di
         from lorakit.fast.kernels import patch
 
         patch.use_fast_kernels(model)
+    ids = torch.randint(0, config["vocab_size"], (batch_size, seq_len))
+    label_only_lm_loss(model)(model, {"input_ids": ids, "labels": ids})  # fills the layers' kept factor casts
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    params |= {t.untyped_storage().data_ptr() for m in model.modules()  # weights-like: kept across steps
+               for _, factors in getattr(m, "_factor_cache", {}).values() for t in factors}
     kept: dict[int, int] = {}
 
     def pack(t):
@@ -166,7 +170,6 @@ def _autograd_saved_bytes(method: str, seq_len: int, batch_size: int, config: di
             kept[storage.data_ptr()] = storage.nbytes()
         return t
 
-    ids = torch.randint(0, config["vocab_size"], (batch_size, seq_len))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         label_only_lm_loss(model)(model, {"input_ids": ids, "labels": ids})
     return sum(kept.values())

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from lorakit import LoraConfig, get_peft_model
-from lorakit.fast.lora_linear import lora_linear
+from lorakit.fast.lora_linear import lora_linear, lora_linear_pair
 from tests.conftest import loss_and_grads, rel_err, tiny_llama
 
 
@@ -33,6 +33,50 @@ def test_matches_the_equation_and_its_gradients(bias, shape):
     assert torch.allclose(fused, plain)
     for e, r in zip(torch.autograd.grad(plain, (x, a, b_), upstream), torch.autograd.grad(fused, (x, a, b_), upstream)):
         assert torch.allclose(e, r)
+
+
+@pytest.mark.parametrize("shape", [(7, 12), (2, 5, 12)])
+def test_the_pair_is_two_lora_linears_and_their_gradients(shape):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+    weights = [torch.randn(9, 12, generator=g, dtype=torch.float64), torch.randn(5, 12, generator=g, dtype=torch.float64)]
+    factors = [(torch.randn(3, 12, generator=g, dtype=torch.float64, requires_grad=True),
+                torch.randn(w.shape[0], 3, generator=g, dtype=torch.float64, requires_grad=True)) for w in weights]
+    args = [(w, None, a, b, 0.7, None, False, None) for w, (a, b) in zip(weights, factors)]
+    leaves = (x, *factors[0], *factors[1])
+    pair = lora_linear_pair(x, *args)
+    plain = [x @ w.T + 0.7 * (x @ a.T) @ b.T for w, (a, b) in zip(weights, factors)]
+    upstream = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in plain]
+    for got, expected in zip(pair, plain):
+        assert torch.allclose(got, expected)
+    for e, r in zip(torch.autograd.grad(plain, leaves, upstream), torch.autograd.grad(pair, leaves, upstream)):
+        assert torch.allclose(e, r)
+    assert torch.autograd.gradcheck(lambda *t: lora_linear_pair(t[0], (weights[0], None, *t[1:3], 0.7, None, False, None),
+                                                                (weights[1], None, *t[3:5], 0.7, None, False, None)), leaves)
+    # what one fused node cannot compute: the layers are called one by one then
+    assert lora_linear_pair(x, args[0], (*args[1][:4], 0.5, None, False, None)) is None  # another scaling
+    assert lora_linear_pair(x, args[0], (*args[1][:5], x * 2, False, None)) is None  # dropout's own input
+    assert lora_linear_pair(x, (weights[0], torch.zeros(9, dtype=torch.float64), *args[0][2:]), args[1]) is None
+
+
+def test_the_patched_mlp_computes_gate_and_up_as_one_pair(monkeypatch):
+    import lorakit.fast.kernels.patch as patch
+    from lorakit.fast import use_fast_kernels
+
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    config = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    plain_model = get_peft_model(tiny_llama(), config).train()
+    model = get_peft_model(tiny_llama(), config).train()
+    if not use_fast_kernels(model):
+        pytest.skip("needs Triton (the MLP forward is patched by use_fast_kernels)")
+    calls = []
+    monkeypatch.setattr(patch, "lora_linear_pair", lambda *a: calls.append(1) or lora_linear_pair(*a))
+    loss, grads = loss_and_grads(model, {"input_ids": ids, "labels": ids})
+    plain_loss, plain = loss_and_grads(plain_model, {"input_ids": ids, "labels": ids})
+    assert len(calls) == 2  # one per layer
+    assert torch.allclose(loss, plain_loss, atol=1e-6)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, plain[name], rtol=1e-4, atol=1e-6), name
 
 
 def test_the_layer_uses_it_only_where_it_computes_the_same(monkeypatch):
@@ -115,3 +159,36 @@ def test_under_autocast_fp32_factors_on_a_bf16_base_take_the_fused_path(monkeypa
     plain_err = torch.tensor([rel_err(plain[n].double(), exact[n]) for n in exact])
     assert all(g.dtype == torch.float32 for g in fused.values())
     assert fused_err.max() < 0.1 and fused_err.mean() <= 1.5 * plain_err.mean(), (fused_err, plain_err)
+
+
+def test_the_kept_factor_casts_follow_every_change_of_the_factors(tmp_path, monkeypatch):
+    import lorakit.lora.layer as layer
+    from lorakit.lora.files import load_into, read_adapter_tensors
+
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "labels": ids}
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).train()
+    q = model.get_base_model().model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 32)
+    assert q.fused_args(x)[-1][0] is q.fused_args(x)[-1][0]  # unchanged factors: made once, then kept
+
+    def fused_equals_plain():
+        fused_loss, _ = loss_and_grads(model, batch)
+        with monkeypatch.context() as m:
+            m.setattr(layer.LoraLinear, "_fusable_adapter", lambda self, x: None)
+            plain_loss, _ = loss_and_grads(model, batch)
+        return torch.allclose(fused_loss, plain_loss, atol=1e-6)
+
+    assert fused_equals_plain()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    loss_and_grads(model, batch)
+    optimizer.step()  # in place through the parameters
+    assert fused_equals_plain()
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.mul_(0.5)
+    assert fused_equals_plain()
+    load_into(model.base_model.model, "default", read_adapter_tensors(tmp_path), "none", str(tmp_path))  # same parameters
+    assert fused_equals_plain()

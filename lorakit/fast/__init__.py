@@ -2,5 +2,7 @@
 from lorakit.fast.attention import use_packed_attention
 from lorakit.fast.kernels import use_fast_kernels
 from lorakit.fast.loss import label_only_lm_loss
+from lorakit.fast.recompute import CHECKPOINT_KWARGS, mark_recompute_outputs
 
-__all__ = ["label_only_lm_loss", "use_packed_attention", "use_fast_kernels"]
+__all__ = ["label_only_lm_loss", "use_packed_attention", "use_fast_kernels", "CHECKPOINT_KWARGS",
+           "mark_recompute_outputs"]

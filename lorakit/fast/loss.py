@@ -50,13 +50,18 @@ def label_only_lm_loss(model: nn.Module) -> Optional[Callable[[nn.Module, dict],
     def loss_fn(model_: nn.Module, batch: dict) -> torch.Tensor:
         batch = dict(batch)
         labels, distill = batch.pop("labels"), batch.pop("distill_mask", None)
+        # which positions predict a label (position t predicts token t+1), found before the forward: reading
+        # them off the device waits only for the batch's copy there, where after the forward it would wait
+        # for the whole forward and leave the GPU idle while the backward is queued
+        predicts = torch.zeros_like(labels, dtype=torch.bool)
+        predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+        at = predicts.flatten().nonzero().squeeze(1)  # (n,) flat positions
+        distilled = distill is not None and bool(distill.any())
         hidden = backbone(**batch, **no_cache).last_hidden_state  # (batch, seq, hidden)
-        targets = labels[:, 1:]  # token t+1 is predicted from position t
-        keep = targets != IGNORE_INDEX  # (batch, seq-1)
         loss = hidden.new_zeros((), dtype=torch.float32)
-        if keep.any():
-            loss = _label_loss(head, hidden[:, :-1][keep], targets[keep])  # only where a label exists
-        if distill is not None and distill.any():
+        if at.numel():  # only where a label exists
+            loss = _label_loss(head, hidden.flatten(0, 1).index_select(0, at), labels.flatten()[at + 1])
+        if distilled:
             loss = loss + _distillation(model_, backbone, head, batch, hidden, distill[:, 1:].bool(), base_cache)
         return loss
 

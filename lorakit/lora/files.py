@@ -103,7 +103,8 @@ def load_into(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tens
             elif tuple(target.shape) != tuple(value.shape):
                 wrong_shape.append(f"{key}: adapter {tuple(value.shape)} vs model {tuple(target.shape)}")
             else:
-                target.data.copy_(value.to(target.dtype))
+                with torch.no_grad():  # through the parameter: its version moves (layers key cached casts on it)
+                    target.copy_(value.to(target.dtype))
     problems = []
     if wrong_shape:
         problems.append("shapes differ (the adapter was trained on a different base model?):\n    "

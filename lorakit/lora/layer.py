@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AdapterError
-from ..fast.lora_linear import lora_linear
+from ..fast.lora_linear import compute_factors, lora_linear
+from ..fast.recompute import recomputing
 from .variants import VARIANTS, init_factors
 
 BASE_ADAPTER = "__base__"
@@ -78,6 +79,7 @@ class LoraLayer(nn.Module):
         self.disabled = False
         self._merge_state: dict[str, torch.Tensor] = {}  # DoRA: the factor applied at merge, for unmerge
         self._initial_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # PiSSA/OLoRA start point
+        self._factor_cache: dict[str, tuple] = {}  # LoraLinear's fused path: (key, (s·A, B) in the compute dtype)
         # Base checkpoints keep loading with no key remapping: "q_proj.weight" -> "q_proj.base_layer.weight".
         self.register_load_state_dict_pre_hook(_accept_base_keys)
 
@@ -142,7 +144,7 @@ class LoraLayer(nn.Module):
         for store in self._adapter_stores():
             if name in store:
                 del store[name]
-        for d in (self.r, self.lora_alpha, self.scaling, self.variant, self._initial_factors):
+        for d in (self.r, self.lora_alpha, self.scaling, self.variant, self._initial_factors, self._factor_cache):
             d.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
@@ -274,6 +276,10 @@ _PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
 class LoraLinear(LoraLayer):
     """LoRA for nn.Linear and GPT-2's Conv1D (fan_in_fan_out: weight stored as (in, out))."""
 
+    output_unused_in_recompute = False
+    """Set by lorakit.fast.recompute.mark_recompute_outputs: its layer's checkpoint recompute discards
+    this module's output, so the fused forward skips the base matmul there."""
+
     def _features(self) -> tuple[int, int]:
         w = self.base_layer.weight
         return (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
@@ -287,13 +293,34 @@ class LoraLinear(LoraLayer):
         return self.lora_B[name](self.lora_A[name](x))  # (..., in) -> (..., r) -> (..., out)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        name = None if args or kwargs else self._fusable_adapter(x)
-        if name is None:
+        fused = None if args or kwargs else self.fused_args(x)
+        if fused is None:
             return super().forward(x, *args, **kwargs)
-        base, dropout = self.base_layer, self.lora_dropout[name]  # W x + b + s·B A dropout(x) in one node
+        return lora_linear(x, *fused)  # W x + b + s·B A dropout(x) in one node
+
+    def fused_args(self, x: torch.Tensor) -> Optional[tuple]:
+        """The arguments after x of `lora_linear` (W, b, A, B, scaling, dropped, output_unused, factors) that compute
+        this layer's output on x, or None where the fused function does not (see _fusable_adapter)."""
+        name = self._fusable_adapter(x)
+        if name is None:
+            return None
+        base, dropout = self.base_layer, self.lora_dropout[name]
         dropped = dropout(x) if self.training and not isinstance(dropout, nn.Identity) else None
-        a, b = self.lora_A[name].weight, self.lora_B[name].weight  # cast (under autocast) as autocast would
-        return lora_linear(x, base.weight, base.bias, a.to(x.dtype), b.to(x.dtype), self.scaling[name], dropped)
+        a, b, scaling = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+        unused = self.output_unused_in_recompute and recomputing()
+        return base.weight, base.bias, a, b, scaling, dropped, unused, self._factors(name, a, b, scaling, x.dtype)
+
+    def _factors(self, name: str, a: torch.Tensor, b: torch.Tensor, scaling: float,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """compute_factors(A, B, scaling, dtype), kept while A and B are unchanged: an optimizer step (or any
+        in-place change through the parameters) bumps their version, new storage moves their pointer.
+        Changes made behind autograd's back (`p.data.copy_(...)`) are not seen: change factors in place
+        through the parameter itself, under torch.no_grad()."""
+        key = (a._version, b._version, a.data_ptr(), b.data_ptr(), scaling, dtype)
+        cached = self._factor_cache.get(name)
+        if cached is None or cached[0] != key:
+            cached = self._factor_cache[name] = (key, compute_factors(a, b, scaling, dtype))
+        return cached[1]
 
     def _fusable_adapter(self, x: torch.Tensor) -> Optional[str]:
         """The one active plain-LoRA adapter when the fused function computes exactly this layer's output:

@@ -47,8 +47,9 @@ def _init_random(layer: "LoraLayer", name: str) -> None:
 def _move_principal_part(layer: "LoraLayer", name: str, A0: torch.Tensor, B0: torch.Tensor) -> None:
     """Set A, B to A0, B0 and remove their product from W, so the layer's output is unchanged."""
     A, B = layer.factor_matrices(name)
-    A.data.copy_(A0.to(A.dtype))
-    B.data.copy_(B0.to(B.dtype))
+    with torch.no_grad():  # through the parameters: their version moves (layers key cached casts on it)
+        A.copy_(A0.to(A.dtype))
+        B.copy_(B0.to(B.dtype))
     W = layer.weight_matrix().float()
     layer._write_weight(W - layer.scaling[name] * (B0 @ A0))
     layer._initial_factors[name] = tuple(p.detach().clone() for p in layer.factor_params(name))

@@ -407,12 +407,15 @@ class Trainer:
                 batch = self._filler()
             with runtime.autocast(self.device, self.amp_dtype):
                 loss = self.loss_module(batching.to_device(batch, self.device)).float()
-            if not torch.isfinite(loss):
+            # backward first, then read the loss: reading it between the two would leave the GPU idle
+            # while the backward is queued (a NaN loss only makes gradients that _on_nonfinite drops)
+            self.grad_scaler.scale(loss * (n * scale / total)).backward()
+            value = loss.item()
+            if not math.isfinite(value):
                 finite = False
                 if not self.sharded:
                     break
-            self.grad_scaler.scale(loss * (n * scale / total)).backward()
-            window_loss += loss.item() * n / total
+            window_loss += value * n / total
         return window_loss, finite
 
     def _filler(self) -> dict:

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from lorakit.fast import recompute
+
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (CPU and every CUDA device)."""
@@ -59,13 +61,15 @@ def enable_gradient_checkpointing(model: nn.Module) -> bool:
     """Turn on non-reentrant activation checkpointing if the model supports it.
 
     Uses `activation_checkpointing_enable` (transformers 5) when present, else the older
-    `gradient_checkpointing_enable`, both with use_reentrant=False.
+    `gradient_checkpointing_enable`, both with use_reentrant=False and lorakit's lean recompute (a
+    Llama-family layer's recompute skips its down_proj base matmul; see lorakit.fast.recompute).
 
     With frozen input embeddings the first checkpointed block would get inputs that need no grad,
     so `enable_input_require_grads` is called then (as PEFT's prepare_model_for_kbit_training does).
     Returns whether checkpointing was enabled.
     """
-    kwargs = {"use_reentrant": False}
+    kwargs = dict(recompute.CHECKPOINT_KWARGS)
+    recompute.mark_recompute_outputs(model)
     if callable(getattr(model, "activation_checkpointing_enable", None)):  # transformers >= 5 name
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     elif callable(getattr(model, "gradient_checkpointing_enable", None)):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+from typing import Optional
 
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ from lorakit.fast.kernels.rms_norm import rms_norm
 from lorakit.fast.kernels.rotary import rotary, rotary_supported
 from lorakit.fast.kernels.runtime import HAS_TRITON, triton_runs
 from lorakit.fast.kernels.swiglu import silu_mul
+from lorakit.fast.lora_linear import lora_linear_pair
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 """transformers model types whose RMSNorm, MLP and rotary embedding are the ones the kernels compute."""
@@ -31,10 +33,21 @@ def _norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    gate, up = self.gate_proj(x), self.up_proj(x)
+    pair = _lora_pair(self.gate_proj, self.up_proj, x)
+    gate, up = pair if pair is not None else (self.gate_proj(x), self.up_proj(x))
     if triton_runs(gate) and gate.shape == up.shape and gate.dtype == up.dtype:
         return self.down_proj(silu_mul(gate, up))
     return self.down_proj(self.act_fn(gate) * up)
+
+
+def _lora_pair(first: nn.Module, second: nn.Module, x: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """Both LoRA projections of x in one fused node (lora_linear_pair), or None where it does not apply."""
+    from lorakit.lora.layer import LoraLinear
+
+    if type(first) is not LoraLinear or type(second) is not LoraLinear:
+        return None
+    args = first.fused_args(x), second.fused_args(x)
+    return lora_linear_pair(x, *args) if None not in args else None
 
 
 def _wrap_rotary(original):
