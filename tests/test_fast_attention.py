@@ -75,3 +75,20 @@ def test_spans_are_read_once_per_forward(monkeypatch):
     pos[0, 3] = 3  # changed in place: read again
     assert attention._spans_of(pos, 2) == [[(0, 5), (5, 6)]] * 2 and len(calls) == 3
     assert attention._spans_of(torch.arange(4)[None], 1) is None  # one example per row: plain sdpa
+
+
+def test_a_batch_without_position_ids_is_not_read_for_packed_examples(monkeypatch):
+    import lorakit.fast.attention as attention
+    from lorakit.fast import label_only_lm_loss
+
+    model = tiny_llama()
+    use_packed_attention(model)
+    loss_fn = label_only_lm_loss(model)
+    reads = []
+    monkeypatch.setattr(attention, "example_spans", lambda p: reads.append(1) or example_spans(p))
+    ids = torch.randint(1, 128, (2, 12))
+    unpacked = loss_fn(model, {"input_ids": ids, "labels": ids})
+    assert reads == []  # transformers' own positions: one example per row, nothing to read off the device
+    positions = torch.arange(12).repeat(2, 1)
+    given = loss_fn(model, {"input_ids": ids, "labels": ids, "position_ids": positions})
+    assert reads == [1] and torch.allclose(unpacked, given)

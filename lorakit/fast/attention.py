@@ -12,6 +12,9 @@ with a cache, goes to transformers' own sdpa unchanged.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 from typing import Optional
 
 import torch
@@ -65,12 +68,26 @@ tensor, so its spans are read off the device (a synchronisation) once per forwar
 The tensor is held so that its id cannot be reused by another while it is the key."""
 
 
+_ONE_EXAMPLE_PER_ROW = contextvars.ContextVar("lorakit_one_example_per_row", default=False)
+
+
+@contextlib.contextmanager
+def one_example_per_row():
+    """Within it, forwards need not read position ids off the device to find packed examples: the caller
+    knows its rows are not packed (a batch without position_ids, whose positions transformers makes)."""
+    token = _ONE_EXAMPLE_PER_ROW.set(True)
+    try:
+        yield
+    finally:
+        _ONE_EXAMPLE_PER_ROW.reset(token)
+
+
 def _spans_of(position_ids: torch.Tensor, batch: int) -> Optional[list[list[tuple[int, int]]]]:
     """`example_spans` of the `batch` rows (position_ids may be one row for all), or None when no row holds
     more than one example."""
     key = (id(position_ids), position_ids._version, batch)
-    if _LAST_SPANS[0] != key:
-        spans = example_spans(position_ids.expand(batch, position_ids.shape[-1]))
+    if _LAST_SPANS[0] != key:  # (kept for a checkpoint's recompute too, which runs outside the context)
+        spans = [] if _ONE_EXAMPLE_PER_ROW.get() else example_spans(position_ids.expand(batch, position_ids.shape[-1]))
         _LAST_SPANS[:] = [key, position_ids, spans if any(len(row) > 1 for row in spans) else None]
     return _LAST_SPANS[2]
 

@@ -7,6 +7,7 @@ with a fraction of the head's FLOPs and memory.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Callable, Optional
 
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.fast.attention import one_example_per_row
 from lorakit.fast.cross_entropy import chunked_linear_cross_entropy
 
 IGNORE_INDEX = -100
@@ -57,7 +59,8 @@ def label_only_lm_loss(model: nn.Module) -> Optional[Callable[[nn.Module, dict],
         predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
         at = predicts.flatten().nonzero().squeeze(1)  # (n,) flat positions
         distilled = distill is not None and bool(distill.any())
-        hidden = backbone(**batch, **no_cache).last_hidden_state  # (batch, seq, hidden)
+        with contextlib.nullcontext() if "position_ids" in batch else one_example_per_row():
+            hidden = backbone(**batch, **no_cache).last_hidden_state  # (batch, seq, hidden)
         loss = hidden.new_zeros((), dtype=torch.float32)
         if at.numel():  # only where a label exists
             loss = _label_loss(head, hidden.flatten(0, 1).index_select(0, at), labels.flatten()[at + 1])
