@@ -186,6 +186,31 @@ def profile_steps(method: str, model, loss_fn, optimizer, data: list, device: st
     for key in (["self_cuda_time_total"] if device == "cuda" else []) + ["self_cpu_time_total"]:
         print(f"-- profile of {method}, {len(data)} steps, by {key}")
         print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60))
+    if device == "cuda":
+        print_gpu_gaps(method, prof)
+
+
+def print_gpu_gaps(method: str, prof) -> None:
+    """Where the GPU waited in the profiled steps: the idle time between consecutive kernels, summed by the
+    pair of kernels around each gap (a gap means the CPU had not yet issued the next kernel, or waited)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text())["traceEvents"]
+    kernels = sorted((e["ts"], e["ts"] + e["dur"], e["name"][:40]) for e in events if e.get("cat") == "kernel")
+    if len(kernels) < 2:
+        return
+    busy = sum(end - start for start, end, _ in kernels)
+    span = kernels[-1][1] - kernels[0][0]
+    by_pair: dict = {}
+    for (_, end, before), (start, _, after) in zip(kernels, kernels[1:]):
+        if start - end > 5:  # us; shorter ones are launch spacing
+            total, count = by_pair.get((before, after), (0.0, 0))
+            by_pair[(before, after)] = (total + start - end, count + 1)
+    print(f"-- GPU idle in the profiled steps of {method}: {(span - busy) / 1e3:.1f} of {span / 1e3:.1f} ms "
+          f"({(span - busy) / span:.0%}); largest by the kernels around the gap (gaps > 5 us):")
+    for (before, after), (total, count) in sorted(by_pair.items(), key=lambda kv: -kv[1][0])[:15]:
+        print(f"  {total / 1e3:7.2f} ms x{count:<4} {before:<40} -> {after}")
 
 
 def flops_per_token(model, seq: int, full: bool) -> float:
@@ -234,7 +259,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="measured steps (default: 8 on CPU, 20 on CUDA)")
     parser.add_argument("--warmup", type=int, help="unmeasured first steps (default: 2 on CPU, 5 on CUDA)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--profile", action="store_true", help="also print each method's top ops by device time")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print each method's top ops by device and CPU time, and where the GPU waited")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     cfg = CONFIGS[args.config]
