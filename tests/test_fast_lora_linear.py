@@ -192,3 +192,21 @@ def test_the_kept_factor_casts_follow_every_change_of_the_factors(tmp_path, monk
     assert fused_equals_plain()
     load_into(model.base_model.model, "default", read_adapter_tensors(tmp_path), "none", str(tmp_path))  # same parameters
     assert fused_equals_plain()
+
+
+def test_with_dropout_the_patched_mlp_draws_each_mask_once_as_the_plain_path_does():
+    from lorakit.fast import use_fast_kernels
+
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    config = LoraConfig(r=4, lora_dropout=0.3, target_modules="all-linear", init_lora_weights=False)
+    plain_model = get_peft_model(tiny_llama(), config).train()
+    model = get_peft_model(tiny_llama(), config).train()
+    if not use_fast_kernels(model):
+        pytest.skip("needs Triton (the MLP forward is patched by use_fast_kernels)")
+    torch.manual_seed(7)
+    loss, grads = loss_and_grads(model, {"input_ids": ids, "labels": ids})
+    torch.manual_seed(7)
+    plain_loss, plain = loss_and_grads(plain_model, {"input_ids": ids, "labels": ids})
+    assert torch.allclose(loss, plain_loss, atol=1e-6)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, plain[name], rtol=1e-4, atol=1e-6), name

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-from typing import Optional
 
 import torch
 from torch import nn
@@ -18,7 +17,7 @@ from lorakit.fast.kernels.rms_norm import rms_norm
 from lorakit.fast.kernels.rotary import rotary, rotary_supported
 from lorakit.fast.kernels.runtime import HAS_TRITON, triton_runs
 from lorakit.fast.kernels.swiglu import silu_mul
-from lorakit.fast.lora_linear import lora_linear_pair
+from lorakit.fast.lora_linear import lora_linear, lora_linear_pair
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 """transformers model types whose RMSNorm, MLP and rotary embedding are the ones the kernels compute."""
@@ -33,21 +32,25 @@ def _norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    pair = _lora_pair(self.gate_proj, self.up_proj, x)
-    gate, up = pair if pair is not None else (self.gate_proj(x), self.up_proj(x))
+    gate, up = _gate_and_up(self, x)
     if triton_runs(gate) and gate.shape == up.shape and gate.dtype == up.dtype:
         return self.down_proj(silu_mul(gate, up))
     return self.down_proj(self.act_fn(gate) * up)
 
 
-def _lora_pair(first: nn.Module, second: nn.Module, x: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """Both LoRA projections of x in one fused node (lora_linear_pair), or None where it does not apply."""
+def _gate_and_up(mlp: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate_proj(x) and up_proj(x): one fused node for two LoRA layers where it fits (lora_linear_pair).
+    Each layer's fused arguments (its dropout mask included) are made once, in the plain path's order."""
     from lorakit.lora.layer import LoraLinear
 
-    if type(first) is not LoraLinear or type(second) is not LoraLinear:
-        return None
-    args = first.fused_args(x), second.fused_args(x)
-    return lora_linear_pair(x, *args) if None not in args else None
+    projections = (mlp.gate_proj, mlp.up_proj)
+    args = [p.fused_args(x) if type(p) is LoraLinear else None for p in projections]
+    if None not in args:
+        pair = lora_linear_pair(x, *args)
+        if pair is not None:
+            return pair
+    gate, up = (lora_linear(x, *a) if a is not None else p(x) for p, a in zip(projections, args))
+    return gate, up
 
 
 def _wrap_rotary(original):
