@@ -128,7 +128,7 @@ def test_use_fast_kernels_matches_the_model_and_its_lora_gradients(k, monkeypatc
     plain_loss, plain = loss_and_grads(model, batch)
     monkeypatch.setattr(k.patch, "triton_runs", lambda t: True)
     switched = k.patch.use_fast_kernels(model)
-    assert switched == ["rms_norm x5", "silu_mul x2", "rotary"]  # 2 layers x 2 norms + the final one
+    assert switched == ["rms_norm x5", "silu_mul x2", "qkv_group x2", "rotary"]  # 2 layers x 2 norms + the final one
     calls = []
     for name in ("rms_norm", "silu_mul", "rotary"):
         original = getattr(k.patch, name)

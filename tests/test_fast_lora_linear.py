@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from lorakit import LoraConfig, get_peft_model
-from lorakit.fast.lora_linear import lora_linear, lora_linear_pair
+from lorakit.fast.lora_linear import lora_linear, lora_linear_group, stack_factors
 from tests.conftest import loss_and_grads, rel_err, tiny_llama
 
 
@@ -35,48 +35,85 @@ def test_matches_the_equation_and_its_gradients(bias, shape):
         assert torch.allclose(e, r)
 
 
+@pytest.mark.parametrize("scalings", [(0.7, 0.7, 0.7), (0.7, 0.5, 2.0)])
 @pytest.mark.parametrize("shape", [(7, 12), (2, 5, 12)])
-def test_the_pair_is_two_lora_linears_and_their_gradients(shape):
+def test_the_group_is_its_lora_linears_and_their_gradients(shape, scalings):
+    """q, k and v as one node: other output sizes, ranks, scalings and a bias per member."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
-    weights = [torch.randn(9, 12, generator=g, dtype=torch.float64), torch.randn(5, 12, generator=g, dtype=torch.float64)]
-    factors = [(torch.randn(3, 12, generator=g, dtype=torch.float64, requires_grad=True),
-                torch.randn(w.shape[0], 3, generator=g, dtype=torch.float64, requires_grad=True)) for w in weights]
-    args = [(w, None, a, b, 0.7, None, False, None) for w, (a, b) in zip(weights, factors)]
-    leaves = (x, *factors[0], *factors[1])
-    pair = lora_linear_pair(x, *args)
-    plain = [x @ w.T + 0.7 * (x @ a.T) @ b.T for w, (a, b) in zip(weights, factors)]
+    outs, ranks = (9, 5, 5), (3, 2, 4)
+    weights = [torch.randn(o, 12, generator=g, dtype=torch.float64) for o in outs]
+    biases = [None, torch.randn(5, generator=g, dtype=torch.float64), None]
+    factors = [(torch.randn(r, 12, generator=g, dtype=torch.float64, requires_grad=True),
+                torch.randn(o, r, generator=g, dtype=torch.float64, requires_grad=True)) for o, r in zip(outs, ranks)]
+    leaves = (x, *[t for f in factors for t in f])
+
+    def members(*t):
+        return [(w, bias, t[2 * i], t[2 * i + 1], s, None, False, None)
+                for i, (w, bias, s) in enumerate(zip(weights, biases, scalings))]
+
+    def plain_outputs():
+        return [x @ w.T + (0 if bias is None else bias) + s * (x @ a.T) @ b.T
+                for w, bias, s, (a, b) in zip(weights, biases, scalings, factors)]
+
+    group, plain = lora_linear_group(x, members(*leaves[1:])), plain_outputs()
     upstream = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in plain]
-    for got, expected in zip(pair, plain):
+    for got, expected in zip(group, plain):
         assert torch.allclose(got, expected)
-    for e, r in zip(torch.autograd.grad(plain, leaves, upstream), torch.autograd.grad(pair, leaves, upstream)):
+    for e, r in zip(torch.autograd.grad(plain, leaves, upstream), torch.autograd.grad(group, leaves, upstream)):
         assert torch.allclose(e, r)
-    assert torch.autograd.gradcheck(lambda *t: lora_linear_pair(t[0], (weights[0], None, *t[1:3], 0.7, None, False, None),
-                                                                (weights[1], None, *t[3:5], 0.7, None, False, None)), leaves)
-    # what one fused node cannot compute: the layers are called one by one then
-    assert lora_linear_pair(x, args[0], (*args[1][:4], 0.5, None, False, None)) is None  # another scaling
-    assert lora_linear_pair(x, args[0], (*args[1][:5], x * 2, False, None)) is None  # dropout's own input
-    assert lora_linear_pair(x, (weights[0], torch.zeros(9, dtype=torch.float64), *args[0][2:]), args[1]) is None
+    assert torch.autograd.gradcheck(lambda *t: lora_linear_group(t[0], members(*t[1:])), leaves)
+    # outputs the caller leaves unused get no gradient: x's and the used member's are still right
+    group, plain = lora_linear_group(x, members(*leaves[1:])), plain_outputs()
+    expected = torch.autograd.grad((plain[0] * upstream[0]).sum(), leaves[:3])
+    assert all(torch.allclose(e, r) for e, r in zip(expected, torch.autograd.grad((group[0] * upstream[0]).sum(), leaves[:3])))
+    # what one node cannot compute: each layer is called by itself then
+    args = members(*leaves[1:])
+    assert lora_linear_group(x, [args[0], (*args[1][:5], x * 2, False, None)]) is None  # dropout's own input
+    assert lora_linear_group(x, [args[0], (*args[1][:6], True, None)]) is None  # an output left unused
 
 
-def test_the_patched_mlp_computes_gate_and_up_as_one_pair(monkeypatch):
-    import lorakit.fast.kernels.patch as patch
+def test_the_stacked_factors_are_kept_while_the_same_factors_come_back():
+    cache = {}
+    a, b = torch.randn(2, 4), torch.randn(3, 4)
+    stacked = stack_factors([a, b], cache)
+    assert torch.equal(stacked, torch.cat([a, b])) and stack_factors([a, b], cache) is stacked
+    assert stack_factors([a, b.clone()], cache) is not stacked  # another factor tensor: stacked again
+
+
+def _patched_and_plain(targets, dropout=0.0):
     from lorakit.fast import use_fast_kernels
 
-    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
-    config = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    config = LoraConfig(r=4, lora_dropout=dropout, target_modules=targets, init_lora_weights=False)
     plain_model = get_peft_model(tiny_llama(), config).train()
     model = get_peft_model(tiny_llama(), config).train()
     if not use_fast_kernels(model):
-        pytest.skip("needs Triton (the MLP forward is patched by use_fast_kernels)")
-    calls = []
-    monkeypatch.setattr(patch, "lora_linear_pair", lambda *a: calls.append(1) or lora_linear_pair(*a))
-    loss, grads = loss_and_grads(model, {"input_ids": ids, "labels": ids})
+        pytest.skip("needs Triton (the attention and MLP forwards are patched by use_fast_kernels)")
+    return model, plain_model
+
+
+@pytest.mark.parametrize("targets, groups, singles", [("all-linear", [3, 2, 3, 2], 4),  # o_proj and down_proj
+                                                      (["q_proj", "v_proj", "up_proj"], [2, 2], 2)])  # up_proj
+def test_the_patched_model_runs_q_k_v_and_gate_up_as_groups(monkeypatch, targets, groups, singles):
+    """Per layer q, k, v as one node and gate, up as another (the LoRA ones among them: with k_proj not
+    adapted, q and v); the loss and every LoRA gradient as the plain model's."""
+    import lorakit.fast.kernels.patch as patch
+    import lorakit.lora.layer as layer
+
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    model, plain_model = _patched_and_plain(targets)
     plain_loss, plain = loss_and_grads(plain_model, {"input_ids": ids, "labels": ids})
-    assert len(calls) == 2  # one per layer
+    sizes, single = [], []
+    monkeypatch.setattr(patch, "lora_linear_group", lambda x, m, c: sizes.append(len(m)) or lora_linear_group(x, m, c))
+    monkeypatch.setattr(layer, "lora_linear", lambda *a: single.append(1) or lora_linear(*a))
+    loss, grads = loss_and_grads(model, {"input_ids": ids, "labels": ids})
+    assert sizes == groups
+    assert len(single) == singles  # the LoRA layers by themselves, one node each
     assert torch.allclose(loss, plain_loss, atol=1e-6)
     for name, grad in grads.items():
         assert torch.allclose(grad, plain[name], rtol=1e-4, atol=1e-6), name
+    attention = model.get_base_model().model.layers[0].self_attn
+    assert all("_lorakit_made" not in p.__dict__ for p in (attention.q_proj, attention.k_proj, attention.v_proj))
 
 
 def test_the_layer_uses_it_only_where_it_computes_the_same(monkeypatch):
@@ -194,15 +231,9 @@ def test_the_kept_factor_casts_follow_every_change_of_the_factors(tmp_path, monk
     assert fused_equals_plain()
 
 
-def test_with_dropout_the_patched_mlp_draws_each_mask_once_as_the_plain_path_does():
-    from lorakit.fast import use_fast_kernels
-
+def test_with_dropout_the_patched_model_draws_each_mask_once_as_the_plain_path_does():
     ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
-    config = LoraConfig(r=4, lora_dropout=0.3, target_modules="all-linear", init_lora_weights=False)
-    plain_model = get_peft_model(tiny_llama(), config).train()
-    model = get_peft_model(tiny_llama(), config).train()
-    if not use_fast_kernels(model):
-        pytest.skip("needs Triton (the MLP forward is patched by use_fast_kernels)")
+    model, plain_model = _patched_and_plain("all-linear", dropout=0.3)
     torch.manual_seed(7)
     loss, grads = loss_and_grads(model, {"input_ids": ids, "labels": ids})
     torch.manual_seed(7)

@@ -15,6 +15,10 @@ first (W and b are frozen: no weight gradient, and no (out x in) matrix is ever 
 
 The products use s·A and B in x's dtype (`compute_factors`; fp32 factors under bf16 autocast are cast as
 autocast would), which a layer can keep from one call to the next while its factors do not change.
+
+Layers that read the same x (q, k and v; gate and up) can run as one node (`lora_linear_group`): one
+matmul over x gives every member's low, one over x every member's dA, and every member's dx accumulates
+into one buffer.
 """
 from __future__ import annotations
 
@@ -90,48 +94,80 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return _LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, dropped, output_unused, factors)
 
 
-class _LoraPairFunction(torch.autograd.Function):
-    """Two LoRA linears on one input (an MLP's gate and up): both A-products in one matmul over x, in the
-    forward and for the A gradients, and the input gradient of both in one buffer (no add of two)."""
+class _LoraGroupFunction(torch.autograd.Function):
+    """LoRA linears that read the same x (an attention's q, k and v; an MLP's gate and up) as one node: all
+    their A products in one matmul over x, in the forward and for the A gradients, and one input-gradient
+    buffer that every member's dx accumulates into (no adds of separate ones)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w1: torch.Tensor, a1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
-                a2: torch.Tensor, b2: torch.Tensor, scaling: float, factors1: tuple, factors2: tuple):
-        a = torch.cat([factors1[0], factors2[0]])  # (2r, in): s·[A1; A2]
-        (_, b1_), (_, b2_), r = factors1, factors2, a1.shape[0]
+    def forward(ctx, x: torch.Tensor, stacked_a: torch.Tensor, weights: tuple, biases: tuple, bs: tuple,
+                scalings: tuple, *factor_params: torch.Tensor):
         flat = x.reshape(-1, x.shape[-1])  # (tokens, in)
-        low = flat @ a.t()  # (tokens, 2r)
-        out1 = (low[:, :r] @ b1_.t()).addmm_(flat, w1.t())
-        out2 = (low[:, r:] @ b2_.t()).addmm_(flat, w2.t())
-        ctx.save_for_backward(flat, low, w1, w2, a, b1_, b2_)
-        ctx.scaling, ctx.in_shape, ctx.factor_dtype = scaling, x.shape, a1.dtype
-        return out1.reshape(*x.shape[:-1], -1), out2.reshape(*x.shape[:-1], -1)
+        low = flat @ stacked_a.t()  # (tokens, R): [d (s1·A1)ᵀ | d (s2·A2)ᵀ | ...], R = sum of the ranks
+        lows = low.split([b.shape[1] for b in bs], dim=1)
+        outs = []
+        for w, bias, b, low_i in zip(weights, biases, bs, lows):
+            out = low_i @ b.t() if bias is None else torch.addmm(bias, low_i, b.t())
+            outs.append(out.addmm_(flat, w.t()).reshape(*x.shape[:-1], w.shape[0]))
+        ctx.save_for_backward(flat, low, stacked_a, *weights, *bs)
+        ctx.scalings, ctx.in_shape = scalings, x.shape
+        ctx.factor_dtypes = [t.dtype for t in factor_params]
+        return tuple(outs)
 
     @staticmethod
-    def backward(ctx, grad1: torch.Tensor, grad2: torch.Tensor):
-        flat, low, w1, w2, a, b1, b2 = ctx.saved_tensors
-        r = b1.shape[1]
-        dy1, dy2 = grad1.reshape(-1, grad1.shape[-1]), grad2.reshape(-1, grad2.shape[-1])
-        g = torch.cat([dy1 @ b1, dy2 @ b2], dim=1)  # (tokens, 2r)
+    def backward(ctx, *grads: torch.Tensor):
+        flat, low, stacked_a, *rest = ctx.saved_tensors
+        n = len(grads)
+        weights, bs = rest[:n], rest[n:]
+        ranks = [b.shape[1] for b in bs]
+        dys = [grad.reshape(-1, grad.shape[-1]) for grad in grads]  # (tokens, out_i)
+        g = torch.cat([dy @ b for dy, b in zip(dys, bs)], dim=1)  # (tokens, R)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = (g @ a).addmm_(dy1, w1).addmm_(dy2, w2).reshape(ctx.in_shape)
-        grad_a = _scaled_mm(g.t(), flat, ctx.scaling).to(ctx.factor_dtype)  # (2r, in): one pass over x for both
-        grad_b1 = (dy1.t() @ low[:, :r]).to(ctx.factor_dtype)
-        grad_b2 = (dy2.t() @ low[:, r:]).to(ctx.factor_dtype)
-        return grad_x, None, grad_a[:r], grad_b1, None, grad_a[r:], grad_b2, None, None, None
+            grad_x = g @ stacked_a  # the small product first, then every member's dy W_i onto it
+            for dy, w in zip(dys, weights):
+                grad_x.addmm_(dy, w)
+            grad_x = grad_x.reshape(ctx.in_shape)
+        scalings = ctx.scalings
+        if len(set(scalings)) == 1:
+            grad_a = _scaled_mm(g.t(), flat, scalings[0])  # (R, in): one pass over x for every A
+        else:  # each member's columns of g times its own scaling first
+            per_column = torch.tensor([s for s, r in zip(scalings, ranks) for _ in range(r)], dtype=g.dtype,
+                                      device=g.device)
+            grad_a = (g * per_column).t() @ flat
+        factor_grads = []
+        for i, (dy, grad_a_i, low_i) in enumerate(zip(dys, grad_a.split(ranks), low.split(ranks, dim=1))):
+            a_dtype, b_dtype = ctx.factor_dtypes[2 * i], ctx.factor_dtypes[2 * i + 1]
+            factor_grads.append(grad_a_i.to(a_dtype) if ctx.needs_input_grad[6 + 2 * i] else None)
+            factor_grads.append((dy.t() @ low_i).to(b_dtype) if ctx.needs_input_grad[7 + 2 * i] else None)
+        return (grad_x, None, None, None, None, None, *factor_grads)
 
 
-def lora_linear_pair(x: torch.Tensor, first: tuple, second: tuple) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """Both outputs of two LoRA linears that read the same x, given each one's `lora_linear` arguments
-    after x (LoraLinear.fused_args), in one node; None where the pair does not fit it (a bias, dropout, an
-    output left unused, different scalings, ranks or factor dtypes): call the two layers then."""
-    w1, bias1, a1, b1, s1, dropped1, unused1, f1 = first
-    w2, bias2, a2, b2, s2, dropped2, unused2, f2 = second
-    if bias1 is not None or bias2 is not None or dropped1 is not None or dropped2 is not None or unused1 or unused2:
+def stack_factors(factors: list[torch.Tensor], cache: Optional[dict] = None) -> torch.Tensor:
+    """torch.cat(factors) (the members' s·A, stacked by rows), kept in `cache` while the same factor
+    tensors come back (LoraLinear keeps its factors between calls while they do not change)."""
+    if cache is not None:
+        kept = cache.get("stacked")
+        if kept is not None and len(kept[0]) == len(factors) and all(a is b for a, b in zip(kept[0], factors)):
+            return kept[1]
+    stacked = torch.cat(factors)
+    if cache is not None:
+        cache["stacked"] = (tuple(factors), stacked)
+    return stacked
+
+
+def lora_linear_group(x: torch.Tensor, members: list[tuple],
+                      cache: Optional[dict] = None) -> Optional[tuple[torch.Tensor, ...]]:
+    """The outputs of LoRA linears that read the same x, given each one's `lora_linear` arguments after x
+    (LoraLinear.fused_args), in one node; None where the group does not fit it (dropout, which gives each
+    member its own input, or an output left unused): call the layers one by one then. Ranks, scalings,
+    biases and output sizes may differ. `cache`: a dict the caller keeps, to keep the stacked A factors in
+    between calls (see stack_factors)."""
+    if any(dropped is not None or unused for (_, _, _, _, _, dropped, unused, _) in members):
         return None
-    if s1 != s2 or a1.shape[0] != a2.shape[0] or a1.dtype != a2.dtype or b1.dtype != b2.dtype:
-        return None
-    f1 = f1 if f1 is not None else compute_factors(a1, b1, s1, x.dtype)
-    f2 = f2 if f2 is not None else compute_factors(a2, b2, s2, x.dtype)
-    return _LoraPairFunction.apply(x, w1, a1, b1, w2, a2, b2, s1, f1, f2)
+    factors = [f if f is not None else compute_factors(a, b, s, x.dtype) for (_, _, a, b, s, _, _, f) in members]
+    stacked_a = stack_factors([f[0] for f in factors], cache)
+    weights, biases = tuple(m[0] for m in members), tuple(m[1] for m in members)
+    params = [t for m in members for t in (m[2], m[3])]
+    return _LoraGroupFunction.apply(x, stacked_a, weights, biases, tuple(f[1] for f in factors),
+                                    tuple(m[4] for m in members), *params)

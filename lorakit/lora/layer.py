@@ -298,10 +298,11 @@ class LoraLinear(LoraLayer):
             return super().forward(x, *args, **kwargs)
         return lora_linear(x, *fused)  # W x + b + s·B A dropout(x) in one node
 
-    def fused_args(self, x: torch.Tensor) -> Optional[tuple]:
+    def fused_args(self, x: torch.Tensor, name: Optional[str] = None) -> Optional[tuple]:
         """The arguments after x of `lora_linear` (W, b, A, B, scaling, dropped, output_unused, factors) that compute
-        this layer's output on x, or None where the fused function does not (see _fusable_adapter)."""
-        name = self._fusable_adapter(x)
+        this layer's output on x, or None where the fused function does not (see _fusable_adapter; `name`:
+        what it returned for x, when the caller has asked it already)."""
+        name = name or self._fusable_adapter(x)
         if name is None:
             return None
         base, dropout = self.base_layer, self.lora_dropout[name]

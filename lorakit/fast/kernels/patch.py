@@ -4,6 +4,10 @@ Per module instance: the RMSNorms and the SwiGLU MLPs get a forward that takes t
 it can run on (CUDA; see `triton_runs`) and the model's own code otherwise. Rotary embedding is a
 function the attention calls by its module-level name, so that name is wrapped (once per modeling
 module) the same way: kernel where it runs, transformers' function otherwise.
+
+The LoRA projections that read the same input run as one fused node (lorakit.fast.lora_linear_group) on
+every device: the MLP's gate and up inside its forward; the attention's q, k and v made before the
+attention's own forward runs, each projection handing back its output when that forward calls it.
 """
 from __future__ import annotations
 
@@ -17,12 +21,13 @@ from lorakit.fast.kernels.rms_norm import rms_norm
 from lorakit.fast.kernels.rotary import rotary, rotary_supported
 from lorakit.fast.kernels.runtime import HAS_TRITON, triton_runs
 from lorakit.fast.kernels.swiglu import silu_mul
-from lorakit.fast.lora_linear import lora_linear, lora_linear_pair
+from lorakit.fast.lora_linear import lora_linear, lora_linear_group
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 """transformers model types whose RMSNorm, MLP and rotary embedding are the ones the kernels compute."""
 NORMS = {f"{name}RMSNorm" for name in ("Llama", "Mistral", "Qwen2", "Qwen3")}
 MLPS = {f"{name}MLP" for name in ("Llama", "Mistral", "Qwen2", "Qwen3")}
+ATTENTIONS = {f"{name}Attention" for name in ("Llama", "Mistral", "Qwen2", "Qwen3")}
 
 
 def _norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -32,25 +37,56 @@ def _norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    gate, up = _gate_and_up(self, x)
+    projections = (self.gate_proj, self.up_proj)
+    grouped = _grouped_outputs(self, projections, x)
+    gate, up = (grouped.get(i) if i in grouped else p(x) for i, p in enumerate(projections))
     if triton_runs(gate) and gate.shape == up.shape and gate.dtype == up.dtype:
         return self.down_proj(silu_mul(gate, up))
     return self.down_proj(self.act_fn(gate) * up)
 
 
-def _gate_and_up(mlp: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """gate_proj(x) and up_proj(x): one fused node for two LoRA layers where it fits (lora_linear_pair).
-    Each layer's fused arguments (its dropout mask included) are made once, in the plain path's order."""
-    from lorakit.lora.layer import LoraLinear
+def _attention_forward(self: nn.Module, *args, **kwargs):
+    """The attention's own forward, with q_proj, k_proj and v_proj's outputs on its hidden states made
+    beforehand as one fused node (see _grouped_outputs); each projection hands back its own when the
+    forward calls it on those same hidden states (`_projection_forward`)."""
+    x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    projections = (self.q_proj, self.k_proj, self.v_proj)
+    grouped = _grouped_outputs(self, projections, x)
+    for i, out in grouped.items():
+        projection = projections[i]
+        if "forward" not in projection.__dict__:  # LoRA put in after use_fast_kernels: hand back from now on
+            projection.forward = functools.partial(_projection_forward, projection)
+        projection.__dict__["_lorakit_made"] = (x, out)
+    try:
+        return type(self).forward(self, *args, **kwargs)
+    finally:
+        for i in grouped:
+            projections[i].__dict__.pop("_lorakit_made", None)
 
-    projections = (mlp.gate_proj, mlp.up_proj)
-    args = [p.fused_args(x) if type(p) is LoraLinear else None for p in projections]
-    if None not in args:
-        pair = lora_linear_pair(x, *args)
-        if pair is not None:
-            return pair
-    gate, up = (lora_linear(x, *a) if a is not None else p(x) for p, a in zip(projections, args))
-    return gate, up
+
+def _projection_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    made = self.__dict__.pop("_lorakit_made", None)
+    if made is not None and made[0] is x and not args and not kwargs:
+        return made[1]
+    return type(self).forward(self, x, *args, **kwargs)
+
+
+def _grouped_outputs(owner: nn.Module, projections: tuple, x: torch.Tensor) -> dict[int, torch.Tensor]:
+    """{index: output on x} for the projections that are LoRA linears the fused functions compute, as one
+    node (lora_linear_group) where they fit and one fused node each otherwise; empty (call them all as
+    usual) unless two or more are, or when another kind of LoRA layer is among them. Each member's fused
+    arguments, dropout mask included, are made once, in the plain path's order."""
+    from lorakit.lora.layer import LoraLayer, LoraLinear
+
+    names = [p._fusable_adapter(x) if type(p) is LoraLinear else None for p in projections]
+    if sum(n is not None for n in names) < 2 or any(
+            n is None and isinstance(p, LoraLayer) for p, n in zip(projections, names)):
+        return {}
+    members = {i: p.fused_args(x, n) for i, (p, n) in enumerate(zip(projections, names)) if n is not None}
+    outputs = lora_linear_group(x, list(members.values()), owner.__dict__.setdefault("_lorakit_group_cache", {}))
+    if outputs is None:
+        outputs = [lora_linear(x, *args) for args in members.values()]
+    return dict(zip(members, outputs))
 
 
 def _wrap_rotary(original):
@@ -65,14 +101,15 @@ def _wrap_rotary(original):
 
 def use_fast_kernels(model: nn.Module) -> list[str]:
     """Route `model`'s RMSNorms, SwiGLU MLPs and rotary embedding through the Triton kernels where they
-    run (CUDA tensors, Triton installed); every other call computes exactly what it did. Returns what was
-    switched (e.g. ["rms_norm x33", "silu_mul x16", "rotary"]); empty for other model types or without
-    Triton. Norms whose weight trains and non-SiLU MLPs keep their own forward."""
+    run (CUDA tensors, Triton installed), and its attentions' q/k/v and MLPs' gate/up LoRA projections
+    through one fused node each; every other call computes exactly what it did. Returns what was switched
+    (e.g. ["rms_norm x33", "silu_mul x16", "qkv_group x16", "rotary"]); empty for other model types or
+    without Triton. Norms whose weight trains and non-SiLU MLPs keep their own forward."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     model_type = getattr(getattr(base, "config", None), "model_type", None)
     if not HAS_TRITON or model_type not in FAMILIES:
         return []
-    norms = mlps = 0
+    norms = mlps = attentions = 0
     for module in base.modules():
         name = type(module).__name__
         if name in NORMS and hasattr(module, "variance_epsilon"):
@@ -81,9 +118,12 @@ def use_fast_kernels(model: nn.Module) -> list[str]:
         elif name in MLPS and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation"):
             module.forward = functools.partial(_mlp_forward, module)
             mlps += 1
+        elif name in ATTENTIONS and all(hasattr(module, p) for p in ("q_proj", "k_proj", "v_proj")):
+            module.forward = functools.partial(_attention_forward, module)
+            attentions += 1
     modeling = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
     current = getattr(modeling, "apply_rotary_pos_emb", None)
     if current is not None and not hasattr(current, "lorakit_original"):
         modeling.apply_rotary_pos_emb = _wrap_rotary(current)
-    switched = [f"rms_norm x{norms}", f"silu_mul x{mlps}"]
+    switched = [f"rms_norm x{norms}", f"silu_mul x{mlps}", f"qkv_group x{attentions}"]
     return switched + (["rotary"] if current is not None else [])
