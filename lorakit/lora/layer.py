@@ -305,11 +305,19 @@ class LoraLinear(LoraLayer):
         name = name or self._fusable_adapter(x)
         if name is None:
             return None
-        base, dropout = self.base_layer, self.lora_dropout[name]
+        base, a, b = self._linear_parts(name)
+        dropout = self.lora_dropout[name]
         dropped = dropout(x) if self.training and not isinstance(dropout, nn.Identity) else None
-        a, b, scaling = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+        scaling = self.scaling[name]
         unused = self.output_unused_in_recompute and recomputing()
         return base.weight, base.bias, a, b, scaling, dropped, unused, self._factors(name, a, b, scaling, x.dtype)
+
+    def _linear_parts(self, name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+        """(base layer, A, B) of adapter `name`, read from the module dicts directly: the fused path asks for
+        them on every call, and nn.Module's attribute fallback costs about a microsecond a lookup."""
+        modules = self._modules
+        a = modules["lora_A"]._modules[name]._parameters["weight"]
+        return modules["base_layer"], a, modules["lora_B"]._modules[name]._parameters["weight"]
 
     def _factors(self, name: str, a: torch.Tensor, b: torch.Tensor, scaling: float,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -330,10 +338,11 @@ class LoraLinear(LoraLayer):
         active = [n for n in self.active_adapters if n in self.r]
         if len(active) != 1 or self.disabled or self.merged_adapters or self.fan_in_fan_out:
             return None
-        name, base = active[0], self.base_layer
+        name = active[0]
+        base, a, b = self._linear_parts(name)
         if self.variant[name] != "lora" or type(base) is not nn.Linear or ROW_ADAPTERS.get() is not None:
             return None
-        weight, a, b = base.weight, self.lora_A[name].weight, self.lora_B[name].weight
+        weight = base.weight
         if weight.requires_grad or type(weight) not in _PLAIN_TENSORS or type(a) not in _PLAIN_TENSORS:
             return None  # e.g. a 4-bit tensor subclass (QLoRA) or a sharded one
         if x.dtype != weight.dtype:
