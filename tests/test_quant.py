@@ -237,6 +237,62 @@ def test_calibrated_quantization_lowers_the_output_error_of_a_model():
     assert calibrated.training is dense.training  # calibration ran in eval mode and left the mode alone
 
 
+def test_the_moments_are_of_real_tokens_shared_by_layers_on_one_input_and_stop_after_the_last_layer():
+    """H = Σ x xᵀ over the non-padding positions only; q, k and v (and gate and up) read one tensor: one
+    matrix between them with each one's own values; batches after the first stop before the LM head."""
+    from lorakit.quant.gptq import input_moments
+
+    model = tiny_llama()
+    layers = {n: m for n, m in model.named_modules() if type(m) is nn.Linear and n != "lm_head"}
+    batches = []
+    for seed in range(3):
+        ids = _ids(seed)
+        mask = torch.ones_like(ids)
+        mask[0, 7 + seed:] = 0  # the first row padded at the end
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    seen = {}
+
+    def record(name):
+        return lambda module, args: seen.setdefault(name, []).append(args[0])
+
+    hooks = [m.register_forward_pre_hook(record(n)) for n, m in layers.items()]
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    for h in hooks:
+        h.remove()
+    head_calls = []
+    model.lm_head.register_forward_hook(lambda *a: head_calls.append(1))
+    moments = input_moments(model, layers, batches)
+    assert len(head_calls) == 1  # the first batch's whole forward; the others stopped after the last layer
+    attention, mlp = "model.layers.1.self_attn.", "model.layers.1.mlp."
+    assert moments[attention + "q_proj"] is moments[attention + "k_proj"] is moments[attention + "v_proj"]
+    assert moments[mlp + "gate_proj"] is moments[mlp + "up_proj"]
+    assert moments[attention + "o_proj"] is not moments[attention + "q_proj"]
+    assert moments[mlp + "down_proj"] is not moments[mlp + "up_proj"]
+    for name, xs in seen.items():
+        x = torch.cat([x[b["attention_mask"].bool()] for x, b in zip(xs, batches)]).float()  # real tokens only
+        assert x.shape[0] == sum(int(b["attention_mask"].sum()) for b in batches)
+        assert_close(moments[name], x.T @ x)
+
+
+def test_calibration_refuses_inputs_shared_on_the_first_batch_only():
+    from lorakit.quant.gptq import input_moments
+
+    class Branches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.calls = nn.Linear(4, 4), nn.Linear(4, 4), 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.a(x) + self.b(x if self.calls == 1 else x.clone())
+
+    model = Branches()
+    with pytest.raises(RuntimeError, match="b shared its input with a on the first batch"):
+        input_moments(model, {"a": model.a, "b": model.b}, [{"x": torch.randn(2, 4)}] * 2)
+
+
 def test_a_quantized_model_with_the_kernels_switched_in_pickles():
     """The per-instance forwards (NF4 layers, kernel norms and MLPs) survive torch.save of the whole model."""
     import io

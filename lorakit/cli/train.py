@@ -64,10 +64,12 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
 
         calibration = calibration_batches(config, tokenizer, loaded.device) \
             if config.quantize_calibration > 0 and not task else None
+        started = time.perf_counter()
         model = quantize_model(model, config.quantize, calibration=calibration)
         q = model.lorakit_quantization
         print(f"QLoRA: {len(q['quantized'])} linear layers in NF4 ({q['dense_bytes'] / 1e6:.0f} MB -> "
-              f"{q['quantized_bytes'] / 1e6:.0f} MB), compute in {q['compute_dtype']}, rounding: {q['rounding']}")
+              f"{q['quantized_bytes'] / 1e6:.0f} MB), compute in {q['compute_dtype']}, rounding: {q['rounding']}, "
+              f"{time.perf_counter() - started:.0f} s")
     lora = LoraConfig(**{**config.lora_kwargs(), "target_modules": _targets(config, model)})
     model = get_peft_model(model, lora)
     use_fast_kernels(model)  # Triton RMSNorm / SwiGLU / rotary on CUDA tensors; the same code as before elsewhere

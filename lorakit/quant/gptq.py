@@ -25,17 +25,52 @@ COLUMNS_PER_PASS = 128
 """Columns updated together before the error is pushed to the rest (GPTQ's lazy batch update)."""
 
 
+class _Enough(Exception):
+    """Raised inside a calibration forward once every hooked layer has had its inputs."""
+
+
 @torch.no_grad()
 def input_moments(model: nn.Module, layers: dict[str, nn.Linear], batches: Iterable[dict]) -> dict[str, torch.Tensor]:
     """H = Σ x xᵀ (fp32) of each named linear layer's inputs over the calibration `batches` (the model's
     forward keyword arguments, e.g. input_ids and attention_mask): one pass of the model as it is now
-    (quantize_model calibrates group by group, so later layers see the earlier ones quantized)."""
+    (quantize_model calibrates group by group, so later layers see the earlier ones quantized).
+
+    Only real tokens count: where the batch has an attention_mask and a layer's input has its shape, the
+    padding positions are left out. The first batch runs the whole forward; later ones stop once the layer
+    called last on the first batch has been called as often as then (no LM head, no layers after the group).
+    Layers called one after another on the same input tensor (an attention's q, k and v; an MLP's gate and
+    up) get one matrix between them, accumulated once: the same values, a third of the work for q, k, v.
+    Which layers share is settled on the first batch; a later batch that gives them different inputs
+    is refused (no model seen so far does that)."""
     moments = {name: torch.zeros(m.in_features, m.in_features, device=m.weight.device) for name, m in layers.items()}
+    shares: dict[str, str] = {}  # layer -> the layer whose matrix it shares (settled on the first batch)
+    state = {"first": True, "input": None, "owner": None, "mask": None, "last": None, "calls": 0, "expected": 0}
+    first_counts: dict[str, int] = {}
 
     def hook(name):
         def accumulate(module, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
-            moments[name].addmm_(x.t(), x)
+            x, first = args[0], state["first"]
+            if first and state["input"] is x and name not in shares:
+                shares[name] = shares.get(state["owner"], state["owner"])
+                moments[name] = moments[shares[name]]
+            elif name in shares:
+                if state["input"] is not x:
+                    raise RuntimeError(f"GPTQ calibration: {name} shared its input with {shares[name]} on the "
+                                       f"first batch but not on a later one; calibrate this model with "
+                                       f"--quantize-calibration 0 (round to nearest)")
+            else:
+                mask = state["mask"]
+                rows = x[mask] if mask is not None and x.shape[:-1] == mask.shape else x.reshape(-1, x.shape[-1])
+                rows = rows.float()  # (real tokens, in)
+                moments[name].addmm_(rows.t(), rows)
+                state["input"], state["owner"] = x, name
+            if first:
+                state["last"] = name
+                first_counts[name] = first_counts.get(name, 0) + 1
+            elif name == state["last"]:
+                state["calls"] += 1
+                if state["calls"] == state["expected"]:
+                    raise _Enough  # every layer before it has run: the rest of the forward is not needed
         return accumulate
 
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers.items()]
@@ -43,7 +78,14 @@ def input_moments(model: nn.Module, layers: dict[str, nn.Linear], batches: Itera
     model.eval()  # no dropout in the statistics
     try:
         for batch in batches:
-            model(**batch)
+            mask = batch.get("attention_mask")
+            state.update(input=None, owner=None, calls=0, mask=None if mask is None else mask.bool())
+            try:
+                model(**batch)
+            except _Enough:
+                pass
+            if state["first"]:  # later batches stop once the first batch's last layer has had all its calls
+                state.update(first=False, expected=first_counts.get(state["last"], 0))
     finally:
         model.train(training)
         for h in handles:
@@ -75,19 +117,22 @@ def nf4_codes(weight: torch.Tensor, scales: torch.Tensor, levels: torch.Tensor, 
     levels = levels.float()
     h.diagonal().add_(DAMPING * h.diagonal().mean())
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # (in, in)
-    codes = torch.empty(out_f, in_f, dtype=torch.uint8, device=weight.device)
+    # column j of W is row j here: the loop below takes one tensor operation per step where it can
+    w, s = w.t().contiguous(), s.t().contiguous()  # (in, out)
+    midpoints = (levels[1:] + levels[:-1]) / 2  # the nearest of the sorted levels: bucketize by the midpoints
+    pivots = u.diagonal().tolist()
+    codes = torch.empty(in_f, out_f, dtype=torch.long, device=weight.device)
     for start in range(0, in_f, COLUMNS_PER_PASS):
         stop = min(start + COLUMNS_PER_PASS, in_f)
-        errors = torch.empty(out_f, stop - start, device=weight.device)
+        errors = torch.empty(stop - start, out_f, device=weight.device)
         for j in range(start, stop):
-            scale = s[:, j]  # (out,)
-            code = (w[:, j:j + 1] / scale[:, None] - levels).abs().argmin(dim=1)  # (out,)
-            error = (w[:, j] - levels[code] * scale) / u[j, j]
-            w[:, j + 1:stop] -= error[:, None] * u[j, j + 1:stop]
-            errors[:, j - start] = error
-            codes[:, j] = code.to(torch.uint8)
-        w[:, stop:] -= errors @ u[start:stop, stop:]
-    return codes[:, torch.argsort(order)]  # back to the weight's column order
+            w_j, s_j = w[j], s[j]  # (out,)
+            code = torch.bucketize(w_j / s_j, midpoints)
+            error = torch.sub(w_j, levels[code] * s_j, out=errors[j - start]).div_(pivots[j])
+            w[j + 1:stop].addr_(u[j, j + 1:stop], error, alpha=-1)
+            codes[j] = code
+        w[stop:].addmm_(u[start:stop, stop:].t(), errors, alpha=-1)
+    return codes.t()[:, torch.argsort(order)].to(torch.uint8)  # back to the weight's layout and column order
 
 
 @torch.no_grad()

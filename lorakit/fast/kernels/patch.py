@@ -39,7 +39,7 @@ def _norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     projections = (self.gate_proj, self.up_proj)
     grouped = _grouped_outputs(self, projections, x)
-    gate, up = (grouped.get(i) if i in grouped else p(x) for i, p in enumerate(projections))
+    gate, up = (grouped[i] if i in grouped else p(x) for i, p in enumerate(projections))
     if triton_runs(gate) and gate.shape == up.shape and gate.dtype == up.dtype:
         return self.down_proj(silu_mul(gate, up))
     return self.down_proj(self.act_fn(gate) * up)
