@@ -31,7 +31,24 @@ def test_llama_8b_full_fine_tuning_lands_in_the_expected_band():
     assert est.weights_bytes == est.gradients_bytes == 2 * est.total_params  # bf16
     assert est.optimizer_bytes == 4 * est.total_params  # AdamW: m and v in bf16
     parts = est.weights_bytes + est.gradients_bytes + est.optimizer_bytes + est.activations_bytes + est.workspace_bytes
-    assert est.total_bytes == parts
+    assert est.total_bytes == parts + est.overlap_bytes
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gradients_and_activations_are_not_all_alive_at_once_unless_gradients_accumulate(checkpointing):
+    """The peak is the start of backward (activations, the head's gradient) or its end (every gradient and
+    the optimizer's step temporary), not both; with accumulation the gradients live beside the activations."""
+    shape = resolve_shape("llama-3.2-1b")
+    one, four = (estimate(shape, EstimateSettings(method="full", gradient_checkpointing=checkpointing, grad_accum=n))
+                 for n in (1, 4))
+    fixed = one.weights_bytes + one.optimizer_bytes
+    head_gradient = shape.vocab * shape.hidden * 2
+    assert one.total_bytes == fixed + max(one.activations_bytes + head_gradient, 2 * one.gradients_bytes)
+    assert one.overlap_bytes < 0
+    assert four.overlap_bytes == 0 and four.total_bytes == fixed + one.gradients_bytes + max(
+        one.activations_bytes, one.gradients_bytes)
+    lora = estimate(shape, EstimateSettings(method="lora", gradient_checkpointing=checkpointing))
+    assert -lora.overlap_bytes <= lora.gradients_bytes  # LoRA: at most its small gradients
 
 
 @pytest.mark.parametrize("name", ["llama-3.1-8b", "qwen2.5-7b", "gemma-2-9b", "llama-3.2-1b"])

@@ -36,6 +36,9 @@ class EstimateOptions:
     """Tokens per row."""
     batch_size: int = 1
     """Rows per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (as lorakit train's): above 1, full fine-tuning's gradients are alive
+    beside the next micro-batch's activations."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (transformers' per-layer checkpointing)."""
     optimizer: Literal["adamw", "adamw-fp32", "adamw8bit", "adamw4bit", "lion", "sgd-momentum", "sgd"] = "adamw"
@@ -69,7 +72,7 @@ def run_estimate(opts: EstimateOptions) -> dict[str, Any]:
     shape = resolve_shape(opts.model)
     methods = list(METHODS) if opts.method == "all" else [opts.method]
     settings = {m: EstimateSettings(method=m, r=opts.r, targets=opts.targets or "attention+mlp",
-                                    seq_len=opts.seq_len, batch_size=opts.batch_size,
+                                    seq_len=opts.seq_len, batch_size=opts.batch_size, grad_accum=opts.grad_accum,
                                     gradient_checkpointing=opts.gradient_checkpointing, optimizer=opts.optimizer,
                                     dropout=opts.dropout, dtype=opts.dtype) for m in methods}
     results = {m: estimate(shape, s).as_dict() for m, s in settings.items()}
@@ -109,7 +112,7 @@ def _print_table(shape, opts: EstimateOptions, results: dict[str, dict]) -> None
     rows = [("trainable params", "trainable_params", _count), ("weights", "weights_bytes", _gb),
             ("gradients", "gradients_bytes", _gb), ("optimizer states", "optimizer_bytes", _gb),
             ("activations", "activations_bytes", _gb), ("workspace", "workspace_bytes", _gb),
-            ("total", "total_bytes", _gb)]
+            ("not alive at once", "overlap_bytes", _gb), ("total (peak)", "total_bytes", _gb)]
     print(f"{'':<18}" + "".join(f"{m:>14}" for m in methods))
     for label, key, fmt in rows:
         print(f"{label:<18}" + "".join(f"{fmt(results[m][key]):>14}" for m in methods))
@@ -120,7 +123,8 @@ def _print_table(shape, opts: EstimateOptions, results: dict[str, dict]) -> None
         print(f"{'  max seq_len':<18}" + "".join(f"{results[m]['fit']['max_seq_len']:>14}" for m in methods)
               + f"   (at batch_size {opts.batch_size}; 0 = does not fit)")
     print("\nGB = 10^9 bytes, as torch.cuda.max_memory_allocated would count them; the CUDA context (~0.5 GB) "
-          "comes on top. The model behind the figures: lorakit/estimate/memory.py.")
+          "comes on top. 'not alive at once': backward frees activations as it makes gradients, so the peak is "
+          "less than the sum of the parts. The model behind the figures: lorakit/estimate/memory.py.")
 
 
 def _estimate_options(parser: argparse.ArgumentParser) -> None:

@@ -36,10 +36,17 @@ token. With a frozen head (LoRA, QLoRA) the chunked cross-entropy keeps only the
 (a·h per labelled token) and one chunk of fp32 logits and probabilities at a time (8·vocab bytes per row
 of a CE_CHUNK-row chunk; with `kernels`, the chunk's bf16 logits overwritten by their gradient: a·vocab).
 Every position is counted as labelled (packed pre-training data), the worst case.
-Peak = weights + gradients + optimizer states + max(saved activations + the loss's or one layer's
-transient buffers, AdamW's foreach step temporary: sqrt(v), one state's size) + QLoRA's dequantization
-buffer (lorakit's kernel writes the largest layer's dense weight, a bytes per value; with `kernels` off,
-torchao 0.18 materialises about 15 bytes per value while dequantizing it).
+Peak = weights + optimizer states + QLoRA's dequantization buffer (lorakit's kernel writes the largest
+layer's dense weight, a bytes per value; with `kernels` off, torchao 0.18 materialises about 15 bytes per
+value while dequantizing it) + the larger of
+  * the start of backward: saved activations + the loss's or one layer's transient buffers + the
+    gradients made first (full fine-tuning: the output head's, vocab·h·a);
+  * the end of backward: every gradient + AdamW's foreach step temporary (sqrt(v), one state's size).
+Gradients and activations are not alive together in full: backward frees each layer's activations as it
+makes that layer's gradients (they start from None: the trainer zeroes them with set_to_none). With
+gradient accumulation (`grad_accum` > 1) the gradients of the earlier micro-batches are alive through
+the later ones' forward and backward, so all of them count at the start too. `overlap_bytes` is what
+the sum of the parts overstates the peak by (<= 0): the parts and it add up to the total.
 Not modelled: the attention mask with padding (s² bytes per row), allocator fragmentation, and MoE.
 tests/test_estimate.py checks the saved-activation part against the tensors autograd really keeps (a
 bf16 Llama on CPU, full and LoRA): within 5%.
@@ -105,6 +112,8 @@ class EstimateSettings:
     optimizer: str = "adamw"
     dropout: float = 0.05
     dtype: str = "bf16"
+    grad_accum: int = 1
+    """Micro-batches per optimizer step: above 1, gradients stay alive beside the next micro-batch's activations."""
     kernels: bool = True
     """lorakit's Triton kernels (what `lorakit train` uses on CUDA: norms, SwiGLU and cross-entropy for the
     Llama family, NF4 dequantization for any); False: the plain transformers and torchao code (CPU)."""
@@ -122,6 +131,8 @@ class MemoryEstimate:
     optimizer_bytes: int
     activations_bytes: int
     workspace_bytes: int
+    overlap_bytes: int
+    """<= 0: gradients and activations not alive at once (see the module docstring)."""
     total_bytes: int
     detail: dict = field(default_factory=dict)
 
@@ -152,7 +163,7 @@ def check_settings(s: EstimateSettings) -> None:
         problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {s.optimizer!r}")
     if s.dtype not in DTYPE_BYTES:
         problems.append(f"dtype must be one of bf16, fp16, fp32, got {s.dtype!r}")
-    for name in ("r", "seq_len", "batch_size"):
+    for name in ("r", "seq_len", "batch_size", "grad_accum"):
         if not isinstance(getattr(s, name), int) or getattr(s, name) < 1:
             problems.append(f"{name} must be a positive integer, got {getattr(s, name)!r}")
     if not 0 <= s.dropout < 1:
@@ -244,12 +255,16 @@ def estimate(shape: ModelShape, settings: EstimateSettings) -> MemoryEstimate:
     per_value = a if s.kernels else DEQUANT_BYTES_PER_VALUE
     dequant = per_value * max(i * o for i, o in linears.values()) if s.method == "qlora" else 0
     workspace = max(0, step_copy - activations) + dequant
-    fixed = int(weights) + trainable * a + int(optimizer)
+    gradients = trainable * a
+    first_gradients = gradients if s.grad_accum > 1 else (shape.vocab * shape.hidden * a if full else 0)
+    peak = int(weights) + int(optimizer) + dequant + max(activations + first_gradients, gradients + step_copy)
+    parts = int(weights) + gradients + int(optimizer) + activations + workspace
     detail = {"per_layer_activation_bytes_per_token": per_layer, "saved_bytes_per_token": saved,
               "transient_bytes_per_token": transient, "targets": targets, "tokens": tokens,
-              "dequant_buffer_bytes": dequant, "optimizer_step_copy_bytes": int(step_copy)}
-    return MemoryEstimate(s.method, total_params, trainable, int(weights), trainable * a, int(optimizer),
-                          activations, workspace, fixed + activations + workspace, detail)
+              "dequant_buffer_bytes": dequant, "optimizer_step_copy_bytes": int(step_copy),
+              "gradients_alive_at_backward_start_bytes": first_gradients}
+    return MemoryEstimate(s.method, total_params, trainable, int(weights), gradients, int(optimizer),
+                          activations, workspace, int(peak - parts), int(peak), detail)
 
 
 def largest_fitting(shape: ModelShape, settings: EstimateSettings, budget_bytes: float,
