@@ -158,11 +158,17 @@ def test_bad_requests_are_refused_with_what_to_do():
         quantize_model(model, "nf4")
 
 
-def test_cli_train_with_quantize_nf4_writes_a_plain_adapter(tmp_path):
-    """`lorakit train --quantize nf4` on a tiny model folder: it trains, and the adapter loads on the dense base."""
+def test_cli_train_with_quantize_nf4_writes_a_plain_adapter(tmp_path, monkeypatch):
+    """`lorakit train --quantize nf4` on a tiny model folder: it trains, and the adapter loads on the dense base.
+    The data file is read once, for the calibration and the training both."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+    import lorakit.data
     from lorakit.cli.main import main
+
+    reads = []
+    read_records = lorakit.data.read_records
+    monkeypatch.setattr(lorakit.data, "read_records", lambda *a, **k: reads.append(a[0]) or read_records(*a, **k))
     from tests.test_data_helpers import tiny_tokenizer
 
     tok, folder = tiny_tokenizer(), tmp_path / "tiny-llama"
@@ -178,6 +184,7 @@ def test_cli_train_with_quantize_nf4_writes_a_plain_adapter(tmp_path):
     main(["train", "--model", str(folder), "--data", str(data), "--max-steps", "4", "--batch-size", "4",
           "--seq-len", "32", "--lr", "5e-3", "--r", "4", "--alpha", "8", "--quantize", "nf4", "--out", str(out)])
     summary = json.loads((out / "summary.json").read_text())
+    assert reads == [str(data)]
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
     assert json.loads((out / "adapter" / "lorakit.json").read_text())["training"]["quantize"] == "nf4"
     dense = AutoModelForCausalLM.from_pretrained(folder)

@@ -16,7 +16,8 @@ from typing import Any
 
 from ..atomic import atomic_write_json
 from ..train.config import TrainConfig
-from .train_data import calibration_batches, causal_data, label_arguments, read_task_records, task_data
+from .train_data import (calibration_batches, causal_data, causal_records, label_arguments,
+                         read_task_records, task_data)
 
 # The demo's settings, measured on a 2-core CPU (docs/BENCHMARKS.md): short answers need few tokens, and
 # three epochs at a higher learning rate teach 38 facts in about four minutes; r=8 keeps the adapter < 10 MB.
@@ -59,11 +60,12 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
     loaded = load_model(config.model, task=config.task, device=config.device, dtype=config.dtype,
                         **(label_arguments(task) if task else {}))
     model, tokenizer = loaded.model, loaded.tokenizer
+    records = None  # a causal-LM run's (train, val) records, once read
     if config.quantize:  # QLoRA: the frozen base weights in 4-bit before LoRA wraps them
         from ..quant import quantize_model
 
-        calibration = calibration_batches(config, tokenizer, loaded.device) \
-            if config.quantize_calibration > 0 and not task else None
+        records = causal_records(config) if config.quantize_calibration > 0 and not task else None
+        calibration = calibration_batches(config, tokenizer, loaded.device, records[0]) if records else None
         started = time.perf_counter()
         model = quantize_model(model, config.quantize, calibration=calibration)
         q = model.lorakit_quantization
@@ -77,7 +79,8 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
     # packed examples attend within themselves, and a batch of packed rows is one row with no padding
     padding_free = bool(config.packing and not task and use_packed_attention(model))
     data = task_data(task, config, tokenizer) if task else \
-        causal_data(config, tokenizer, loaded.dtype, distill=loss_fn is not None, flatten=padding_free)
+        causal_data(config, tokenizer, loaded.dtype, distill=loss_fn is not None, flatten=padding_free,
+                    records=records)
     model.print_trainable_parameters()
     before = _score(model, tokenizer, data, run_dir, "before", config)
     trainer = Trainer(model, data["train"], data["collate"], config, run_dir, eval_data=data["val"],

@@ -80,14 +80,13 @@ def _collate_fn(tokenizer, model_dtype, flatten: bool):
                                            flatten=flatten)
 
 
-def calibration_batches(config: TrainConfig, tokenizer, device) -> list[dict[str, Any]]:
-    """QLoRA's calibration inputs (GPTQ rounding): the first `config.quantize_calibration` examples of the
-    run's training records (`_causal_records`), unpacked, CALIBRATION_BATCH rows a batch."""
+def calibration_batches(config: TrainConfig, tokenizer, device, records) -> list[dict[str, Any]]:
+    """QLoRA's calibration inputs (GPTQ rounding): the first `config.quantize_calibration` of the run's
+    training `records` (causal_records' first), unpacked, CALIBRATION_BATCH rows a batch."""
     from dataclasses import replace
 
     from ..data import build_causal_examples, collate_causal
 
-    records, _ = _causal_records(config, with_val=False)
     n = config.quantize_calibration
     examples = build_causal_examples(replace(records, records=records.records[:n], sources=records.sources[:n]),
                                      tokenizer, seq_len=config.seq_len).examples
@@ -96,10 +95,10 @@ def calibration_batches(config: TrainConfig, tokenizer, device) -> list[dict[str
     return [{k: b[k].to(device) for k in ("input_ids", "attention_mask")} for b in batches]
 
 
-def _causal_records(config: TrainConfig, demo=None, with_val: bool = True) -> tuple[Any, Any]:
+def causal_records(config: TrainConfig, demo=None) -> tuple[Any, Any]:
     """(train, val) records of a causal-LM run: the demo's chats and no val without --data (the demo is
     judged on its held-out questions); else --data with --eval-data, or a seeded VAL_FRACTION split of
-    --data. `with_val=False`: val is None and --eval-data is not read."""
+    --data. Read once per run: QLoRA's calibration and the training data take them from here."""
     from ..data import load_demo, read_records, records_from_dicts, train_val_split
 
     if config.data is None:
@@ -107,14 +106,16 @@ def _causal_records(config: TrainConfig, demo=None, with_val: bool = True) -> tu
         return records_from_dicts([{"messages": r["messages"]} for r in demo.train], name="built-in demo"), None
     records = read_records(config.data)
     if config.eval_data:
-        return records, read_records(config.eval_data) if with_val else None
+        return records, read_records(config.eval_data)
     return train_val_split(records, val_fraction=VAL_FRACTION, seed=config.seed)
 
 
-def causal_data(config: TrainConfig, tokenizer, model_dtype, distill: bool, flatten: bool = False) -> dict[str, Any]:
+def causal_data(config: TrainConfig, tokenizer, model_dtype, distill: bool, flatten: bool = False,
+                records: Optional[tuple[Any, Any]] = None) -> dict[str, Any]:
     """Causal-LM data: {"train": examples, "stats", "val": examples or None, "collate", "demo": Demo or None,
     "fingerprint", "task": None}. `distill`: the demo's rehearsal chats get a KL term (the loss supports it);
-    `flatten`: packed batches become one padding-free row (the model attends per example)."""
+    `flatten`: packed batches become one padding-free row (the model attends per example); `records`:
+    causal_records(config) when the run has read them already."""
     from ..data import build_causal_examples, load_demo
 
     collate = _collate_fn(tokenizer, model_dtype, flatten)
@@ -126,7 +127,7 @@ def causal_data(config: TrainConfig, tokenizer, model_dtype, distill: bool, flat
                     "fingerprint": fingerprint, "task": None}
     else:
         demo, fingerprint = None, data_fingerprint(config.data)
-    train, val = _causal_records(config, demo)
+    train, val = records if records is not None else causal_records(config, demo)
     train_ex = build_causal_examples(train, tokenizer, seq_len=config.seq_len, packing=config.packing)
     print(f"training data: {train_ex.stats.summary()}")
     val_ex = build_causal_examples(val, tokenizer, seq_len=config.seq_len) if val is not None and len(val) else None
