@@ -241,3 +241,34 @@ def test_with_dropout_the_patched_model_draws_each_mask_once_as_the_plain_path_d
     assert torch.allclose(loss, plain_loss, atol=1e-6)
     for name, grad in grads.items():
         assert torch.allclose(grad, plain[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_a_bias_that_trains_gets_its_gradient_on_the_fused_path(monkeypatch):
+    """bias="all" on a model with biased q/k/v (Qwen2): the fused single and grouped paths give each bias
+    the plain path's gradient (the group hands biased members that train to the single function)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    import lorakit.lora.layer as layer
+    from lorakit.fast import use_fast_kernels
+
+    def model():
+        torch.manual_seed(0)
+        base = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+        return get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", bias="all",
+                                               init_lora_weights=False)).train()
+
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "labels": ids}
+    fused, grouped = model(), model()
+    use_fast_kernels(grouped)
+    fused_loss, fused_grads = loss_and_grads(fused, batch)
+    grouped_loss, grouped_grads = loss_and_grads(grouped, batch)
+    monkeypatch.setattr(layer.LoraLinear, "_fusable_adapter", lambda self, x: None)
+    plain_loss, plain = loss_and_grads(fused, batch)
+    assert any(name.endswith("q_proj.base_layer.bias") for name in plain)
+    for loss, grads in ((fused_loss, fused_grads), (grouped_loss, grouped_grads)):
+        assert torch.allclose(loss, plain_loss, atol=1e-6)
+        assert grads.keys() == plain.keys()
+        for name, grad in grads.items():
+            assert torch.allclose(grad, plain[name], rtol=1e-4, atol=1e-6), name

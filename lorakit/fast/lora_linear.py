@@ -3,7 +3,7 @@
 Autograd over the plain layer keeps the branch as separate ops: a scaled copy of the update, an add,
 and in the backward a second add of the input gradients. Here the base matmul accumulates onto the
 rank-r product inside the matmul (addmm), and the backward computes only what LoRA trains, smallest products
-first (W and b are frozen: no weight gradient, and no (out x in) matrix is ever formed):
+first (W is frozen: no weight gradient, and no (out x in) matrix is ever formed):
 
     low = d (s·A)ᵀ                (tokens, r)  kept for dB
     y   = x Wᵀ + b + low Bᵀ       (tokens, out)
@@ -12,6 +12,7 @@ first (W and b are frozen: no weight gradient, and no (out x in) matrix is ever 
     dA  = s · gᵀ d                (r, in)
     dx  = dy W + g (s·A)          (tokens, in) with no dropout; with dropout, dd = g (s·A) goes back
                                                through the dropout mask to x
+    db  = Σ_tokens dy             (out,) only for a bias that trains (LoraConfig bias="all")
 
 The products use s·A and B in x's dtype (`compute_factors`; fp32 factors under bf16 autocast are cast as
 autocast would), which a layer can keep from one call to the next while its factors do not change.
@@ -51,6 +52,7 @@ class _LoraLinearFunction(torch.autograd.Function):
         low = branch_in @ a.t()  # (tokens, r)
         ctx.save_for_backward(branch_in, low, weight, a, b)
         ctx.scaling, ctx.in_shape, ctx.dropout, ctx.factor_dtype = scaling, x.shape, dropped is not None, lora_a.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
         if output_unused:  # a checkpoint recompute that only wants the saved tensors back
             return x.new_empty(()).expand(*x.shape[:-1], weight.shape[0])
         # the rank-r product first, then the base matmul accumulates onto it: one pass over the output
@@ -64,7 +66,7 @@ class _LoraLinearFunction(torch.autograd.Function):
         branch_in, low, weight, a, b = ctx.saved_tensors
         dy = grad_out.reshape(-1, grad_out.shape[-1])  # (tokens, out)
         g = dy @ b  # (tokens, r)
-        grad_x = grad_a = grad_b = grad_dropped = None
+        grad_x = grad_bias = grad_a = grad_b = grad_dropped = None
         if ctx.needs_input_grad[0]:
             if ctx.dropout:
                 grad_x = dy @ weight
@@ -76,7 +78,9 @@ class _LoraLinearFunction(torch.autograd.Function):
             grad_a = _scaled_mm(g.t(), branch_in, ctx.scaling).to(ctx.factor_dtype)  # (r, in)
         if ctx.needs_input_grad[4]:
             grad_b = (dy.t() @ low).to(ctx.factor_dtype)  # (out, r); low already holds the scaling
-        return grad_x, None, None, grad_a, grad_b, None, grad_dropped, None, None
+        if ctx.needs_input_grad[2]:  # a bias that trains (LoraConfig bias="all" or "lora_only")
+            grad_bias = dy.sum(0).to(ctx.bias_dtype)
+        return grad_x, None, grad_bias, grad_a, grad_b, None, grad_dropped, None, None
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
@@ -84,8 +88,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                 output_unused: bool = False,
                 factors: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """x Wᵀ + b + scaling · (d Aᵀ) Bᵀ for x (..., in), W (out, in), A (r, in), B (out, r), where d is
-    `dropped` (x after the adapter's dropout, same shape) or x itself. Gradients reach x, A and B (W and b
-    must be frozen: they get none). A and B may be in another dtype than x (fp32 factors under bf16
+    `dropped` (x after the adapter's dropout, same shape) or x itself. Gradients reach x, A, B and a bias that
+    trains (W must be frozen: it gets none). A and B may be in another dtype than x (fp32 factors under bf16
     autocast): the products use `factors` (compute_factors(A, B, scaling, x.dtype), made here when not
     given) and A's and B's gradients come back in their own dtype. `output_unused`: save for the backward
     as always but return an unfilled tensor of the output's shape (a checkpoint recompute that discards
@@ -160,10 +164,11 @@ def lora_linear_group(x: torch.Tensor, members: list[tuple],
                       cache: Optional[dict] = None) -> Optional[tuple[torch.Tensor, ...]]:
     """The outputs of LoRA linears that read the same x, given each one's `lora_linear` arguments after x
     (LoraLinear.fused_args), in one node; None where the group does not fit it (dropout, which gives each
-    member its own input, or an output left unused): call the layers one by one then. Ranks, scalings,
+    member its own input, an output left unused, or a bias that trains): call the layers one by one then. Ranks, scalings,
     biases and output sizes may differ. `cache`: a dict the caller keeps, to keep the stacked A factors in
     between calls (see stack_factors)."""
-    if any(dropped is not None or unused for (_, _, _, _, _, dropped, unused, _) in members):
+    if any(dropped is not None or unused or (bias is not None and bias.requires_grad)
+           for (_, bias, _, _, _, dropped, unused, _) in members):
         return None
     factors = [f if f is not None else compute_factors(a, b, s, x.dtype) for (_, _, a, b, s, _, _, f) in members]
     stacked_a = stack_factors([f[0] for f in factors], cache)
