@@ -6,12 +6,13 @@ does to issue a step. On a GPU that work overlaps the kernels; where the kernels
 config's forward on an H100) the GPU waits for it. This is the part of a GPU step a CPU-only machine
 can measure.
 
-    python benchmarks/overhead.py                  # lorakit, lorakit without the q/k/v and gate/up groups, PEFT
+    python benchmarks/overhead.py    # lorakit, lorakit without the q/k/v and gate/up groups, PEFT, no LoRA
     python benchmarks/overhead.py --rounds 9
 
 Each method trains LoRA r=16 on q,k,v,o,gate,up,down with AdamW (foreach) on the same random batch, as
-benchmarks/throughput.py prepares it; one thread; the methods take turns within each round, and the
-median over rounds is printed.
+benchmarks/throughput.py prepares it; "no-lora" is the floor: the same model with no adapter (only the
+embedding trains, so the backward runs through every layer). One thread; the methods take turns within
+each round, and the median over rounds is printed.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from throughput import prepare  # noqa: E402  (puts the repository on sys.path t
 
 STRUCTURE = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=16, num_attention_heads=4,
                  num_key_value_heads=1, vocab_size=512, tie_word_embeddings=True)  # the 1B's layers and GQA ratio
-METHODS = ["lorakit", "lorakit-ungrouped", "peft"]
+METHODS = ["lorakit", "lorakit-ungrouped", "peft", "no-lora"]
 
 
 def build(method: str):
@@ -36,7 +37,13 @@ def build(method: str):
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**STRUCTURE, attn_implementation="sdpa"))
-    model, loss_fn = prepare("lorakit" if method.startswith("lorakit") else method, model, False)
+    if method == "no-lora":  # the floor: the same model with no adapter, only the embedding trains
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.get_input_embeddings().weight.requires_grad_(True)
+        loss_fn = lambda m, b: m(**b).loss  # noqa: E731
+    else:
+        model, loss_fn = prepare("lorakit" if method.startswith("lorakit") else method, model, False)
     if method == "lorakit-ungrouped":  # every LoRA projection its own fused node: the class's own forwards
         from lorakit.fast.kernels import patch
 
