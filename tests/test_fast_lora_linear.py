@@ -272,3 +272,14 @@ def test_a_bias_that_trains_gets_its_gradient_on_the_fused_path(monkeypatch):
         assert grads.keys() == plain.keys()
         for name, grad in grads.items():
             assert torch.allclose(grad, plain[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_generation_with_the_patched_attention_matches_the_plain_model():
+    """Greedy decoding with a key/value cache (one new token per attention call) through the q/k/v group
+    gives the plain model's tokens."""
+    model, plain_model = _patched_and_plain("all-linear")
+    model.eval(), plain_model.eval()
+    ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(2))
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(model.generate(input_ids=ids, **settings), plain_model.generate(input_ids=ids, **settings))
