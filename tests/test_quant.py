@@ -283,6 +283,30 @@ def test_the_moments_are_of_real_tokens_shared_by_layers_on_one_input_and_stop_a
         assert_close(moments[name], x.T @ x)
 
 
+def test_layers_sharing_moments_are_rounded_together_with_the_codes_each_gets_alone(monkeypatch):
+    """q, k and v (gate and up) take one pass of GPTQ's column loop: the same codes as one pass each."""
+    from lorakit.fast.kernels.nf4 import block_scales
+    from lorakit.quant import gptq
+
+    dense = tiny_llama()
+    batches = [{"input_ids": _ids(seed)} for seed in range(3)]
+    passes = []
+    nf4_codes = gptq.nf4_codes
+    monkeypatch.setattr(gptq, "nf4_codes", lambda w, *a: passes.append(w.shape[0]) or nf4_codes(w, *a))
+    together = quantize_model(copy.deepcopy(dense), "nf4", calibration=batches)
+    assert passes == [32 + 16 + 16, 32, 64 + 64, 32] * 2  # per layer: q+k+v rows, o, gate+up, down
+    probe = copy.deepcopy(dense)
+    layers = {n: m for n, m in probe.named_modules() if type(m) is nn.Linear and n != "lm_head"}
+    moments = gptq.input_moments(probe, layers, batches)  # the first group's: no layer quantized yet
+    attention = "model.layers.0.self_attn."
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        w = dict(together.named_modules())[attention + proj].weight
+        alone = nf4_codes(layers[attention + proj].weight.detach(), block_scales(w), w.nf4,
+                          moments[attention + proj], w.block_size)
+        packed = w.quantized_data
+        assert torch.equal(torch.stack([packed >> 4, packed & 15], dim=1).flatten(), alone.flatten()), proj
+
+
 def test_calibration_refuses_inputs_shared_on_the_first_batch_only():
     from lorakit.quant.gptq import input_moments
 

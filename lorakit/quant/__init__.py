@@ -78,20 +78,52 @@ def quantize_model(model: nn.Module, method: str = "nf4", compute_dtype: Optiona
     report["rounding"] = f"gptq ({len(calibration)} calibration batches)" if calibration else "nearest"
     for group in _calibration_groups(_quantizable_linears(model, skip_modules), calibration):
         moments = gptq.input_moments(model, dict(group), calibration) if calibration else {}
-        for name, module in group:
-            dense = module.weight.detach()
-            dense_bytes = dense.numel() * dense.element_size()
-            try:
-                nf4.quantize_linear_(module, compute_dtype)
-            except ValueError as err:
-                report["skipped"][name] = str(err)
-                continue
-            if name in moments:
-                w = module.weight
-                codes = gptq.nf4_codes(dense, block_scales(w), w.nf4, moments.pop(name), w.block_size)
-                gptq.requantize_nf4_(w, codes)
-            _record(report, name, dense_bytes, module)
+        for members in _sharing_moments(group, moments):
+            done = []  # (name, module, dense weight) of the members NF4 takes
+            for name, module in members:
+                dense = module.weight.detach()
+                try:
+                    nf4.quantize_linear_(module, compute_dtype)
+                except ValueError as err:
+                    report["skipped"][name] = str(err)
+                    continue
+                done.append((name, module, dense))
+            if done and done[0][0] in moments:
+                _round_against(moments[done[0][0]], [(m.weight, dense) for _, m, dense in done])
+            for name, module, dense in done:
+                _record(report, name, dense.numel() * dense.element_size(), module)
+            for name, _ in members:
+                moments.pop(name, None)
     return _finish(model, report, method)
+
+
+def _sharing_moments(group: list[tuple[str, nn.Linear]], moments: dict) -> list[list[tuple[str, nn.Linear]]]:
+    """The group's layers in runs of neighbours that share one moment matrix (q, k, v; gate, up): they are
+    rounded together. Without calibration every layer is a run of its own."""
+    runs: list[list[tuple[str, nn.Linear]]] = []
+    for name, module in group:
+        h = moments.get(name)
+        if runs and h is not None and moments.get(runs[-1][-1][0]) is h:
+            runs[-1].append((name, module))
+        else:
+            runs.append([(name, module)])
+    return runs
+
+
+def _round_against(h: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """GPTQ's rounding of NF4 weights [(NF4 weight, its dense original)] that share the input moments H:
+    GPTQ treats each output row on its own, so their rows stacked take one pass of its column loop
+    (one Cholesky, one loop for q, k and v) and give each row the codes it would get alone."""
+    weights = [w for w, _ in layers]
+    joint = len({(w.block_size, w.shape[1]) for w in weights}) == 1 and all(torch.equal(w.nf4, weights[0].nf4)
+                                                                             for w in weights)
+    for part in ([layers] if joint else [[layer] for layer in layers]):
+        first = part[0][0]
+        dense = torch.cat([d for _, d in part])  # (sum of out, in)
+        scales = torch.cat([block_scales(w) for w, _ in part])  # each weight's blocks, row-major, in turn
+        codes = gptq.nf4_codes(dense, scales, first.nf4, h, first.block_size)
+        for (w, _), rows in zip(part, codes.split([w.shape[0] for w, _ in part])):
+            gptq.requantize_nf4_(w, rows)
 
 
 def _calibration_groups(layers: list[tuple[str, nn.Linear]], calibration) -> list[list[tuple[str, nn.Linear]]]:
