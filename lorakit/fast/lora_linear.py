@@ -135,10 +135,9 @@ class _LoraGroupFunction(torch.autograd.Function):
         scalings = ctx.scalings
         if len(set(scalings)) == 1:
             grad_a = _scaled_mm(g.t(), flat, scalings[0])  # (R, in): one pass over x for every A
-        else:  # each member's columns of g times its own scaling first
-            per_column = torch.tensor([s for s, r in zip(scalings, ranks) for _ in range(r)], dtype=g.dtype,
-                                      device=g.device)
-            grad_a = (g * per_column).t() @ flat
+        else:  # each member's columns of g times its own scaling first (no host-to-device copy of scalings)
+            scaled = torch.cat([g_i * s for g_i, s in zip(g.split(ranks, dim=1), scalings)], dim=1)
+            grad_a = scaled.t() @ flat
         factor_grads = []
         for i, (dy, grad_a_i, low_i) in enumerate(zip(dys, grad_a.split(ranks), low.split(ranks, dim=1))):
             a_dtype, b_dtype = ctx.factor_dtypes[2 * i], ctx.factor_dtypes[2 * i + 1]

@@ -44,7 +44,8 @@ def input_moments(model: nn.Module, layers: dict[str, nn.Linear], batches: Itera
     is refused (no model seen so far does that)."""
     moments = {name: torch.zeros(m.in_features, m.in_features, device=m.weight.device) for name, m in layers.items()}
     shares: dict[str, str] = {}  # layer -> the layer whose matrix it shares (settled on the first batch)
-    state = {"first": True, "input": None, "owner": None, "mask": None, "last": None, "calls": 0, "expected": 0}
+    state = {"first": True, "input": None, "owner": None, "mask": None, "real": None, "last": None, "calls": 0,
+             "expected": 0}
     first_counts: dict[str, int] = {}
 
     def hook(name):
@@ -59,8 +60,10 @@ def input_moments(model: nn.Module, layers: dict[str, nn.Linear], batches: Itera
                                        f"first batch but not on a later one; calibrate this model with "
                                        f"--quantize-calibration 0 (round to nearest)")
             else:
-                mask = state["mask"]
-                rows = x[mask] if mask is not None and x.shape[:-1] == mask.shape else x.reshape(-1, x.shape[-1])
+                mask, real = state["mask"], state["real"]
+                rows = x.reshape(-1, x.shape[-1])
+                if mask is not None and x.shape[:-1] == mask.shape:
+                    rows = rows.index_select(0, real)
                 rows = rows.float()  # (real tokens, in)
                 moments[name].addmm_(rows.t(), rows)
                 state["input"], state["owner"] = x, name
@@ -79,7 +82,8 @@ def input_moments(model: nn.Module, layers: dict[str, nn.Linear], batches: Itera
     try:
         for batch in batches:
             mask = batch.get("attention_mask")
-            state.update(input=None, owner=None, calls=0, mask=None if mask is None else mask.bool())
+            real = None if mask is None else mask.flatten().nonzero().squeeze(1)  # found once per batch
+            state.update(input=None, owner=None, calls=0, mask=mask, real=real)
             try:
                 model(**batch)
             except _Enough:
