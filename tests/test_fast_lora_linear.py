@@ -283,3 +283,24 @@ def test_generation_with_the_patched_attention_matches_the_plain_model():
     settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         assert torch.equal(model.generate(input_ids=ids, **settings), plain_model.generate(input_ids=ids, **settings))
+
+
+def test_other_lora_variants_in_the_patched_model_are_left_to_their_own_layers(monkeypatch):
+    """DoRA layers are not what the fused functions compute: no group forms, and the patched model's loss
+    and gradients are the plain model's."""
+    import lorakit.fast.kernels.patch as patch
+    from lorakit.fast import use_fast_kernels
+
+    config = LoraConfig(r=4, target_modules="all-linear", use_dora=True, init_lora_weights=False)
+    plain_model, model = get_peft_model(tiny_llama(), config).train(), get_peft_model(tiny_llama(), config).train()
+    if not use_fast_kernels(model):
+        pytest.skip("needs Triton (the attention and MLP forwards are patched by use_fast_kernels)")
+    groups = []
+    monkeypatch.setattr(patch, "lora_linear_group", lambda *a: groups.append(1) or lora_linear_group(*a))
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    loss, grads = loss_and_grads(model, {"input_ids": ids, "labels": ids})
+    plain_loss, plain = loss_and_grads(plain_model, {"input_ids": ids, "labels": ids})
+    assert groups == []
+    assert torch.allclose(loss, plain_loss, atol=1e-6)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, plain[name], rtol=1e-4, atol=1e-6), name
