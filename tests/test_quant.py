@@ -165,11 +165,11 @@ def test_cli_train_with_quantize_nf4_writes_a_plain_adapter(tmp_path, monkeypatc
 
     import lorakit.data
     from lorakit.cli.main import main
+    from tests.test_data_helpers import tiny_tokenizer
 
     reads = []
     read_records = lorakit.data.read_records
     monkeypatch.setattr(lorakit.data, "read_records", lambda *a, **k: reads.append(a[0]) or read_records(*a, **k))
-    from tests.test_data_helpers import tiny_tokenizer
 
     tok, folder = tiny_tokenizer(), tmp_path / "tiny-llama"
     torch.manual_seed(0)
