@@ -120,3 +120,30 @@ def test_unreadable_gguf_is_a_model_load_error(cache, gguf_file):
     with pytest.raises(ModelLoadError, match="could not read the GGUF file"):
         ensure_gguf_cache(gguf_file)  # 64 bytes of nonsense, through the real converter
     assert not gguf_cache_folder(gguf_file).exists()
+
+
+def test_special_tokens_come_from_the_gguf_metadata(tmp_path):
+    """transformers 5.17 reads a chat GGUF's eos as its bos; the conversion takes the ids from the file."""
+    from gguf import GGUFWriter
+
+    from tests.test_models_fixtures import tiny_llama_model, tiny_tokenizer
+
+    path = tmp_path / "meta.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(2)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    ids = gguf_cache.gguf_special_token_ids(path)
+    assert ids == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+
+    tokenizer, model = tiny_tokenizer(), tiny_llama_model()
+    tokenizer.eos_token = "<s>"  # as transformers 5.17 gives it
+    model.config.eos_token_id = model.generation_config.eos_token_id = 1
+    gguf_cache.fix_special_tokens(tokenizer, model, ids)
+    assert (tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token) == ("</s>", "</s>", "<s>")
+    assert model.config.eos_token_id == model.generation_config.eos_token_id == tokenizer.eos_token_id == 2
+    assert model.config.pad_token_id == tokenizer.pad_token_id == 2

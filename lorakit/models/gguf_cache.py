@@ -36,7 +36,7 @@ from lorakit.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: special tokens taken from the GGUF's own metadata (fix_special_tokens)
 MARKER_FILE = "lorakit_gguf.json"
 CACHE_DTYPE = torch.float32
 # transformers' "no limit" sentinel for model_max_length (int(1e30)).
@@ -107,6 +107,37 @@ def fix_model_max_length(tokenizer, config) -> None:
         tokenizer.model_max_length = int(limit)
 
 
+_SPECIAL_TOKENS = {"bos": "bos_token_id", "eos": "eos_token_id", "padding": "pad_token_id", "unknown": "unk_token_id"}
+"""GGUF metadata `tokenizer.ggml.<key>_token_id` -> the transformers name of that id."""
+
+
+def gguf_special_token_ids(gguf_path: Path) -> dict[str, int]:
+    """{"bos_token_id": ..., "eos_token_id": ..., ...} as the GGUF file's own metadata gives them."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf_path).fields
+    ids = {}
+    for key, name in _SPECIAL_TOKENS.items():
+        field = fields.get(f"tokenizer.ggml.{key}_token_id")
+        if field is not None and field.data:
+            ids[name] = int(field.parts[field.data[0]][0])
+    return ids
+
+
+def fix_special_tokens(tokenizer, model, ids: dict[str, int]) -> None:
+    """Set the tokenizer's and the model's bos/eos/pad/unk tokens to the GGUF's own (`ids`, from
+    gguf_special_token_ids). Some transformers versions (5.17) read a chat GGUF's eos as its bos, so
+    generation would not stop at the end of a turn."""
+    vocab_size = len(tokenizer)
+    for name, token_id in ids.items():
+        if not 0 <= token_id < vocab_size:
+            continue
+        setattr(tokenizer, name.removesuffix("_id"), tokenizer.convert_ids_to_tokens(token_id))
+        for config in (model.config, getattr(model, "generation_config", None)):
+            if config is not None and name != "unk_token_id":
+                setattr(config, name, token_id)
+
+
 def convert_gguf(gguf_path: Path, out: Path) -> None:
     """Dequantize `gguf_path` with transformers and save model + tokenizer into the folder `out`.
 
@@ -130,6 +161,7 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
+    fix_special_tokens(tokenizer, model, gguf_special_token_ids(gguf_path))
     fix_model_max_length(tokenizer, model.config)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
