@@ -105,3 +105,22 @@ def test_generate_with_two_adapters_sums_them(folders, capsys):
     main(["generate", "--model", str(base), "--adapter", str(a), "--adapter", str(b), "--max-new-tokens", "6",
           "--no-chat", "--device", "cpu", "Say hello."])
     assert capsys.readouterr().out.strip() == f">>> Say hello.\n{expected}".strip()
+
+
+def test_generation_leaves_out_token_type_ids():
+    """A tokenizer that also returns token_type_ids (BERT-style) still generates with a causal LM, which
+    refuses them."""
+    from transformers import PreTrainedTokenizerFast
+
+    from lorakit.evaluate import generate_texts
+    from tests.test_models_fixtures import tiny_llama_model, tiny_tokenizer
+
+    plain = tiny_tokenizer()
+    with_types = PreTrainedTokenizerFast(tokenizer_object=plain.backend_tokenizer, unk_token="<unk>",
+                                         bos_token="<s>", eos_token="</s>", pad_token="</s>",
+                                         model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+    assert "token_type_ids" in with_types(["the cat"])
+    model = tiny_llama_model()
+    texts = generate_texts(model, with_types, ["the cat sat", "a dog"], max_new_tokens=4)
+    plain.pad_token = "</s>"
+    assert texts == generate_texts(model, plain, ["the cat sat", "a dog"], max_new_tokens=4)

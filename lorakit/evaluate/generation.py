@@ -28,7 +28,9 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start:start + batch_size])
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            # no token_type_ids: BERT-style tokenizers add them and a causal LM's generate refuses them
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False,
+                            return_token_type_ids=False).to(device)
             extra = {"adapter_names": list(adapter_names[start:start + batch_size])} if adapter_names else {}
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, **extra)
