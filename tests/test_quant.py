@@ -338,3 +338,29 @@ def test_a_quantized_model_with_the_kernels_switched_in_pickles():
     restored = torch.load(buffer, weights_only=False)
     ids = _ids()
     assert torch.equal(restored(ids).logits, model(ids).logits)
+
+
+def test_kernels_keep_a_model_picklable_when_attentions_hold_the_rotary_function():
+    """transformers 5.0 puts apply_rotary_pos_emb on every attention (`rotary_fn`); once the module's name
+    is the kernel wrapper, the original function no longer pickles by reference."""
+    import io
+
+    from lorakit.fast import use_fast_kernels
+    from lorakit.fast.kernels.patch import _wrap_rotary
+    from transformers.models.llama import modeling_llama
+
+    model = tiny_llama()
+    current = modeling_llama.apply_rotary_pos_emb
+    original = getattr(current, "lorakit_original", current)
+    attentions = [m for m in model.modules() if type(m).__name__ == "LlamaAttention"]
+    for attention in attentions:
+        attention.rotary_fn = original  # as transformers 5.0's use_kernelized_func does at init
+    use_fast_kernels(model)
+    assert all(a.rotary_fn is modeling_llama.apply_rotary_pos_emb for a in attentions)
+    assert _wrap_rotary(original).__qualname__ == original.__qualname__
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False)
+    ids = _ids()
+    assert torch.equal(restored(ids).logits, model(ids).logits)

@@ -41,6 +41,9 @@ _TASK_ALIASES = {"causal_lm": "causal-lm", "seq_cls": "seq-cls", "token_cls": "t
                  "feature_extraction": "feature-extraction"}
 _LABEL_TASKS = ("seq-cls", "token-cls")
 _LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, ImportError, SafetensorError)
+TOKENIZER_FILE_HINTS = ("tokenizer", "vocab", "merges", "special_tokens_map", "tekken", "spiece", "sentencepiece")
+"""A model folder with no file whose name starts like one of these, and no `*.model` or `*.tiktoken`, has
+no tokenizer: transformers 5.0 then quietly makes a blank one (3 tokens)."""
 
 
 @dataclass
@@ -210,6 +213,8 @@ def _load_parts(source: ModelSource, location: str, task: str, dtype: torch.dtyp
     for key, value in labels.items():
         setattr(config, key, value)
     try:
+        if os.path.isdir(location) and not _has_tokenizer_files(location):
+            raise OSError("no tokenizer files (tokenizer.json, tokenizer_config.json, vocab.*, *.model ...) in the folder")
         tokenizer = AutoTokenizer.from_pretrained(location, **hub_kwargs)
     except _LOAD_ERRORS as exc:
         raise ModelLoadError(f"cannot load the tokenizer of {source.name!r} from {location} "
@@ -219,6 +224,11 @@ def _load_parts(source: ModelSource, location: str, task: str, dtype: torch.dtyp
     except _LOAD_ERRORS as exc:
         raise ModelLoadError(f"cannot load the weights of {source.name!r} from {location}: {exc}") from exc
     return model, tokenizer
+
+
+def _has_tokenizer_files(folder: str) -> bool:
+    return any(name.startswith(TOKENIZER_FILE_HINTS) or name.endswith((".model", ".tiktoken"))
+               for name in os.listdir(folder))
 
 
 def _hub_kwargs(source: ModelSource, trust_remote_code: bool) -> dict[str, Any]:

@@ -90,6 +90,7 @@ def _grouped_outputs(owner: nn.Module, projections: tuple, x: torch.Tensor) -> d
 
 
 def _wrap_rotary(original):
+    @functools.wraps(original)  # its module and name: pickled by reference, it resolves to the module's name
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
         if unsqueeze_dim == 1 and triton_runs(q) and rotary_supported(q, k, cos, sin):
             return rotary(q, k, cos, sin)
@@ -109,6 +110,11 @@ def use_fast_kernels(model: nn.Module) -> list[str]:
     model_type = getattr(getattr(base, "config", None), "model_type", None)
     if not HAS_TRITON or model_type not in FAMILIES:
         return []
+    modeling = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    current = getattr(modeling, "apply_rotary_pos_emb", None)
+    if current is not None and not hasattr(current, "lorakit_original"):
+        modeling.apply_rotary_pos_emb = current = _wrap_rotary(current)
+    original_rotary = getattr(current, "lorakit_original", None)
     norms = mlps = attentions = 0
     for module in base.modules():
         name = type(module).__name__
@@ -121,9 +127,9 @@ def use_fast_kernels(model: nn.Module) -> list[str]:
         elif name in ATTENTIONS and all(hasattr(module, p) for p in ("q_proj", "k_proj", "v_proj")):
             module.forward = functools.partial(_attention_forward, module)
             attentions += 1
-    modeling = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-    current = getattr(modeling, "apply_rotary_pos_emb", None)
-    if current is not None and not hasattr(current, "lorakit_original"):
-        modeling.apply_rotary_pos_emb = _wrap_rotary(current)
+        if original_rotary is not None and module.__dict__.get("rotary_fn") is original_rotary:
+            # transformers 5.0 keeps the function on each attention (for its hub kernels): the original no
+            # longer pickles by its module's name, the wrapper does
+            module.rotary_fn = current
     switched = [f"rms_norm x{norms}", f"silu_mul x{mlps}", f"qkv_group x{attentions}"]
     return switched + (["rotary"] if current is not None else [])
