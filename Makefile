@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lorakit-installed
 
-.PHONY: run test bench install clean
+.PHONY: run test test-transformers bench install clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +23,14 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+# the suite against another transformers release (V=5.0.0): installed beside the venv in .compat/, with
+# the huggingface-hub and tokenizers versions that release asks for
+test-transformers: $(STAMP)
+	@test -n "$(V)" || { echo "usage: make test-transformers V=5.0.0"; exit 2; }
+	@test -d .compat/transformers-$(V)/transformers || $(BIN)/pip install -q --no-deps --target .compat/transformers-$(V) transformers==$(V)
+	$(BIN)/pip install -q --no-deps --upgrade --target .compat/transformers-$(V) $$($(BIN)/python -c "import runpy; d = runpy.run_path('.compat/transformers-$(V)/transformers/dependency_versions_table.py')['deps']; print(d['huggingface-hub'], d['tokenizers'])")
+	PYTHONPATH=.compat/transformers-$(V) $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	@ls benchmarks/*.py >/dev/null 2>&1 && for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done || echo "no benchmarks yet"
