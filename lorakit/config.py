@@ -183,10 +183,15 @@ class LoraConfig:
 
 
 def _match_pattern(pattern: dict[str, Any], module_name: str, default: Any) -> Any:
-    """PEFT's rule: a key matches a module when it equals the name, is a '.suffix' of it, or full-matches it as a regex."""
+    """PEFT's rule (peft.utils.other.get_pattern_key): the first key that, as a regex, matches the end of the
+    name at a '.' boundary (so a plain name or a dotted suffix matches too)."""
     import re
 
     for key, value in (pattern or {}).items():
-        if module_name == key or module_name.endswith("." + key) or re.fullmatch(key, module_name):
-            return value
+        try:
+            if re.match(rf"(.*\.)?({key})$", module_name):
+                return value
+        except re.error:  # not a valid regex: the name itself or a '.suffix'
+            if module_name == key or module_name.endswith("." + key):
+                return value
     return default

@@ -18,8 +18,8 @@ class TargetError(LorakitError, ValueError):
     """target_modules (or modules_to_save) names something the model does not have."""
 
 
-class AdapterError(LorakitError):
-    """An adapter folder is missing, malformed, or does not fit the base model."""
+class AdapterError(LorakitError, ValueError):
+    """An adapter folder is missing, malformed, or does not fit the base model (a ValueError, as PEFT raises)."""
 
 
 class DataError(LorakitError, ValueError):

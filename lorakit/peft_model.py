@@ -256,8 +256,12 @@ def _is_quantized(model: nn.Module, name: str) -> bool:
 
 
 def _loadable_config(config: LoraConfig, is_trainable: bool) -> LoraConfig:
-    # Saved weights replace the init, so never re-run PiSSA/OLoRA (they would rewrite the base weights).
-    return config.copy(init_lora_weights=True, inference_mode=not is_trainable)
+    """The config to inject a saved adapter with. Saved weights replace the init, but a PiSSA/OLoRA adapter
+    saved as such (PEFT's default, or save_pretrained(convert_to_lora=False)) holds factors of the residual
+    base: its init runs again, as in PEFT, to turn W into that residual before the factors are loaded."""
+    residual = str(config.init_lora_weights).startswith(("pissa", "olora"))
+    return config.copy(init_lora_weights=config.init_lora_weights if residual else True,
+                       inference_mode=not is_trainable)
 
 
 def _check_base(meta: dict, model: nn.Module, source: str, ignore: bool) -> None:

@@ -84,6 +84,8 @@ def combine_layer(layer: LoraLayer, sources: Sequence[str], weights: Sequence[fl
                   svd_rank: Optional[int], density: float, sign: str,
                   svd_clamp: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """New factors (A (k, in), B (out, k)), fp32, whose product is the combined update (scaling 1)."""
+    if len(sources) == 1:  # PEFT: a single adapter is always combined linearly
+        method = "linear"
     pairs = [(n, w) for n, w in zip(sources, weights) if n in layer.r]
     mats = [tuple(t.float() for t in layer.factor_matrices(n)) for n, _ in pairs]
     if method == "cat":
@@ -98,15 +100,11 @@ def combine_layer(layer: LoraLayer, sources: Sequence[str], weights: Sequence[fl
     if len({layer.r[n] for n, _ in pairs}) > 1:
         raise ConfigError([f"combination_type={method!r} needs adapters of equal rank, got "
                            f"{ {n: layer.r[n] for n, _ in pairs} }; use 'cat' or 'svd'"])
+    # PEFT's convention for factor-space methods: A_i gets ±sqrt(|w_i s_i|), B_i gets sqrt(|w_i s_i|).
     roots = [_signed_root(w * layer.scaling[n]) for n, w in pairs]
-    if method == "linear":
-        A = sum(a * ra for (a, _), (ra, _) in zip(mats, roots))
-        B = sum(b * rb for (_, b), (_, rb) in zip(mats, roots))
-        return A, B
-    # PEFT's convention for factor-space TIES/DARE: weight each factor by sqrt(w * scaling).
-    w = torch.tensor([math.sqrt(abs(x * layer.scaling[n])) for (n, x) in pairs])
+    wa, wb = torch.tensor([ra for ra, _ in roots]), torch.tensor([rb for _, rb in roots])
     merge = TASK_MERGES[method]
-    return merge([a for a, _ in mats], w, density, sign), merge([b for _, b in mats], w, density, sign)
+    return merge([a for a, _ in mats], wa, density, sign), merge([b for _, b in mats], wb, density, sign)
 
 
 def _svd_factors(delta: torch.Tensor, rank: int, clamp: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,6 +112,6 @@ def _svd_factors(delta: torch.Tensor, rank: int, clamp: Optional[float]) -> tupl
     rank = min(rank, S.numel())
     B, A = U[:, :rank] * S[:rank], Vh[:rank]  # (out, k), (k, in)
     if clamp is not None:
-        limit = torch.quantile(torch.cat([B.flatten(), A.flatten()]).abs(), clamp)
-        B, A = B.clamp(-limit, limit), A.clamp(-limit, limit)
+        hi = torch.quantile(torch.cat([B.flatten(), A.flatten()]), clamp)  # signed values, as PEFT
+        B, A = B.clamp(-hi, hi), A.clamp(-hi, hi)
     return A, B

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
@@ -60,8 +61,9 @@ class LoraModel(nn.Module):
         unknown = [n for n in names if n not in self.peft_config]
         if unknown or not names:
             raise AdapterError(f"unknown adapter(s) {unknown}; this model has {sorted(self.peft_config)}")
-        if any(m.merged_adapters for _, m in lora_layers(self.model)):
-            raise AdapterError("adapters are merged into the weights; call unmerge_adapter() before set_adapter()")
+        if any(m.merged_adapters for _, m in lora_layers(self.model)):  # as PEFT: warn, unmerge, switch
+            warnings.warn("set_adapter() while adapters are merged into the weights: unmerging them first")
+            self.unmerge_adapter()
         self.active_adapters = names
         self._apply_activity()
 
@@ -88,7 +90,7 @@ class LoraModel(nn.Module):
         del self.peft_config[adapter_name]
         self.frozen_adapters.discard(adapter_name)
         remaining = [n for n in self.active_adapters if n != adapter_name]
-        self.active_adapters = remaining or list(self.peft_config)[:1]
+        self.active_adapters = remaining or sorted(self.peft_config)[:1]  # PEFT's choice: the first by name
         self._apply_activity()
 
     # ------------------------------------------------------------------ merge / disable / unload

@@ -94,12 +94,18 @@ def name_matches(spec: Union[str, list[str], None], name: str) -> bool:
 
 
 def layer_index(name: str, layers_pattern) -> Optional[int]:
-    patterns = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or LAYER_CONTAINERS)
-    for p in patterns:
-        m = re.match(rf"(.*\.)?{re.escape(p)}\.(\d+)\.", name)
-        if m:
-            return int(m.group(2))
-    return None
+    """The layer number in a module's name, as PEFT reads it: the first number after `layers_pattern` (each
+    pattern a regex), or with no pattern the first numbered segment after another segment ("encoder.block.1."
+    -> 1, not T5's "layer.0" inside it). A bare model's names ("layers.0.mlp") fall back to the usual
+    containers."""
+    if layers_pattern:
+        for p in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+            m = re.match(rf"(?:^|.*?\.){p}\.(\d+)\.", name)
+            if m:
+                return int(m.group(1))
+        return None
+    m = re.match(r".*?\.[^.]*\.(\d+)\.", name) or re.match(rf"({'|'.join(LAYER_CONTAINERS)})\.(\d+)\.", name)
+    return int(m.group(m.lastindex)) if m else None
 
 
 def output_head_names(model: nn.Module) -> set[str]:

@@ -1,0 +1,74 @@
+"""Corners where lorakit once differed from PEFT 0.21 for the same code: each test runs both libraries."""
+import pytest
+import torch
+
+import lorakit
+from tests.conftest import tiny_llama, tiny_t5
+from tests.test_peft_interop import _ids, _randomise
+
+peft = pytest.importorskip("peft", reason="PEFT is a test dependency (pip install -e .[test])")
+
+
+def _lora_modules(model) -> dict[str, tuple[int, float]]:
+    """{module name: (rank, scaling)} of the default adapter, for either library."""
+    found = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and "default" in getattr(module, "r", {}):
+            found[name.split("model.", 1)[-1]] = (module.r["default"], float(module.scaling["default"]))
+    return found
+
+
+@pytest.mark.parametrize("pattern", [{"rank_pattern": {r"layers\.1\.self_attn\.q_proj": 2}},
+                                     {"alpha_pattern": {r"self_attn\.v_proj": 32}},
+                                     {"rank_pattern": {"q_proj": 2, r".*\.1\..*": 6}}])
+def test_rank_and_alpha_pattern_keys_are_regexes_matched_at_the_end(pattern):
+    kwargs = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], **pattern)
+    ours = lorakit.get_peft_model(tiny_llama(), lorakit.LoraConfig(**kwargs))
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**kwargs))
+    assert _lora_modules(ours) == _lora_modules(theirs)
+    assert _lora_modules(ours) != _lora_modules(lorakit.get_peft_model(
+        tiny_llama(), lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])))
+
+
+def test_t5_layers_to_transform_counts_blocks_not_sub_layers():
+    kwargs = dict(r=4, target_modules=["q", "v"], layers_to_transform=[1])
+    ours = sorted(_lora_modules(lorakit.get_peft_model(tiny_t5(), lorakit.LoraConfig(**kwargs))))
+    theirs = sorted(_lora_modules(peft.get_peft_model(tiny_t5(), peft.LoraConfig(**kwargs))))
+    assert ours == theirs and ours and all(".block.1." in name for name in ours)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_peft_pissa_and_olora_files_load_onto_the_residual_base(init, tmp_path):
+    """PEFT saves these factors against the residual W - s·BA of the init and redoes the init on load."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init)
+    model = peft.get_peft_model(tiny_llama(), config)
+    _randomise(model)
+    model.save_pretrained(tmp_path)
+    loaded = lorakit.PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=_ids()).logits, model(input_ids=_ids()).logits)
+
+
+def test_set_adapter_while_merged_unmerges_first_as_peft_does():
+    model = lorakit.get_peft_model(tiny_llama(), lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.add_adapter("b", lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    _randomise(model)
+    model.set_adapter("b")
+    _randomise(model)
+    with torch.no_grad():
+        b_alone = model(input_ids=_ids()).logits
+        model.set_adapter("default")
+        model.merge_adapter()
+        with pytest.warns(UserWarning, match="unmerging"):
+            model.set_adapter("b")
+        torch.testing.assert_close(model(input_ids=_ids()).logits, b_alone)
+
+
+def test_errors_are_value_errors_and_deleting_the_active_adapter_activates_the_first_by_name():
+    model = lorakit.get_peft_model(tiny_llama(), lorakit.LoraConfig(r=4, target_modules=["q_proj"]))
+    for name in ("zeta", "alpha"):
+        model.add_adapter(name, lorakit.LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(ValueError):  # what a PEFT user catches
+        model.set_adapter("nope")
+    model.delete_adapter("default")
+    assert model.active_adapters == ["alpha"]
