@@ -72,3 +72,29 @@ def test_errors_are_value_errors_and_deleting_the_active_adapter_activates_the_f
         model.set_adapter("nope")
     model.delete_adapter("default")
     assert model.active_adapters == ["alpha"]
+
+
+def test_peft_file_with_bias_all_and_a_head_loads(tmp_path):
+    """PEFT's bias="all" also saves the head copy's bias as `classifier.modules_to_save.bias`."""
+    from tests.conftest import tiny_bert
+
+    config = dict(r=2, lora_alpha=4, target_modules=["query", "value"], task_type="SEQ_CLS", bias="all")
+    model = peft.get_peft_model(tiny_bert(), peft.LoraConfig(**config))
+    _randomise(model)
+    model.save_pretrained(tmp_path)
+    loaded = lorakit.PeftModel.from_pretrained(tiny_bert(), str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=_ids()).logits, model(input_ids=_ids()).logits)
+
+
+def test_combining_two_adapters_that_each_trained_the_head_is_refused():
+    config = dict(r=4, target_modules=["q_proj"], task_type="SEQ_CLS")
+    theirs = peft.get_peft_model(tiny_llama("seq_cls"), peft.LoraConfig(**config))
+    theirs.add_adapter("b", peft.LoraConfig(**config))
+    with pytest.raises(ValueError):
+        theirs.add_weighted_adapter(["default", "b"], [0.5, 0.5], "mix", combination_type="linear")
+    ours = lorakit.get_peft_model(tiny_llama("seq_cls"), lorakit.LoraConfig(**config))
+    ours.add_adapter("b", lorakit.LoraConfig(**config))
+    with pytest.raises(ValueError, match="own trained copy of score"):
+        ours.add_weighted_adapter(["default", "b"], [0.5, 0.5], "mix", combination_type="linear")
+    ours.add_weighted_adapter(["default"], [0.5], "alone", combination_type="ties")  # one adapter: linear, no density

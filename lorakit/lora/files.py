@@ -98,6 +98,8 @@ def load_into(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tens
             target = expected.get(rel)
             if target is None and rel in base_params:  # PEFT saves full embeddings when it resized them
                 target = base_params[rel]
+            if target is None and ".modules_to_save." in rel:  # PEFT's bias="all" also saves a head copy's
+                target = expected.get(rel.replace(".modules_to_save.", ".", 1))  # bias under this name
             if target is None:
                 unexpected.append(key)
             elif tuple(target.shape) != tuple(value.shape):

@@ -170,14 +170,19 @@ class LoraModel(nn.Module):
             problems.append(f"an adapter named {adapter_name!r} exists already")
         if any(self.peft_config[a].use_dora for a in adapters if a in self.peft_config):
             problems.append("DoRA adapters cannot be combined (their magnitude vectors do not add)")
-        needs_density = combination_type not in ("linear", "cat", "svd")
+        for name, module in adapter_modules(self.model):
+            both = [a for a in adapters if isinstance(module, ModulesToSave) and a in module.modules_to_save]
+            if len(both) > 1:  # as PEFT: trained heads do not average
+                problems.append(f"adapters {both} each have their own trained copy of {name} (modules_to_save); "
+                                "combine adapters of which at most one has it")
+        needs_density = combination_type not in ("linear", "cat", "svd") and len(adapters) > 1  # one: linear
         if needs_density and (density is None or not 0 < density <= 1):
             problems.append(f"combination_type={combination_type!r} needs density in (0, 1], got {density!r}")
         if problems:
             raise ConfigError(problems, where="add_weighted_adapter")
 
     def _copy_saved_modules(self, sources: Sequence[str], new: str) -> None:
-        """modules_to_save of the new adapter: the first source's trained copy (heads do not average)."""
+        """modules_to_save of the new adapter: the trained copy of the one source that has it."""
         for _, module in adapter_modules(self.model):
             if isinstance(module, ModulesToSave):
                 src = next((s for s in sources if s in module.modules_to_save), None)
