@@ -9,6 +9,14 @@ from tests.test_peft_interop import _ids, _randomise
 peft = pytest.importorskip("peft", reason="PEFT is a test dependency (pip install -e .[test])")
 
 
+def _assert_loads_like(model, fresh_base, folder) -> None:
+    """PEFT's `model`, saved to `folder`, loads in lorakit onto `fresh_base` with the same logits."""
+    model.save_pretrained(folder)
+    loaded = lorakit.PeftModel.from_pretrained(fresh_base, str(folder))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=_ids()).logits, model(input_ids=_ids()).logits)
+
+
 def _lora_modules(model) -> dict[str, tuple[int, float]]:
     """{module name: (rank, scaling)} of the default adapter, for either library."""
     found = {}
@@ -43,10 +51,7 @@ def test_peft_pissa_and_olora_files_load_onto_the_residual_base(init, tmp_path):
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init)
     model = peft.get_peft_model(tiny_llama(), config)
     _randomise(model)
-    model.save_pretrained(tmp_path)
-    loaded = lorakit.PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=_ids()).logits, model(input_ids=_ids()).logits)
+    _assert_loads_like(model, tiny_llama(), tmp_path)
 
 
 def test_set_adapter_while_merged_unmerges_first_as_peft_does():
@@ -81,10 +86,7 @@ def test_peft_file_with_bias_all_and_a_head_loads(tmp_path):
     config = dict(r=2, lora_alpha=4, target_modules=["query", "value"], task_type="SEQ_CLS", bias="all")
     model = peft.get_peft_model(tiny_bert(), peft.LoraConfig(**config))
     _randomise(model)
-    model.save_pretrained(tmp_path)
-    loaded = lorakit.PeftModel.from_pretrained(tiny_bert(), str(tmp_path))
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=_ids()).logits, model(input_ids=_ids()).logits)
+    _assert_loads_like(model, tiny_bert(), tmp_path)
 
 
 def test_combining_two_adapters_that_each_trained_the_head_is_refused():

@@ -324,14 +324,10 @@ def test_calibration_refuses_inputs_shared_on_the_first_batch_only():
         input_moments(model, {"a": model.a, "b": model.b}, [{"x": torch.randn(2, 4)}] * 2)
 
 
-def test_a_quantized_model_with_the_kernels_switched_in_pickles():
-    """The per-instance forwards (NF4 layers, kernel norms and MLPs) survive torch.save of the whole model."""
+def _assert_pickles(model) -> None:
+    """torch.save of the whole model, loaded back, gives the same logits."""
     import io
 
-    from lorakit.fast import use_fast_kernels
-
-    model = quantize_model(tiny_llama(), "nf4")
-    use_fast_kernels(model)
     buffer = io.BytesIO()
     torch.save(model, buffer)
     buffer.seek(0)
@@ -340,11 +336,18 @@ def test_a_quantized_model_with_the_kernels_switched_in_pickles():
     assert torch.equal(restored(ids).logits, model(ids).logits)
 
 
+def test_a_quantized_model_with_the_kernels_switched_in_pickles():
+    """The per-instance forwards (NF4 layers, kernel norms and MLPs) survive torch.save of the whole model."""
+    from lorakit.fast import use_fast_kernels
+
+    model = quantize_model(tiny_llama(), "nf4")
+    use_fast_kernels(model)
+    _assert_pickles(model)
+
+
 def test_kernels_keep_a_model_picklable_when_attentions_hold_the_rotary_function():
     """transformers 5.0 puts apply_rotary_pos_emb on every attention (`rotary_fn`); once the module's name
     is the kernel wrapper, the original function no longer pickles by reference."""
-    import io
-
     from lorakit.fast import use_fast_kernels
     from lorakit.fast.kernels.patch import _wrap_rotary
     from transformers.models.llama import modeling_llama
@@ -358,9 +361,4 @@ def test_kernels_keep_a_model_picklable_when_attentions_hold_the_rotary_function
     use_fast_kernels(model)
     assert all(a.rotary_fn is modeling_llama.apply_rotary_pos_emb for a in attentions)
     assert _wrap_rotary(original).__qualname__ == original.__qualname__
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    restored = torch.load(buffer, weights_only=False)
-    ids = _ids()
-    assert torch.equal(restored(ids).logits, model(ids).logits)
+    _assert_pickles(model)
