@@ -100,3 +100,13 @@ def test_combining_two_adapters_that_each_trained_the_head_is_refused():
     with pytest.raises(ValueError, match="own trained copy of score"):
         ours.add_weighted_adapter(["default", "b"], [0.5, 0.5], "mix", combination_type="linear")
     ours.add_weighted_adapter(["default"], [0.5], "alone", combination_type="ties")  # one adapter: linear, no density
+
+
+def test_lorakit_pissa_saved_unconverted_loads_back_the_same(tmp_path):
+    model = lorakit.get_peft_model(tiny_llama(), lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                  init_lora_weights="pissa"))
+    _randomise(model)
+    model.save_pretrained(tmp_path, convert_to_lora=False)
+    loaded = lorakit.PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=_ids()).logits, model(input_ids=_ids()).logits)
