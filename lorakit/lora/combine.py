@@ -84,8 +84,6 @@ def combine_layer(layer: LoraLayer, sources: Sequence[str], weights: Sequence[fl
                   svd_rank: Optional[int], density: float, sign: str,
                   svd_clamp: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """New factors (A (k, in), B (out, k)), fp32, whose product is the combined update (scaling 1)."""
-    if len(sources) == 1:  # PEFT: a single adapter is always combined linearly
-        method = "linear"
     pairs = [(n, w) for n, w in zip(sources, weights) if n in layer.r]
     mats = [tuple(t.float() for t in layer.factor_matrices(n)) for n, _ in pairs]
     if method == "cat":

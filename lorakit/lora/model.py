@@ -142,6 +142,8 @@ class LoraModel(nn.Module):
                              svd_clamp: Optional[float] = None, density: Optional[float] = None,
                              majority_sign_method: str = "total", **_ignored) -> None:
         """Create adapter `adapter_name` = a weighted combination of existing adapters (not activated)."""
+        if len(adapters) == 1 and combination_type in COMBINATIONS:  # as PEFT: one adapter is combined linearly
+            combination_type = "linear"
         self._check_combination(adapters, weights, adapter_name, combination_type, density)
         ranks: dict[str, int] = {}
         for name, layer in lora_layers(self.model):
@@ -171,11 +173,11 @@ class LoraModel(nn.Module):
         if any(self.peft_config[a].use_dora for a in adapters if a in self.peft_config):
             problems.append("DoRA adapters cannot be combined (their magnitude vectors do not add)")
         for name, module in adapter_modules(self.model):
-            both = [a for a in adapters if isinstance(module, ModulesToSave) and a in module.modules_to_save]
+            both = [a for a in adapters if a in module.modules_to_save] if isinstance(module, ModulesToSave) else []
             if len(both) > 1:  # as PEFT: trained heads do not average
                 problems.append(f"adapters {both} each have their own trained copy of {name} (modules_to_save); "
                                 "combine adapters of which at most one has it")
-        needs_density = combination_type not in ("linear", "cat", "svd") and len(adapters) > 1  # one: linear
+        needs_density = combination_type not in ("linear", "cat", "svd")
         if needs_density and (density is None or not 0 < density <= 1):
             problems.append(f"combination_type={combination_type!r} needs density in (0, 1], got {density!r}")
         if problems:
