@@ -110,3 +110,13 @@ def test_lorakit_pissa_saved_unconverted_loads_back_the_same(tmp_path):
     loaded = lorakit.PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=_ids()).logits, model(input_ids=_ids()).logits)
+
+
+@pytest.mark.parametrize("name, index", [("encoder.block.1.layer.0.SelfAttention.q", 1),
+                                         ("model.layers.2.mlp.experts.3.w1", 2),
+                                         ("block.1.layer.0.SelfAttention.q", 1),  # a bare T5 stack
+                                         ("layers.0.experts.3.w1", 0), ("h.0.attn.c_attn", 0)])
+def test_the_layer_index_is_the_first_number_after_the_container(name, index):
+    from lorakit.lora.targets import layer_index
+
+    assert layer_index(name, None) == index

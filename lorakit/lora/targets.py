@@ -96,15 +96,15 @@ def name_matches(spec: Union[str, list[str], None], name: str) -> bool:
 def layer_index(name: str, layers_pattern) -> Optional[int]:
     """The layer number in a module's name, as PEFT reads it: the first number after `layers_pattern` (each
     pattern a regex), or with no pattern the first numbered segment after another segment ("encoder.block.1."
-    -> 1, not T5's "layer.0" inside it). A bare model's names ("layers.0.mlp") fall back to the usual
-    containers."""
+    -> 1, not T5's "layer.0" inside it). A bare model's names start with the layer container
+    ("layers.0.experts.3.w1" -> 0, "block.1.layer.0" -> 1): the number after it."""
     if layers_pattern:
         for p in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
             m = re.match(rf"(?:^|.*?\.){p}\.(\d+)\.", name)
             if m:
                 return int(m.group(1))
         return None
-    m = re.match(r".*?\.[^.]*\.(\d+)\.", name) or re.match(rf"({'|'.join(LAYER_CONTAINERS)})\.(\d+)\.", name)
+    m = re.match(rf"({'|'.join(LAYER_CONTAINERS)})\.(\d+)\.", name) or re.match(r".*?\.[^.]*\.(\d+)\.", name)
     return int(m.group(m.lastindex)) if m else None
 
 
