@@ -88,3 +88,21 @@ def test_svd_clamp_uses_signed_quantile_like_peft(models):
 @pytest.mark.parametrize("ctype,kw", [("ties", {"density": 0.5}), ("svd", {"svd_rank": 2})])
 def test_single_adapter_falls_back_to_linear(models, ctype, kw):
     assert _worst(models, f"single_{ctype}", ["b"], [0.5], ctype, **kw) < 1e-5
+
+
+@pytest.mark.parametrize("ctype", ["dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd"])
+def test_dare_masks_match_peft_for_the_same_seed(models, ctype):
+    """The same seed gives PEFT's random masks: the new adapter's layers are all made (their inits draw from
+    the generator) before any mask is drawn, layer by layer in module order."""
+    kw = {"density": 0.5, **({"svd_rank": 4} if ctype.endswith("svd") else {})}
+    assert _worst(models, f"dare_seed_{ctype}", ["default", "b"], [0.7, 0.4], ctype, **kw) < 1e-5
+
+
+def test_unequal_ranks_are_refused_before_any_layer_changes():
+    torch.manual_seed(0)
+    model = lorakit.get_peft_model(_llama(), lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                rank_pattern={"layers.1.self_attn.v_proj": 2}))
+    model.add_adapter("b", lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(ValueError, match="equal rank"):
+        model.add_weighted_adapter(["default", "b"], [0.5, 0.5], "mix", combination_type="ties", density=0.5)
+    assert not [n for n, m in model.named_modules() if "mix" in getattr(m, "r", {})]

@@ -80,10 +80,24 @@ def _signed_root(x: float) -> tuple[float, float]:
     return math.copysign(root, x), root
 
 
+def combined_rank(layer: LoraLayer, sources: Sequence[str], method: str, svd_rank: Optional[int]) -> int:
+    """The rank k of the factors combine_layer returns for this layer (known before it draws any random mask)."""
+    ranks = {n: layer.r[n] for n in sources if n in layer.r}
+    if method == "cat":
+        return sum(ranks.values())
+    if method.endswith("svd"):
+        return min(svd_rank or max(ranks.values()), *layer.weight_matrix().shape)
+    if len(set(ranks.values())) > 1:
+        raise ConfigError([f"combination_type={method!r} needs adapters of equal rank, got {ranks}; "
+                           "use 'cat' or 'svd'"])
+    return next(iter(ranks.values()))
+
+
 def combine_layer(layer: LoraLayer, sources: Sequence[str], weights: Sequence[float], method: str,
                   svd_rank: Optional[int], density: float, sign: str,
                   svd_clamp: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """New factors (A (k, in), B (out, k)), fp32, whose product is the combined update (scaling 1)."""
+    """New factors (A (k, in), B (out, k)), fp32, whose product is the combined update (scaling 1); k is
+    combined_rank's, which also checks that factor-space methods get equal ranks."""
     pairs = [(n, w) for n, w in zip(sources, weights) if n in layer.r]
     mats = [tuple(t.float() for t in layer.factor_matrices(n)) for n, _ in pairs]
     if method == "cat":
@@ -94,10 +108,7 @@ def combine_layer(layer: LoraLayer, sources: Sequence[str], weights: Sequence[fl
         base = method.removesuffix("_svd").removesuffix("svd") or "linear"
         deltas = [layer.delta_weight(n) for n, _ in pairs]
         delta = TASK_MERGES[base](deltas, torch.tensor([w for _, w in pairs]), density, sign)  # (out, in)
-        return _svd_factors(delta, svd_rank or max(layer.r[n] for n, _ in pairs), svd_clamp)
-    if len({layer.r[n] for n, _ in pairs}) > 1:
-        raise ConfigError([f"combination_type={method!r} needs adapters of equal rank, got "
-                           f"{ {n: layer.r[n] for n, _ in pairs} }; use 'cat' or 'svd'"])
+        return _svd_factors(delta, combined_rank(layer, sources, method, svd_rank), svd_clamp)
     # PEFT's convention for factor-space methods: A_i gets ±sqrt(|w_i s_i|), B_i gets sqrt(|w_i s_i|).
     roots = [_signed_root(w * layer.scaling[n]) for n, w in pairs]
     wa, wb = torch.tensor([ra for ra, _ in roots]), torch.tensor([rb for _, rb in roots])
@@ -107,7 +118,6 @@ def combine_layer(layer: LoraLayer, sources: Sequence[str], weights: Sequence[fl
 
 def _svd_factors(delta: torch.Tensor, rank: int, clamp: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
     U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-    rank = min(rank, S.numel())
     B, A = U[:, :rank] * S[:rank], Vh[:rank]  # (out, k), (k, in)
     if clamp is not None:
         hi = torch.quantile(torch.cat([B.flatten(), A.flatten()]), clamp)  # signed values, as PEFT

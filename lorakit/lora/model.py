@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..errors import AdapterError, ConfigError
-from .combine import COMBINATIONS, combine_layer
+from .combine import COMBINATIONS, combine_layer, combined_rank
 from .inject import ModulesToSave, adapter_modules, find_targets, inject_adapter, lora_layers, unwrap
 from .targets import default_targets
 
@@ -145,19 +145,17 @@ class LoraModel(nn.Module):
         if len(adapters) == 1 and combination_type in COMBINATIONS:  # as PEFT: one adapter is combined linearly
             combination_type = "linear"
         self._check_combination(adapters, weights, adapter_name, combination_type, density)
-        ranks: dict[str, int] = {}
-        for name, layer in lora_layers(self.model):
-            if not any(a in layer.r for a in adapters):
-                continue
+        layers = [(name, layer) for name, layer in lora_layers(self.model) if any(a in layer.r for a in adapters)]
+        ranks = {name: combined_rank(layer, adapters, combination_type, svd_rank) for name, layer in layers}
+        for name, layer in layers:  # every layer's new factors made first, then filled: PEFT's order of random
+            layer.add_adapter(adapter_name, r=ranks[name], lora_alpha=ranks[name])  # draws (inits, then DARE masks)
+        for name, layer in layers:
             A, B = combine_layer(layer, adapters, weights, combination_type, svd_rank,
                                  1.0 if density is None else density, majority_sign_method, svd_clamp)
-            k = A.shape[0]
-            layer.add_adapter(adapter_name, r=k, lora_alpha=k)
             a_param, b_param = layer.factor_params(adapter_name)
             with torch.no_grad():
                 a_param.copy_(A.reshape(a_param.shape))
                 b_param.copy_(B.reshape(b_param.shape))
-            ranks[name] = k
         self._copy_saved_modules(adapters, adapter_name)
         self.peft_config[adapter_name] = _combined_config(self.peft_config[adapters[0]], ranks)
         self._apply_activity()
