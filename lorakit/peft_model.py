@@ -104,9 +104,7 @@ class PeftModel(nn.Module):
     def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
         """Add a new, freshly initialised adapter (not activated: call set_adapter)."""
         fp = _fingerprint_before(self.base_model.model, peft_config)
-        active = self.base_model.active_adapters
-        self.base_model.inject_adapter(peft_config, adapter_name)
-        self.base_model.set_adapter(active)
+        self.base_model.inject_adapter(peft_config, adapter_name)  # inactive and frozen
         self.fingerprints[adapter_name] = fp
         self.adapter_metadata[adapter_name] = {}
         self._cast_adapter(adapter_name)
@@ -116,8 +114,12 @@ class PeftModel(nn.Module):
         self.fingerprints.pop(adapter_name, None)
         self.adapter_metadata.pop(adapter_name, None)
 
-    def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
-        self.base_model.set_adapter(adapter_name)
+    def set_adapter(self, adapter_name: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
+        """Activate these adapters and make them the trainable ones (`inference_mode`: all frozen), as PEFT."""
+        self.base_model.set_adapter(adapter_name, inference_mode)
+
+    def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
+        self.base_model.set_requires_grad(adapter_names, requires_grad)
 
     def disable_adapter(self):
         return self.base_model.disable_adapter()
@@ -211,9 +213,8 @@ class PeftModel(nn.Module):
             self.fingerprints[name] = meta["base_fingerprint"]
         self.adapter_metadata[name] = {k: v for k, v in meta.items()
                                        if k not in ("base_fingerprint", "versions", "format", "created", "adapter_name")}
+        self.base_model.set_requires_grad(name, is_trainable)  # active or not, as PEFT
         if not is_trainable:
-            self.base_model.frozen_adapters.add(name)
-            self.base_model._apply_activity()
             self.eval()
 
 

@@ -120,3 +120,41 @@ def test_the_layer_index_is_the_first_number_after_the_container(name, index):
     from lorakit.lora.targets import layer_index
 
     assert layer_index(name, None) == index
+
+
+def _trainable(model) -> dict[str, bool]:
+    """{adapter: its LoRA factors require grad}, for either library."""
+    state = {}
+    for module in model.modules():
+        if hasattr(module, "lora_A") and isinstance(getattr(module, "r", None), dict):
+            for name in module.r:
+                state[name] = state.get(name, False) or module.lora_A[name].weight.requires_grad
+    return state
+
+
+def _trainability_script(lib, folder):
+    """The same calls in either library; the trainable adapters after each one."""
+    model = lib.get_peft_model(tiny_llama(), lib.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.save_pretrained(folder)
+    steps = []
+    calls = [lambda: model.load_adapter(str(folder), "b", is_trainable=True),  # not active, yet trainable
+             lambda: model.load_adapter(str(folder), "c"),  # frozen
+             lambda: model.set_adapter("c"),  # active and trainable, the others frozen
+             lambda: model.set_adapter("b", inference_mode=True),  # active, nothing trains
+             lambda: model.set_requires_grad(["default", "c"]),
+             lambda: model.set_requires_grad("c", False),
+             lambda: model.add_adapter("d", lib.LoraConfig(r=4, target_modules=["q_proj"])),  # added frozen
+             lambda: model.delete_adapter("b")]  # the active one: the first by name becomes active and trains
+    for call in calls:
+        call()
+        steps.append((_trainable(model), list(model.active_adapters)))
+    return steps
+
+
+def test_which_adapters_train_follows_peft_through_load_set_and_delete(tmp_path):
+    """load_adapter(is_trainable=True) makes an inactive adapter trainable; set_adapter makes the active ones
+    the trainable ones (or none, with inference_mode); set_requires_grad; add_adapter adds a frozen one."""
+    ours = _trainability_script(lorakit, tmp_path / "ours")
+    theirs = _trainability_script(peft, tmp_path / "theirs")
+    assert ours == theirs
+    assert ours[0][0] == {"default": True, "b": True}

@@ -43,7 +43,7 @@ def load_with_adapters(opts: ModelOptions, task: str = "causal-lm"):
         else:
             model.load_adapter(path, adapter_name=name, ignore_base_mismatch=opts.ignore_base_mismatch)
     if len(opts.adapter) > 1:
-        model.set_adapter(["default"] + [f"adapter{i}" for i in range(1, len(opts.adapter))])
+        model.set_adapter(["default"] + [f"adapter{i}" for i in range(1, len(opts.adapter))], inference_mode=True)
     return model, loaded.tokenizer
 
 

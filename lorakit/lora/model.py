@@ -28,7 +28,7 @@ class LoraModel(nn.Module):
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapters: list[str] = []
-        self.frozen_adapters: set[str] = set()  # loaded for inference: never trainable
+        self.trainable_adapters: set[str] = set()  # those whose parameters require grad (PEFT's rules below)
         self.inject_adapter(config, adapter_name)
 
     def __getattr__(self, name: str):
@@ -50,28 +50,45 @@ class LoraModel(nn.Module):
         config = resolve_config(self.model, config)
         targets = inject_adapter(self.model, config, adapter_name)
         self.peft_config[adapter_name] = config
-        if not self.active_adapters:
+        if not self.active_adapters:  # the first adapter is active, and trains unless it is for inference
             self.active_adapters = [adapter_name]
-        self._apply_activity()
+            if not config.inference_mode:
+                self.trainable_adapters.add(adapter_name)
+        self._apply_activity()  # a later one is added inactive and frozen
         return targets
 
-    def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
-        """Make these adapters active; several active adapters add their updates."""
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        unknown = [n for n in names if n not in self.peft_config]
-        if unknown or not names:
-            raise AdapterError(f"unknown adapter(s) {unknown}; this model has {sorted(self.peft_config)}")
+    def set_adapter(self, adapter_name: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
+        """Make these adapters active (several active adapters add their updates) and, as PEFT does, the only
+        trainable ones, or all frozen with `inference_mode`."""
+        names = self._known(adapter_name)
+        if not names:
+            raise AdapterError(f"set_adapter() needs at least one adapter; this model has {sorted(self.peft_config)}")
         if any(m.merged_adapters for _, m in lora_layers(self.model)):  # as PEFT: warn, unmerge, switch
             warnings.warn("set_adapter() while adapters are merged into the weights: unmerging them first")
             self.unmerge_adapter()
         self.active_adapters = names
+        self.trainable_adapters = set() if inference_mode else set(names)
         self._apply_activity()
 
+    def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
+        """Let these adapters' parameters train (or freeze them), active or not; the others keep their state."""
+        names = self._known(adapter_names)
+        self.trainable_adapters = (self.trainable_adapters | set(names)) if requires_grad \
+            else (self.trainable_adapters - set(names))
+        self._apply_activity()
+
+    def _known(self, adapter_names: Union[str, Sequence[str]]) -> list[str]:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise AdapterError(f"unknown adapter(s) {unknown}; this model has {sorted(self.peft_config)}")
+        return names
+
     def _apply_activity(self) -> None:
-        """Push the active list to every layer; only active, non-frozen adapters train."""
+        """Push the active list to every layer, and requires_grad to every adapter's parameters."""
         for _, module in adapter_modules(self.model):
             module.active_adapters = list(self.active_adapters)
-        trainable = [n for n in self.active_adapters if n not in self.frozen_adapters]
+        trainable = self.trainable_adapters
         for _, module in lora_layers(self.model):
             for name in module.r:
                 for p in module._adapter_parameters(name):
@@ -88,9 +105,13 @@ class LoraModel(nn.Module):
         for _, module in adapter_modules(self.model):
             module.delete_adapter(adapter_name)
         del self.peft_config[adapter_name]
-        self.frozen_adapters.discard(adapter_name)
-        remaining = [n for n in self.active_adapters if n != adapter_name]
-        self.active_adapters = remaining or sorted(self.peft_config)[:1]  # PEFT's choice: the first by name
+        self.trainable_adapters.discard(adapter_name)
+        if adapter_name in self.active_adapters:  # as PEFT: the others active, or the first by name, set active
+            remaining = [n for n in self.active_adapters if n != adapter_name] or sorted(self.peft_config)[:1]
+            if remaining:
+                self.set_adapter(remaining)
+                return
+            self.active_adapters = []
         self._apply_activity()
 
     # ------------------------------------------------------------------ merge / disable / unload
