@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .config import LoraConfig
+from .config import TASK_HEADS, LoraConfig
 from .errors import AdapterError
 from .lora.files import (adapter_state_dict, fingerprint, fingerprint_mismatch, load_into, make_meta,
                          read_adapter_tensors, read_meta, save_adapter)
@@ -34,6 +34,7 @@ class PeftModel(nn.Module):
         fp = _fingerprint_before(model, peft_config)
         self.base_model = LoraModel(model, peft_config, adapter_name)
         self.adapter_dtype = adapter_dtype
+        self.task_type = self.base_model.peft_config[adapter_name].task_type  # the model's task, for later adapters
         self.fingerprints: dict[str, dict] = {adapter_name: fp}
         self.adapter_metadata: dict[str, dict[str, Any]] = {adapter_name: {}}
         self._cast_adapter(adapter_name)
@@ -102,7 +103,10 @@ class PeftModel(nn.Module):
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
-        """Add a new, freshly initialised adapter (not activated: call set_adapter)."""
+        """Add a new, freshly initialised adapter (not activated: call set_adapter). On a task model a config
+        without task_type takes the model's, so this adapter trains its own copy of the head too, as in PEFT."""
+        if peft_config.task_type is None and self.task_type in TASK_HEADS:
+            peft_config = peft_config.copy(task_type=self.task_type)
         fp = _fingerprint_before(self.base_model.model, peft_config)
         self.base_model.inject_adapter(peft_config, adapter_name)  # inactive and frozen
         self.fingerprints[adapter_name] = fp

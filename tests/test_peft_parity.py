@@ -158,3 +158,19 @@ def test_which_adapters_train_follows_peft_through_load_set_and_delete(tmp_path)
     theirs = _trainability_script(peft, tmp_path / "theirs")
     assert ours == theirs
     assert ours[0][0] == {"default": True, "b": True}
+
+
+def test_an_adapter_added_to_a_task_model_without_task_type_trains_its_own_head(tmp_path):
+    """PEFT's task models put the head in every later adapter's modules_to_save; so does lorakit."""
+    def heads(lib):
+        model = lib.get_peft_model(tiny_llama("seq_cls"), lib.LoraConfig(r=4, target_modules=["q_proj"],
+                                                                         task_type="SEQ_CLS"))
+        model.add_adapter("b", lib.LoraConfig(r=4, target_modules=["q_proj"]))
+        model.set_adapter("b")
+        return sorted(n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n), model
+
+    ours, model = heads(lorakit)
+    assert ours == heads(peft)[0] == ["base_model.model.score.modules_to_save.b.weight"]
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+    assert any("score" in key for key in load_file(tmp_path / "b" / "adapter_model.safetensors"))
