@@ -7,7 +7,9 @@ __version__ = "0.1.0"
 from .config import LoraConfig, TaskType
 from .errors import AdapterError, ConfigError, DataError, LorakitError, ModelLoadError, TargetError
 from .lora.layer import BASE_ADAPTER
+from .lora.status import get_layer_status, get_model_status
 from .peft_model import PeftModel, get_peft_model
 
-__all__ = ["LoraConfig", "TaskType", "get_peft_model", "PeftModel", "BASE_ADAPTER", "LorakitError",
+__all__ = ["LoraConfig", "TaskType", "get_peft_model", "PeftModel", "BASE_ADAPTER", "get_layer_status",
+           "get_model_status", "LorakitError",
            "ConfigError", "TargetError", "AdapterError", "DataError", "ModelLoadError", "__version__"]

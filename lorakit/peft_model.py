@@ -23,6 +23,7 @@ from .lora.files import (adapter_state_dict, fingerprint, fingerprint_mismatch, 
 from .lora.inject import ModulesToSave, find_targets, lora_layers
 from .lora.layer import BASE_ADAPTER, is_quantized_weight, route_rows
 from .lora.model import LoraModel, resolve_config
+from .lora.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 
 
 class PeftModel(nn.Module):
@@ -60,6 +61,34 @@ class PeftModel(nn.Module):
     @property
     def active_adapters(self) -> list[str]:
         return list(self.base_model.active_adapters)
+
+    @property
+    def active_peft_config(self) -> LoraConfig:
+        active = self.base_model.active_adapters
+        return self.peft_config[active[0]]
+
+    @property
+    def peft_type(self) -> str:
+        return self.active_peft_config.peft_type
+
+    @property
+    def base_model_torch_dtype(self) -> Optional[torch.dtype]:
+        return getattr(self.base_model.model, "dtype", None)
+
+    @property
+    def modules_to_save(self) -> Optional[set[str]]:
+        """The modules trained in full by any adapter (task heads included, as PEFT lists them), or None."""
+        names = {n for c in self.peft_config.values()
+                 for n in list(c.modules_to_save or []) + TASK_HEADS.get(c.task_type, [])}
+        return names or None
+
+    def get_layer_status(self) -> list[TunerLayerStatus]:
+        """Each adapter layer's state (enabled, active, merged, trainable, devices), as PEFT's."""
+        return get_layer_status(self)
+
+    def get_model_status(self) -> TunerModelStatus:
+        """The layers' states summed up; "irregular" where layers disagree (a model in an inconsistent state)."""
+        return get_model_status(self)
 
     def get_base_model(self) -> nn.Module:
         return self.base_model.model

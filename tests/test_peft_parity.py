@@ -174,3 +174,68 @@ def test_an_adapter_added_to_a_task_model_without_task_type_trains_its_own_head(
     model.save_pretrained(tmp_path)
     from safetensors.torch import load_file
     assert any("score" in key for key in load_file(tmp_path / "b" / "adapter_model.safetensors"))
+
+
+def _status_script(lib, folder):
+    """The same calls in either library; get_model_status after each (the fields both define alike)."""
+    model = lib.get_peft_model(tiny_llama(), lib.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.save_pretrained(folder)
+    model.load_adapter(str(folder), "b")
+    fields = ("peft_types", "trainable_params", "total_params", "num_adapter_layers", "enabled", "active_adapters",
+              "merged_adapters", "requires_grad", "available_adapters", "devices")
+    seen = []
+
+    def look():
+        status = model.get_model_status()
+        seen.append({f: getattr(status, f) for f in fields})
+
+    look()
+    model.base_model.merge_adapter()
+    look()
+    model.base_model.unmerge_adapter()
+    model.base_model.disable_adapter_layers()
+    look()
+    model.base_model.enable_adapter_layers()
+    next(p for n, p in model.named_parameters() if "lora_A" in n).requires_grad_(False)  # one layer out of step
+    look()
+    layers = model.get_layer_status()
+    return seen, [(s.name, s.active_adapters, s.requires_grad, s.available_adapters) for s in layers]
+
+
+def test_model_and_layer_status_read_as_peft_s(tmp_path):
+    ours, theirs = _status_script(lorakit, tmp_path / "ours"), _status_script(peft, tmp_path / "theirs")
+    assert ours == theirs
+    seen = ours[0]
+    assert [s["merged_adapters"] for s in seen] == [[], ["default"], [], []]
+    assert [s["enabled"] for s in seen] == [True, True, False, True]
+    assert seen[3]["requires_grad"] == {"b": False, "default": "irregular"}
+
+
+def test_attributes_peft_users_read_match():
+    def read(lib):
+        model = lib.get_peft_model(tiny_llama("seq_cls"), lib.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                         task_type="SEQ_CLS"))
+        return (model.active_peft_config.r, str(model.peft_type).rpartition(".")[-1], model.modules_to_save,
+                model.base_model_torch_dtype, model.active_adapter,
+                sorted(model.base_model.targeted_module_names))
+
+    assert read(lorakit) == read(peft)
+
+
+def test_disabled_adapter_layers_give_the_base_model_and_enable_gives_the_adapter_back():
+    base = tiny_llama()
+    with torch.no_grad():
+        expected = base(input_ids=_ids()).logits
+    model = lorakit.get_peft_model(base, lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    _randomise(model)
+    with torch.no_grad():
+        adapted = model(input_ids=_ids()).logits
+        model.merge_adapter()
+        with pytest.warns(UserWarning, match="unmerging"):
+            model.base_model.disable_adapter_layers()
+        torch.testing.assert_close(model(input_ids=_ids()).logits, expected)
+        with model.disable_adapter():  # nested: still the base model after the block
+            pass
+        torch.testing.assert_close(model(input_ids=_ids()).logits, expected)
+        model.base_model.enable_adapter_layers()
+        torch.testing.assert_close(model(input_ids=_ids()).logits, adapted)

@@ -29,6 +29,7 @@ class LoraModel(nn.Module):
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapters: list[str] = []
         self.trainable_adapters: set[str] = set()  # those whose parameters require grad (PEFT's rules below)
+        self.layers_disabled = False  # disable_adapter_layers(): the base model's outputs, nothing trains
         self.inject_adapter(config, adapter_name)
 
     def __getattr__(self, name: str):
@@ -88,7 +89,7 @@ class LoraModel(nn.Module):
         """Push the active list to every layer, and requires_grad to every adapter's parameters."""
         for _, module in adapter_modules(self.model):
             module.active_adapters = list(self.active_adapters)
-        trainable = self.trainable_adapters
+        trainable = set() if self.layers_disabled else self.trainable_adapters
         for _, module in lora_layers(self.model):
             for name in module.r:
                 for p in module._adapter_parameters(name):
@@ -133,17 +134,38 @@ class LoraModel(nn.Module):
         """Within this block the model is the base model exactly (merged adapters are taken out and put back)."""
         merged = {id(l): list(l.merged_adapters) for _, l in lora_layers(self.model)}
         self.unmerge_adapter()
-        modules = [m for _, m in adapter_modules(self.model)]
-        for m in modules:
-            m.disabled = True
+        self._set_disabled(True)  # (requires_grad left alone: this block runs inside training steps)
         try:
             yield
         finally:
-            for m in modules:
-                m.disabled = False
+            self._set_disabled(self.layers_disabled)
             for _, layer in lora_layers(self.model):
                 if merged.get(id(layer)):
                     layer.merge(merged[id(layer)])
+
+    def disable_adapter_layers(self) -> None:
+        """The base model's outputs, and no adapter trains, until enable_adapter_layers() (which gives the trainable
+        ones back); merged adapters are unmerged first. As PEFT's."""
+        if any(layer.merged_adapters for _, layer in lora_layers(self.model)):
+            warnings.warn("disable_adapter_layers() while adapters are merged into the weights: unmerging them first")
+            self.unmerge_adapter()
+        self.layers_disabled = True
+        self._set_disabled(True)
+        self._apply_activity()
+
+    def enable_adapter_layers(self) -> None:
+        self.layers_disabled = False
+        self._set_disabled(False)
+        self._apply_activity()
+
+    def _set_disabled(self, disabled: bool) -> None:
+        for _, module in adapter_modules(self.model):
+            module.disabled = disabled
+
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """The names of the modules with LoRA layers, as PEFT lists them (relative to the wrapped model)."""
+        return [name for name, _ in lora_layers(self.model)]
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: Optional[Sequence[str]] = None) -> nn.Module:
