@@ -154,13 +154,26 @@ class LoraConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LoraConfig":
-        """Build from a PEFT/lorakit config dict; fields PEFT has and lorakit does not are dropped."""
+        """Build from a PEFT/lorakit config dict. Fields PEFT has and lorakit does not are dropped where they
+        are unset (or only say how the factors were initialised); an adapter that uses one of PEFT's features
+        lorakit does not compute is refused, since its outputs here would be wrong."""
         peft_type = d.get("peft_type", "LORA")
         if peft_type not in ("LORA", None):
             raise ConfigError([f"peft_type {peft_type!r} is not LoRA; lorakit loads LoRA adapters only"],
                               where="adapter_config.json")
+        used = [f"{k}={d[k]!r} ({what})" for k, what in PEFT_ONLY_FEATURES.items()
+                if d.get(k) not in (None, False, [], {})]
+        init = d.get("init_lora_weights")
+        if isinstance(init, str) and init.lower() in ("mica", "corda", "loftq"):
+            used.append(f"init_lora_weights={init!r} (a variant, or factors trained against a changed base model)")
+        if used:
+            raise ConfigError([f"this adapter uses PEFT features lorakit does not compute: {', '.join(used)}; "
+                               "load it with PEFT, or train the adapter again with lorakit"],
+                              where="adapter_config.json")
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known}
+        if kwargs.get("init_lora_weights") in INIT_ONLY_METHODS:  # the file's factors are plain LoRA factors
+            kwargs["init_lora_weights"] = True
         return cls(**kwargs)
 
     @classmethod
@@ -180,6 +193,19 @@ class LoraConfig:
 
     def copy(self, **changes: Any) -> "LoraConfig":
         return dataclasses.replace(self, **changes)
+
+
+PEFT_ONLY_FEATURES = {
+    "lora_bias": "a trained bias on lora_B", "layer_replication": "layers repeated in the model",
+    "target_parameters": "LoRA on parameters, not modules", "trainable_token_indices": "trained token embeddings",
+    "use_qalora": "QA-LoRA", "alora_invocation_tokens": "activated LoRA", "use_bdlora": "BD-LoRA",
+    "arrow_config": "Arrow routing", "kasa_config": "KaSA", "monteclora_config": "MonteCLoRA",
+    "velora_config": "VeLoRA", "megatron_config": "Megatron parallel layers",
+}
+"""PEFT LoraConfig fields (0.21) that change what an adapter computes, which lorakit does not implement."""
+INIT_ONLY_METHODS = ("eva", "orthogonal")
+"""PEFT init methods that only choose the starting factors (the base model is left as it is): a saved adapter
+made with one loads as plain LoRA."""
 
 
 def _match_pattern(pattern: dict[str, Any], module_name: str, default: Any) -> Any:

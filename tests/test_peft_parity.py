@@ -239,3 +239,34 @@ def test_disabled_adapter_layers_give_the_base_model_and_enable_gives_the_adapte
         torch.testing.assert_close(model(input_ids=_ids()).logits, expected)
         model.base_model.enable_adapter_layers()
         torch.testing.assert_close(model(input_ids=_ids()).logits, adapted)
+
+
+def test_adapters_using_peft_features_lorakit_lacks_are_refused_by_name(tmp_path):
+    """Their outputs would be wrong here (lora_bias's extra tensors were reported as unknown modules; an
+    activated-LoRA file loaded with no error at all)."""
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True))
+    model.save_pretrained(tmp_path / "bias")
+    with pytest.raises(lorakit.ConfigError, match="lora_bias=True"):
+        lorakit.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "bias"))
+    _edited_peft_adapter(tmp_path / "alora", alora_invocation_tokens=[5, 6])
+    with pytest.raises(lorakit.ConfigError, match="alora_invocation_tokens"):
+        lorakit.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "alora"))
+
+
+def test_an_adapter_initialised_with_eva_loads_as_plain_lora(tmp_path):
+    model = _edited_peft_adapter(tmp_path, init_lora_weights="eva")
+    loaded = lorakit.PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=_ids()).logits, model(input_ids=_ids()).logits)
+
+
+def _edited_peft_adapter(folder, **fields):
+    """A trained PEFT adapter saved to `folder`, its adapter_config.json then given `fields`."""
+    import json
+
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    _randomise(model)
+    model.save_pretrained(folder)
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+    return model
