@@ -8,8 +8,10 @@ from .config import LoraConfig, TaskType
 from .errors import AdapterError, ConfigError, DataError, LorakitError, ModelLoadError, TargetError
 from .lora.layer import BASE_ADAPTER
 from .lora.status import get_layer_status, get_model_status
-from .peft_model import PeftModel, get_peft_model
+from .peft_model import (PeftModel, get_peft_model, get_peft_model_state_dict, inject_adapter_in_model,
+                         set_peft_model_state_dict)
 
 __all__ = ["LoraConfig", "TaskType", "get_peft_model", "PeftModel", "BASE_ADAPTER", "get_layer_status",
-           "get_model_status", "LorakitError",
+           "get_model_status", "get_peft_model_state_dict", "set_peft_model_state_dict",
+           "inject_adapter_in_model", "LorakitError",
            "ConfigError", "TargetError", "AdapterError", "DataError", "ModelLoadError", "__version__"]

@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import TASK_HEADS, LoraConfig
 from .errors import AdapterError
-from .lora.files import (adapter_state_dict, fingerprint, fingerprint_mismatch, load_into, make_meta,
+from .lora.files import (PREFIX, adapter_state_dict, fingerprint, fingerprint_mismatch, load_into, make_meta,
                          read_adapter_tensors, read_meta, save_adapter)
 from .lora.inject import ModulesToSave, find_targets, lora_layers
 from .lora.layer import BASE_ADAPTER, is_quantized_weight, route_rows
@@ -262,6 +262,35 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
         adapter_dtype: dtype for adapter weights; None follows the base weights' dtype.
     """
     return PeftModel(model, peft_config, adapter_name, adapter_dtype=adapter_dtype)
+
+
+def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_name: str = "default",
+                            **_ignored) -> nn.Module:
+    """LoRA layers put into `model` in place, with no PeftModel around it (PEFT's low-level API): only the
+    adapter's parameters train. Save it with get_peft_model_state_dict's keys through a PeftModel instead."""
+    return LoraModel(model, peft_config, adapter_name).model
+
+
+def get_peft_model_state_dict(model: PeftModel, state_dict: Optional[dict] = None,
+                              adapter_name: str = "default", **_ignored) -> dict[str, torch.Tensor]:
+    """One adapter's tensors under the keys of its adapter_model.safetensors (PEFT's function; `state_dict`
+    is ignored: the tensors are read from the model)."""
+    if adapter_name not in model.peft_config:
+        raise AdapterError(f"no adapter named {adapter_name!r}; this model has {sorted(model.peft_config)}")
+    tensors = adapter_state_dict(model.base_model.model, adapter_name, model.peft_config[adapter_name].bias)
+    return {PREFIX + key: value for key, value in tensors.items()}
+
+
+def set_peft_model_state_dict(model: PeftModel, peft_model_state_dict: dict[str, torch.Tensor],
+                              adapter_name: str = "default", **_ignored):
+    """Copy tensors keyed as in adapter_model.safetensors into adapter `adapter_name` (PEFT's function). Every
+    key and shape is checked: a missing, unknown or misshapen tensor raises AdapterError naming it, so the
+    returned missing/unexpected key lists are empty."""
+    if adapter_name not in model.peft_config:
+        raise AdapterError(f"no adapter named {adapter_name!r}; this model has {sorted(model.peft_config)}")
+    load_into(model.base_model.model, adapter_name, peft_model_state_dict, model.peft_config[adapter_name].bias,
+              "state dict")
+    return nn.modules.module._IncompatibleKeys(missing_keys=[], unexpected_keys=[])
 
 
 def _fingerprint_before(model: nn.Module, config: LoraConfig) -> dict:

@@ -270,3 +270,36 @@ def _edited_peft_adapter(folder, **fields):
     path = folder / "adapter_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
     return model
+
+
+def test_state_dict_functions_read_and_write_peft_s_keys(tmp_path):
+    """get_peft_model_state_dict gives PEFT's keys and tensors (task head included); set_peft_model_state_dict
+    takes PEFT's and gives its outputs; a tensor that does not fit is named."""
+    config = dict(r=4, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS")
+    theirs = peft.get_peft_model(tiny_llama("seq_cls"), peft.LoraConfig(**config))
+    _randomise(theirs)
+    expected = peft.get_peft_model_state_dict(theirs)
+    ours = lorakit.get_peft_model(tiny_llama("seq_cls"), lorakit.LoraConfig(**config))
+    assert lorakit.set_peft_model_state_dict(ours, expected).unexpected_keys == []
+    got = lorakit.get_peft_model_state_dict(ours)
+    assert sorted(got) == sorted(expected) and any("score" in k for k in got)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=_ids()).logits, theirs(input_ids=_ids()).logits)
+    key = next(k for k in expected if "lora_A" in k)
+    with pytest.raises(lorakit.AdapterError, match="shapes differ"):
+        lorakit.set_peft_model_state_dict(ours, {**expected, key: expected[key][:2]})
+
+
+def test_inject_adapter_in_model_puts_the_same_layers_in_place_as_peft():
+    def inject(lib):
+        torch.manual_seed(3)
+        model = lib.inject_adapter_in_model(lib.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), tiny_llama())
+        _randomise(model)
+        with torch.no_grad():
+            return sorted(n for n, p in model.named_parameters() if p.requires_grad), model(input_ids=_ids()).logits
+
+    (names, logits), (peft_names, peft_logits) = inject(lorakit), inject(peft)
+    assert names == peft_names and all("lora_" in n for n in names)
+    torch.testing.assert_close(logits, peft_logits)
