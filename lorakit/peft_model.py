@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
 import os
 from pathlib import Path
@@ -24,6 +26,31 @@ from .lora.inject import ModulesToSave, find_targets, lora_layers
 from .lora.layer import BASE_ADAPTER, is_quantized_weight, route_rows
 from .lora.model import LoraModel, resolve_config
 from .lora.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
+
+
+class _BoundForward(functools.partial):
+    """`model.forward` of a PeftModel: its signature is the wrapped model's forward's, plus adapter_names."""
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        sig = inspect.signature(self.args[0].get_base_model().forward)
+        extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+        params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        tail = [p for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+        return sig.replace(parameters=params + [extra] + tail)
+
+
+class _ModelSignature:
+    """Makes a PeftModel's forward show the wrapped model's arguments to tools that read its signature:
+    transformers' Trainer keeps only the dataset columns that forward names (it looks through PEFT's own
+    PeftModel the same way), and a bare (*args, **kwargs) made it drop input_ids and labels."""
+
+    def __init__(self, function):
+        self.function = function
+        functools.update_wrapper(self, function)
+
+    def __get__(self, obj, objtype=None):
+        return self.function if obj is None else _BoundForward(self.function, obj)
 
 
 class PeftModel(nn.Module):
@@ -110,6 +137,7 @@ class PeftModel(nn.Module):
                                f"{sorted(self.peft_config)} (and {BASE_ADAPTER!r} for none)")
         return route_rows(adapter_names)
 
+    @_ModelSignature
     def forward(self, *args, adapter_names: Optional[Sequence[str]] = None, **kwargs):
         """The wrapped model's forward; `adapter_names[i]` picks the adapter of row i (mixed batches)."""
         with self._routing(adapter_names):

@@ -303,3 +303,25 @@ def test_inject_adapter_in_model_puts_the_same_layers_in_place_as_peft():
     (names, logits), (peft_names, peft_logits) = inject(lorakit), inject(peft)
     assert names == peft_names and all("lora_" in n for n in names)
     torch.testing.assert_close(logits, peft_logits)
+
+
+def test_transformers_trainer_trains_a_lorakit_model(tmp_path):
+    """transformers' Trainer keeps the dataset columns that model.forward's signature names; PeftModel's
+    forward now shows the wrapped model's, so input_ids and labels reach the model (it got an empty batch)."""
+    import inspect
+
+    import transformers
+
+    model = lorakit.get_peft_model(tiny_llama(), lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert {"input_ids", "labels", "adapter_names"} <= set(inspect.signature(model.forward).parameters)
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(1, 128, (16,), generator=g).tolist() for _ in range(8)]
+    data = [{"input_ids": r, "labels": r, "unused_column": "dropped by the Trainer"} for r in rows]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2,
+                                          learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True)
+    transformers.Trainer(model=model, args=args, train_dataset=data).train()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    model.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
