@@ -34,6 +34,8 @@ class _BoundForward(functools.partial):
     @property
     def __signature__(self) -> inspect.Signature:
         sig = inspect.signature(self.args[0].get_base_model().forward)
+        if "adapter_names" in sig.parameters:
+            return sig
         extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
         params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
         tail = [p for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
