@@ -164,7 +164,7 @@ class LoraConfig:
         used = [f"{k}={d[k]!r} ({what})" for k, what in PEFT_ONLY_FEATURES.items()
                 if d.get(k) not in (None, False, [], {})]
         init = d.get("init_lora_weights")
-        if isinstance(init, str) and init.lower() in ("mica", "corda", "loftq"):
+        if isinstance(init, str) and init.lower() in PEFT_ONLY_INIT_METHODS:
             used.append(f"init_lora_weights={init!r} (a variant, or factors trained against a changed base model)")
         if used:
             raise ConfigError([f"this adapter uses PEFT features lorakit does not compute: {', '.join(used)}; "
@@ -203,6 +203,8 @@ PEFT_ONLY_FEATURES = {
     "velora_config": "VeLoRA", "megatron_config": "Megatron parallel layers",
 }
 """PEFT LoraConfig fields (0.21) that change what an adapter computes, which lorakit does not implement."""
+PEFT_ONLY_INIT_METHODS = ("mica", "corda", "loftq")
+"""PEFT init methods lorakit refuses to load: MiCA is a variant; CorDA and LoftQ train against a changed base."""
 INIT_ONLY_METHODS = ("eva", "orthogonal")
 """PEFT init methods that only choose the starting factors (the base model is left as it is): a saved adapter
 made with one loads as plain LoRA."""

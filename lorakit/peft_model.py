@@ -305,8 +305,7 @@ def get_peft_model_state_dict(model: PeftModel, state_dict: Optional[dict] = Non
                               adapter_name: str = "default", **_ignored) -> dict[str, torch.Tensor]:
     """One adapter's tensors under the keys of its adapter_model.safetensors (PEFT's function; `state_dict`
     is ignored: the tensors are read from the model)."""
-    if adapter_name not in model.peft_config:
-        raise AdapterError(f"no adapter named {adapter_name!r}; this model has {sorted(model.peft_config)}")
+    model.base_model.known_adapters(adapter_name)
     tensors = adapter_state_dict(model.base_model.model, adapter_name, model.peft_config[adapter_name].bias)
     return {PREFIX + key: value for key, value in tensors.items()}
 
@@ -316,8 +315,7 @@ def set_peft_model_state_dict(model: PeftModel, peft_model_state_dict: dict[str,
     """Copy tensors keyed as in adapter_model.safetensors into adapter `adapter_name` (PEFT's function). Every
     key and shape is checked: a missing, unknown or misshapen tensor raises AdapterError naming it, so the
     returned missing/unexpected key lists are empty."""
-    if adapter_name not in model.peft_config:
-        raise AdapterError(f"no adapter named {adapter_name!r}; this model has {sorted(model.peft_config)}")
+    model.base_model.known_adapters(adapter_name)
     load_into(model.base_model.model, adapter_name, peft_model_state_dict, model.peft_config[adapter_name].bias,
               "state dict")
     return nn.modules.module._IncompatibleKeys(missing_keys=[], unexpected_keys=[])

@@ -93,11 +93,10 @@ def combined_rank(layer: LoraLayer, sources: Sequence[str], method: str, svd_ran
     return next(iter(ranks.values()))
 
 
-def combine_layer(layer: LoraLayer, sources: Sequence[str], weights: Sequence[float], method: str,
-                  svd_rank: Optional[int], density: float, sign: str,
-                  svd_clamp: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """New factors (A (k, in), B (out, k)), fp32, whose product is the combined update (scaling 1); k is
-    combined_rank's, which also checks that factor-space methods get equal ranks."""
+def combine_layer(layer: LoraLayer, sources: Sequence[str], weights: Sequence[float], method: str, rank: int,
+                  density: float, sign: str, svd_clamp: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """New factors (A (k, in), B (out, k)), fp32, whose product is the combined update (scaling 1); `rank` is
+    combined_rank's k (which also checks that factor-space methods get equal ranks); the SVD methods keep k."""
     pairs = [(n, w) for n, w in zip(sources, weights) if n in layer.r]
     mats = [tuple(t.float() for t in layer.factor_matrices(n)) for n, _ in pairs]
     if method == "cat":
@@ -108,7 +107,7 @@ def combine_layer(layer: LoraLayer, sources: Sequence[str], weights: Sequence[fl
         base = method.removesuffix("_svd").removesuffix("svd") or "linear"
         deltas = [layer.delta_weight(n) for n, _ in pairs]
         delta = TASK_MERGES[base](deltas, torch.tensor([w for _, w in pairs]), density, sign)  # (out, in)
-        return _svd_factors(delta, combined_rank(layer, sources, method, svd_rank), svd_clamp)
+        return _svd_factors(delta, rank, svd_clamp)
     # PEFT's convention for factor-space methods: A_i gets ±sqrt(|w_i s_i|), B_i gets sqrt(|w_i s_i|).
     roots = [_signed_root(w * layer.scaling[n]) for n, w in pairs]
     wa, wb = torch.tensor([ra for ra, _ in roots]), torch.tensor([rb for _, rb in roots])

@@ -61,24 +61,23 @@ class LoraModel(nn.Module):
     def set_adapter(self, adapter_name: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
         """Make these adapters active (several active adapters add their updates) and, as PEFT does, the only
         trainable ones, or all frozen with `inference_mode`."""
-        names = self._known(adapter_name)
+        names = self.known_adapters(adapter_name)
         if not names:
             raise AdapterError(f"set_adapter() needs at least one adapter; this model has {sorted(self.peft_config)}")
-        if any(m.merged_adapters for _, m in lora_layers(self.model)):  # as PEFT: warn, unmerge, switch
-            warnings.warn("set_adapter() while adapters are merged into the weights: unmerging them first")
-            self.unmerge_adapter()
+        self._unmerge_first("set_adapter()")  # as PEFT: warn, unmerge, switch
         self.active_adapters = names
         self.trainable_adapters = set() if inference_mode else set(names)
         self._apply_activity()
 
     def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
         """Let these adapters' parameters train (or freeze them), active or not; the others keep their state."""
-        names = self._known(adapter_names)
+        names = self.known_adapters(adapter_names)
         self.trainable_adapters = (self.trainable_adapters | set(names)) if requires_grad \
             else (self.trainable_adapters - set(names))
         self._apply_activity()
 
-    def _known(self, adapter_names: Union[str, Sequence[str]]) -> list[str]:
+    def known_adapters(self, adapter_names: Union[str, Sequence[str]]) -> list[str]:
+        """The names as a list; AdapterError naming any this model does not have."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
@@ -146,17 +145,21 @@ class LoraModel(nn.Module):
     def disable_adapter_layers(self) -> None:
         """The base model's outputs, and no adapter trains, until enable_adapter_layers() (which gives the trainable
         ones back); merged adapters are unmerged first. As PEFT's."""
-        if any(layer.merged_adapters for _, layer in lora_layers(self.model)):
-            warnings.warn("disable_adapter_layers() while adapters are merged into the weights: unmerging them first")
-            self.unmerge_adapter()
-        self.layers_disabled = True
-        self._set_disabled(True)
-        self._apply_activity()
+        self._unmerge_first("disable_adapter_layers()")
+        self._set_layers_disabled(True)
 
     def enable_adapter_layers(self) -> None:
-        self.layers_disabled = False
-        self._set_disabled(False)
+        self._set_layers_disabled(False)
+
+    def _set_layers_disabled(self, disabled: bool) -> None:
+        self.layers_disabled = disabled
+        self._set_disabled(disabled)
         self._apply_activity()
+
+    def _unmerge_first(self, call: str) -> None:
+        if any(layer.merged_adapters for _, layer in lora_layers(self.model)):
+            warnings.warn(f"{call} while adapters are merged into the weights: unmerging them first")
+            self.unmerge_adapter()
 
     def _set_disabled(self, disabled: bool) -> None:
         for _, module in adapter_modules(self.model):
@@ -193,7 +196,7 @@ class LoraModel(nn.Module):
         for name, layer in layers:  # every layer's new factors made first, then filled: PEFT's order of random
             layer.add_adapter(adapter_name, r=ranks[name], lora_alpha=ranks[name])  # draws (inits, then DARE masks)
         for name, layer in layers:
-            A, B = combine_layer(layer, adapters, weights, combination_type, svd_rank,
+            A, B = combine_layer(layer, adapters, weights, combination_type, ranks[name],
                                  1.0 if density is None else density, majority_sign_method, svd_clamp)
             a_param, b_param = layer.factor_params(adapter_name)
             with torch.no_grad():
