@@ -117,10 +117,12 @@ def prepare(method: str, model, gradient_checkpointing: bool):
             model.enable_input_require_grads()
     loss_fn = None
     if method == "lorakit":
-        from lorakit.fast import label_only_lm_loss, use_fast_kernels, use_packed_attention
+        from lorakit.fast import keep_freed_memory, label_only_lm_loss, use_fast_kernels, use_packed_attention
 
         loss_fn = label_only_lm_loss(model)
         use_packed_attention(model)
+        if keep_freed_memory():  # what lorakit's Trainer does on CPU (a no-op for CUDA tensors' memory)
+            print("lorakit: glibc malloc keeps freed memory (lorakit.fast.keep_freed_memory)")
         print(f"lorakit kernels: {use_fast_kernels(model)}")
     return model, loss_fn or (lambda m, b: m(**b).loss)
 

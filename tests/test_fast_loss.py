@@ -43,33 +43,40 @@ def test_soft_capped_heads_keep_the_plain_loss():
     assert label_only_lm_loss(model) is None
 
 
-def test_distillation_term_is_kl_to_the_base_model():
+def _kl_by_hand(model, batch: dict, mask: torch.Tensor) -> torch.Tensor:
+    """Mean KL(base || adapted) at the masked positions, from full logits with and without the adapter."""
     import torch.nn.functional as F
 
-    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear"))  # B = 0: adapted == base
-    loss_fn = label_only_lm_loss(model)
-    batch = _batch()
-    plain = loss_fn(model, batch)
-    none_marked = loss_fn(model, {**batch, "distill_mask": torch.zeros_like(batch["input_ids"])})
-    assert torch.allclose(plain, none_marked)
-    mask = torch.zeros_like(batch["input_ids"])
-    mask[:, 3:7] = 1
-    assert torch.allclose(loss_fn(model, {**batch, "distill_mask": mask}), plain, atol=1e-6)  # KL = 0 at init
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.5)
-    marked = {**batch, "distill_mask": mask}
-    total = loss_fn(model, marked)
-    # the KL by hand, from full logits with and without the adapter
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.no_grad(), model.disable_adapter():
-        base = F.log_softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
-    adapted = F.log_softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
+        base = F.log_softmax(model(**inputs).logits, -1)
+    adapted = F.log_softmax(model(**inputs).logits, -1)
     at = mask[:, 1:].bool()
-    kl = (base[:, :-1][at].exp() * (base[:, :-1][at] - adapted[:, :-1][at])).sum(-1).mean()
-    assert kl > 1e-3 and torch.allclose(total, loss_fn(model, batch) + kl, rtol=1e-5, atol=1e-6)
-    total.backward()
-    assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+    return (base[:, :-1][at].exp() * (base[:, :-1][at] - adapted[:, :-1][at])).sum(-1).mean()
+
+
+def test_distillation_term_is_kl_to_the_base_model():
+    # a frozen head (the chunked loss with soft targets) and a LoRA-wrapped head (plain logits)
+    for targets in ("all-linear", ["q_proj", "v_proj", "down_proj", "lm_head"]):
+        model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=targets))  # B = 0: adapted == base
+        loss_fn = label_only_lm_loss(model)
+        batch = _batch()
+        plain = loss_fn(model, batch)
+        none_marked = loss_fn(model, {**batch, "distill_mask": torch.zeros_like(batch["input_ids"])})
+        assert torch.allclose(plain, none_marked)
+        mask = torch.zeros_like(batch["input_ids"])
+        mask[:, 3:7] = 1
+        assert torch.allclose(loss_fn(model, {**batch, "distill_mask": mask}), plain, atol=1e-6)  # KL = 0 at init
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.5)
+        total = loss_fn(model, {**batch, "distill_mask": mask})
+        grads = _grads(model, total)
+        ref = loss_fn(model, batch) + _kl_by_hand(model, batch, mask)
+        assert ref - loss_fn(model, batch) > 1e-3 and torch.allclose(total, ref, rtol=1e-5, atol=1e-6), targets
+        for name, g in _grads(model, ref).items():  # the same LoRA gradients, and nothing else trained
+            assert "lora_" in name and torch.allclose(grads[name], g, rtol=1e-4, atol=1e-6), (targets, name)
 
 
 def test_base_states_of_a_row_are_computed_once_and_reused():
@@ -114,10 +121,10 @@ def test_packed_examples_reuse_base_states_however_they_are_batched():
     assert len(forwards) == 3 and torch.allclose(flat, by_rows, atol=1e-6)
 
 
-def test_chunked_cross_entropy_equals_the_plain_one_across_chunks_and_dtypes():
+def test_chunked_cross_entropy_equals_the_plain_one_across_chunks_and_dtypes(monkeypatch):
     import torch.nn.functional as F
 
-    from lorakit.fast.cross_entropy import chunked_linear_cross_entropy
+    from lorakit.fast import cross_entropy
     from tests.conftest import assert_close
 
     g = torch.Generator().manual_seed(0)
@@ -127,11 +134,43 @@ def test_chunked_cross_entropy_equals_the_plain_one_across_chunks_and_dtypes():
         targets = torch.randint(0, 50, (37,), generator=g)
         ref = F.cross_entropy((hidden @ weight.T).float(), targets)
         (ref_grad,) = torch.autograd.grad(ref, hidden)
-        for chunk in (1, 8, 37, 1000):
-            loss = chunked_linear_cross_entropy(hidden, weight, targets, chunk=chunk)
-            (grad,) = torch.autograd.grad(loss * 3.0, hidden)  # the upstream gradient is applied
-            assert_close(loss, ref, dtype)
-            assert_close(grad, 3.0 * ref_grad, dtype)
+        for vocab_block in (7, 50, 4096):  # the vocabulary in ragged blocks, exactly one, less than one
+            monkeypatch.setattr(cross_entropy, "VOCAB_BLOCK", vocab_block)
+            for chunk in (1, 8, 37, 1000):
+                loss = cross_entropy.chunked_linear_cross_entropy(hidden, weight, targets, chunk=chunk)
+                (grad,) = torch.autograd.grad(loss * 3.0, hidden)  # the upstream gradient is applied
+                assert_close(loss, ref, dtype)
+                assert_close(grad, 3.0 * ref_grad, dtype)
+
+
+def test_soft_targets_give_the_kl_to_the_base_distributions(monkeypatch):
+    import torch.nn.functional as F
+
+    from lorakit.fast import cross_entropy
+    from tests.conftest import assert_close
+
+    g = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.bfloat16):
+        base = torch.randn(29, 16, generator=g).to(dtype)
+        hidden = (base.float() + 0.3 * torch.randn(29, 16, generator=g)).to(dtype).requires_grad_(True)
+        weight = (torch.randn(50, 16, generator=g) * 0.5).to(dtype)
+        p = F.log_softmax(base.float() @ weight.float().T, -1)  # the KL of these (bf16) values, in fp32
+        q = F.log_softmax(hidden.float() @ weight.float().T, -1)
+        ref = (p.exp() * (p - q)).sum(-1).mean()
+        (ref_grad,) = torch.autograd.grad(ref, hidden)
+        for vocab_block in (7, 4096):
+            monkeypatch.setattr(cross_entropy, "VOCAB_BLOCK", vocab_block)
+            for chunk in (5, 1000):
+                targets = cross_entropy.soft_targets(base, weight, chunk=chunk)
+                assert targets.direction.shape == (29, 16) and targets.offset.shape == (29,)
+                assert_close(targets.offset, (p.exp() * p).sum(-1), dtype)  # Σ p log p
+                kl = cross_entropy.chunked_linear_cross_entropy(hidden, weight, targets, chunk=chunk)
+                (grad,) = torch.autograd.grad(kl * 2.0, hidden)
+                assert_close(kl, ref, dtype)
+                assert_close(grad, 2.0 * ref_grad, dtype)
+        same = cross_entropy.chunked_linear_cross_entropy(base.float(), weight.float(),
+                                                          cross_entropy.soft_targets(base.float(), weight.float()))
+        assert abs(float(same)) < 1e-6  # KL(p || p) = 0
 
 
 def test_chunked_cross_entropy_refuses_a_trainable_head():

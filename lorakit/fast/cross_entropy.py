@@ -5,8 +5,19 @@ autograd keeps them, and their gradient, for the backward pass. With a frozen he
 gradient needed is the one for the hidden states, so each chunk of rows computes its logits, its loss
 and its hidden-state gradient in the forward pass, then drops the logits (the Liger / Unsloth "fused
 linear cross-entropy" idea in plain PyTorch). Peak extra memory: one (chunk x vocab) fp32 block.
+
+One formula covers a hard target (a token id) and a soft one (a distribution p over the vocabulary, for
+the KL to a base model). With z = W h the logits and lse = log Σ exp(z):
+
+    loss = lse − h·d + c        d(loss)/dh = Wᵀ softmax(z) − d
+
+where d = W[target], c = 0 for a token id, and d = Wᵀp, c = Σ p log p for a distribution p (so the
+loss is KL(p ‖ softmax(z)) and p enters only through d and c: a (hidden,) vector and a number per row,
+computed once from the base model's states and kept instead of them).
 """
 from __future__ import annotations
+
+from typing import NamedTuple, Union
 
 import torch
 
@@ -16,30 +27,81 @@ from lorakit.fast.kernels.runtime import triton_runs
 CHUNK_ROWS = 1024
 """Rows per block of logits (memory: CHUNK_ROWS x vocab fp32 values at a time)."""
 
+VOCAB_BLOCK = 4096
+"""Vocabulary columns per matmul (outside the Triton kernel's path): a (rows x VOCAB_BLOCK) block of logits is reduced and
+exponentiated while it is still in cache, and the matmuls' outputs stay small (the CPU writes one
+(rows x vocab) output at about half the rate it multiplies into a small one)."""
+
+
+class SoftTargets(NamedTuple):
+    """Distributions p over the vocabulary as the loss needs them: direction = Wᵀp (n, hidden) and
+    offset = Σ p log p (n,), both fp32 (see `soft_targets`)."""
+    direction: torch.Tensor
+    offset: torch.Tensor
+
+
+def _softmax_moments(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lse (c,), Wᵀ softmax(W h) (c, hidden)) of a chunk of rows, all in fp32: the logits are made block by
+    block of the vocabulary, their log-sum-exp merged across blocks, then each block is turned into
+    probabilities in place and multiplied back through its rows of W."""
+    vocab, block = weight.shape[0], VOCAB_BLOCK
+    h = hidden.float()  # fp32 logits: the KL's terms are close numbers, and bf16 logits would not cancel
+    blocks = [h @ weight[s:s + block].float().T for s in range(0, vocab, block)]  # (c, block) each
+    lse = torch.logsumexp(blocks[0], dim=-1)
+    for z in blocks[1:]:
+        lse = torch.logaddexp(lse, torch.logsumexp(z, dim=-1))
+    expected = torch.zeros(hidden.shape[0], hidden.shape[1], dtype=torch.float32, device=hidden.device)
+    for s, z in zip(range(0, vocab, block), blocks):
+        probs = z.sub_(lse[:, None]).exp_()  # softmax, in place of the block's logits
+        expected += probs @ weight[s:s + block].float()
+    return lse, expected
+
+
+def soft_targets(hidden: torch.Tensor, weight: torch.Tensor, chunk: int = CHUNK_ROWS) -> SoftTargets:
+    """The distributions softmax(W h) of `hidden` (n, d) (a frozen model's states) as targets for
+    `chunked_linear_cross_entropy`: Wᵀp and Σ p log p, computed without keeping any (n x vocab) block."""
+    with torch.no_grad():
+        directions, offsets = [], []
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start:start + chunk]
+            lse, expected = _softmax_moments(h, weight)
+            directions.append(expected)
+            offsets.append((expected * h.float()).sum(-1) - lse)  # Σ p log p = Σ p z − lse = h·Wᵀp − lse
+        if not directions:
+            empty = hidden.new_empty(0, hidden.shape[1], dtype=torch.float32)
+            return SoftTargets(empty, empty[:, 0])
+        return SoftTargets(torch.cat(directions), torch.cat(offsets))
+
+
+Targets = Union[torch.Tensor, SoftTargets]
+
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-        # hidden (n, d), weight (vocab, d) frozen, targets (n,) all valid
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: Targets, chunk: int) -> torch.Tensor:
+        # hidden (n, d), weight (vocab, d) frozen, targets (n,) valid ids or SoftTargets of n rows
         n = hidden.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
         for start in range(0, n, chunk):
             h = hidden[start:start + chunk]  # (c, d)
-            t = targets[start:start + chunk]  # (c,)
-            if triton_runs(h):  # one kernel: the rows' losses, and the logits overwritten by their gradient
+            if isinstance(targets, torch.Tensor) and triton_runs(h):
+                # one kernel: the rows' losses, and the logits overwritten by their gradient
                 logits = h @ weight.T  # (c, vocab) in the head's dtype
-                total += cross_entropy_grad_(logits, t).sum()
+                total += cross_entropy_grad_(logits, targets[start:start + chunk]).sum()
                 if grad_hidden is not None:
                     grad_hidden[start:start + chunk] = (logits @ weight).to(hidden.dtype)  # (c, d)
                 continue
-            logits = (h @ weight.T).float()  # (c, vocab)
-            lse = torch.logsumexp(logits, dim=-1)  # (c,)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if isinstance(targets, torch.Tensor):  # a token id: d = W[target], c = 0
+                direction, offset = weight[targets[start:start + chunk]].float(), None
+            else:
+                direction = targets.direction[start:start + chunk]
+                offset = targets.offset[start:start + chunk]
+            lse, expected = _softmax_moments(h, weight)
+            loss = lse - (h.float() * direction).sum(-1)  # lse − h·d (+ c)
+            total += loss.sum() + (offset.sum() if offset is not None else 0.0)
             if grad_hidden is not None:
-                probs = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place of the logits
-                probs[torch.arange(len(t), device=t.device), t] -= 1.0  # d(loss sum)/d(logits)
-                grad_hidden[start:start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)  # (c, d)
+                grad_hidden[start:start + chunk] = (expected - direction).to(hidden.dtype)  # Wᵀ softmax − d
         ctx.save_for_backward(grad_hidden if grad_hidden is not None else hidden.new_empty(0))
         ctx.n = n
         return total / n
@@ -50,15 +112,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * (grad_output / ctx.n).to(grad_hidden.dtype), None, None, None
 
 
-def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                                 chunk: int = CHUNK_ROWS) -> torch.Tensor:
-    """Mean cross-entropy of `hidden @ weight.T` against `targets`, equal to
-    `F.cross_entropy((hidden @ weight.T).float(), targets)`, for a head weight that needs no gradient.
+def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: Targets,
+                         chunk: int = CHUNK_ROWS) -> torch.Tensor:
+    """Mean cross-entropy of `hidden @ weight.T` against `targets`, for a head weight that needs no gradient.
+
+    With token ids this equals `F.cross_entropy((hidden @ weight.T).float(), targets)`; with
+    `soft_targets(base_hidden, weight)` it is the mean KL(p ‖ softmax(hidden @ weight.T)) of the base
+    distributions p, i.e. their cross-entropy minus their entropy.
 
     Args:
         hidden: (n, d) hidden states (any float dtype; gradient flows to them).
         weight: (vocab, d) output-head weight, frozen.
-        targets: (n,) token ids, no ignored positions (select them out first).
+        targets: (n,) token ids, no ignored positions (select them out first), or SoftTargets of n rows.
         chunk: rows per block; memory is one (chunk, vocab) fp32 block.
     """
     if weight.requires_grad:
@@ -66,3 +131,4 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, tar
     if hidden.shape[0] == 0:
         return hidden.new_zeros((), dtype=torch.float32)
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk)
+

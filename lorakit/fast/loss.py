@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.fast.attention import one_example_per_row
-from lorakit.fast.cross_entropy import chunked_linear_cross_entropy
+from lorakit.fast.cross_entropy import SoftTargets, chunked_linear_cross_entropy, soft_targets
 
 IGNORE_INDEX = -100
 
@@ -47,7 +47,7 @@ def label_only_lm_loss(model: nn.Module) -> Optional[Callable[[nn.Module, dict],
         return None
     backbone, head = parts
     no_cache = _without_kv_cache(backbone)
-    base_cache = _BaseHiddenCache(no_cache)
+    base_cache = _BaseHiddenCache(no_cache, _base_summary(head))
 
     def loss_fn(model_: nn.Module, batch: dict) -> torch.Tensor:
         batch = dict(batch)
@@ -76,13 +76,31 @@ def _without_kv_cache(backbone: nn.Module) -> dict:
     return {"use_cache": False} if "use_cache" in inspect.signature(backbone.forward).parameters else {}
 
 
+def _frozen_head_weight(head: nn.Module) -> Optional[torch.Tensor]:
+    """The weight of a frozen bias-free linear head (the chunked loss's case), else None."""
+    weight = getattr(head, "weight", None)
+    if type(head) is nn.Linear and head.bias is None and weight is not None and not weight.requires_grad:
+        return weight
+    return None
+
+
 def _label_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of the head's logits: chunked (no full fp32 logits kept) for a frozen bias-free
     linear head, transformers' way otherwise (a trained or LoRA-wrapped head)."""
-    weight = getattr(head, "weight", None)
-    if type(head) is nn.Linear and head.bias is None and weight is not None and not weight.requires_grad:
+    weight = _frozen_head_weight(head)
+    if weight is not None:
         return chunked_linear_cross_entropy(hidden, weight, targets)
     return F.cross_entropy(head(hidden).float(), targets)  # (n, vocab) logits
+
+
+def _base_summary(head: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What the distillation keeps of the base model's states (k, hidden): for a frozen linear head, its
+    distributions as the chunked loss takes them, [Wᵀp, Σ p log p] (k, hidden + 1) in fp32, so no base
+    logits are made again; for any other head, the states themselves."""
+    weight = _frozen_head_weight(head)
+    if weight is None:
+        return lambda states: states
+    return lambda states: torch.cat([(t := soft_targets(states, weight)).direction, t.offset[:, None]], 1)
 
 
 def _distillation(model: nn.Module, backbone: nn.Module, head: nn.Module, batch: dict, hidden: torch.Tensor,
@@ -90,18 +108,23 @@ def _distillation(model: nn.Module, backbone: nn.Module, head: nn.Module, batch:
     """Mean KL(base || adapted) of the next-token distributions at the marked positions.
 
     The base distribution comes from the same model with its adapters disabled (no gradient); it keeps
-    the adapter from changing what it should not. The base is frozen, so its hidden states for an
-    example are computed once and reused when the example comes back (every later epoch).
+    the adapter from changing what it should not. The base is frozen, so what the loss needs of its
+    states for an example is computed once and reused when the example comes back (every later epoch).
     """
-    base_hidden = cache.lookup(model, backbone, batch, marked)  # (n, hidden)
-    with torch.no_grad():
-        base_logp = F.log_softmax(head(base_hidden).float(), -1)  # (n, vocab)
-    logp = F.log_softmax(head(hidden[:, :-1][marked]).float(), -1)  # (n, vocab)
+    base = cache.lookup(model, backbone, batch, marked)  # (n, hidden + 1) soft targets or (n, hidden) states
+    adapted = hidden[:, :-1][marked]  # (n, hidden)
+    weight = _frozen_head_weight(head)
+    if weight is not None:  # KL = cross-entropy to p minus its entropy, through the chunked loss
+        return chunked_linear_cross_entropy(adapted, weight, SoftTargets(base[:, :-1], base[:, -1]))
+    with torch.no_grad(), model.disable_adapter():  # the base head too, if it is adapted
+        base_logp = F.log_softmax(head(base).float(), -1)  # (n, vocab)
+    logp = F.log_softmax(head(adapted).float(), -1)  # (n, vocab)
     return (base_logp.exp() * (base_logp - logp)).sum(-1).mean()
 
 
 class _BaseHiddenCache:
-    """The frozen base model's last hidden states at an example's marked positions, keyed by its tokens.
+    """What the loss needs of the frozen base model's last hidden states at an example's marked positions
+    (`summarise(states)`), keyed by its tokens.
 
     The pieces of a batch are its examples: each packed example (position ids restart at 0), or each
     unpacked row without its right padding (padding does not change a causal model's earlier states).
@@ -110,13 +133,15 @@ class _BaseHiddenCache:
     past it are recomputed every time.
     """
 
-    def __init__(self, forward_kwargs: dict, limit_bytes: int = 256 * 2**20):
+    def __init__(self, forward_kwargs: dict, summarise: Callable[[torch.Tensor], torch.Tensor],
+                 limit_bytes: int = 256 * 2**20):
+        self.summarise = summarise  # (k, hidden) states -> (k, m) rows kept
         self.pieces: dict[bytes, torch.Tensor] = {}
         self.bytes, self.limit_bytes = 0, limit_bytes
         self.forward_kwargs = forward_kwargs  # extra keywords of every base forward (no KV cache)
 
     def lookup(self, model: nn.Module, backbone: nn.Module, batch: dict, marked: torch.Tensor) -> torch.Tensor:
-        """(n, hidden) base hidden states at `marked` (batch, seq-1), in row-major order like `hidden[marked]`."""
+        """(n, m) summaries of the base states at `marked` (batch, seq-1), in row-major order like `hidden[marked]`."""
         pieces = [(i, s, e, at) for i, s, e in self._pieces(batch) if (at := self._marked(marked, i, s, e)).any()]
         keys = [batch["input_ids"][i, s:e].cpu().numpy().tobytes() + b"|" + at.cpu().numpy().tobytes()
                 for i, s, e, at in pieces]
@@ -125,7 +150,8 @@ class _BaseHiddenCache:
         if missing:
             with torch.no_grad(), model.disable_adapter():
                 computed = self._compute(backbone, batch, list(missing.values()), self.forward_kwargs)
-            for key, states in zip(missing, computed):
+            summaries = [part.clone() for part in self.summarise(torch.cat(computed)).split([len(c) for c in computed])]
+            for key, states in zip(missing, summaries):
                 found[key] = states
                 if self.bytes + states.nbytes <= self.limit_bytes:
                     self.pieces[key] = states

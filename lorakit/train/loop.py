@@ -34,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lorakit.errors import DataError, LorakitError
+from lorakit.fast.memory import keep_freed_memory
 from lorakit.train import batching, distributed, fsdp, runtime
 from lorakit.train.checkpoint import (TrainState, clean_interrupted_writes, config_differences,
                                       latest_good_checkpoint, resolve_resume,
@@ -128,6 +129,8 @@ class Trainer:
         self.callbacks, self.progress = list(callbacks), progress
         self.loss_fn = loss_fn or (lambda model, batch: model(**batch).loss)
         self.device = runtime.model_device(model)
+        if self.device.type == "cpu":  # freed activations stay in the process: no page faults every step
+            keep_freed_memory()
         self.amp_dtype = runtime.autocast_dtype(self.device, self.config.dtype)
         self.group = distributed.group_for(self.device)
         c = self.config
