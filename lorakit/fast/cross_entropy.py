@@ -28,8 +28,8 @@ CHUNK_ROWS = 1024
 """Rows per block of logits (memory: CHUNK_ROWS x vocab fp32 values at a time)."""
 
 VOCAB_BLOCK = 4096
-"""Vocabulary columns per matmul (outside the Triton kernel's path): a (rows x VOCAB_BLOCK) block of logits is reduced and
-exponentiated while it is still in cache, and the matmuls' outputs stay small (the CPU writes one
+"""Vocabulary columns per matmul (outside the Triton kernel's path): a (rows x VOCAB_BLOCK) block of
+logits is reduced and exponentiated while it is still in cache, and the matmuls' outputs stay small (the CPU writes one
 (rows x vocab) output at about half the rate it multiplies into a small one)."""
 
 
@@ -113,7 +113,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: Targets,
-                         chunk: int = CHUNK_ROWS) -> torch.Tensor:
+                                 chunk: int = CHUNK_ROWS) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` against `targets`, for a head weight that needs no gradient.
 
     With token ids this equals `F.cross_entropy((hidden @ weight.T).float(), targets)`; with
@@ -131,4 +131,3 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, tar
     if hidden.shape[0] == 0:
         return hidden.new_zeros((), dtype=torch.float32)
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk)
-
