@@ -47,7 +47,8 @@ def label_only_lm_loss(model: nn.Module) -> Optional[Callable[[nn.Module, dict],
         return None
     backbone, head = parts
     no_cache = _without_kv_cache(backbone)
-    base_cache = _BaseHiddenCache(no_cache, _base_summary(head))
+    frozen = _frozen_head_weight(head)  # decided once: it fixes what the base cache keeps
+    base_cache = _BaseHiddenCache(no_cache, _base_summary(frozen))
 
     def loss_fn(model_: nn.Module, batch: dict) -> torch.Tensor:
         batch = dict(batch)
@@ -65,7 +66,8 @@ def label_only_lm_loss(model: nn.Module) -> Optional[Callable[[nn.Module, dict],
         if at.numel():  # only where a label exists
             loss = _label_loss(head, hidden.flatten(0, 1).index_select(0, at), labels.flatten()[at + 1])
         if distilled:
-            loss = loss + _distillation(model_, backbone, head, batch, hidden, distill[:, 1:].bool(), base_cache)
+            loss = loss + _distillation(model_, backbone, head, frozen, batch, hidden, distill[:, 1:].bool(),
+                                        base_cache)
         return loss
 
     return loss_fn
@@ -93,18 +95,17 @@ def _label_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) ->
     return F.cross_entropy(head(hidden).float(), targets)  # (n, vocab) logits
 
 
-def _base_summary(head: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """What the distillation keeps of the base model's states (k, hidden): for a frozen linear head, its
-    distributions as the chunked loss takes them, [Wᵀp, Σ p log p] (k, hidden + 1) in fp32, so no base
-    logits are made again; for any other head, the states themselves."""
-    weight = _frozen_head_weight(head)
+def _base_summary(weight: Optional[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What the distillation keeps of the base model's states (k, hidden): for a frozen linear head (its
+    `weight`), its distributions as the chunked loss takes them, [Wᵀp, Σ p log p] (k, hidden + 1) in fp32,
+    so no base logits are made again; for any other head (None), the states themselves."""
     if weight is None:
         return lambda states: states
     return lambda states: torch.cat([(t := soft_targets(states, weight)).direction, t.offset[:, None]], 1)
 
 
-def _distillation(model: nn.Module, backbone: nn.Module, head: nn.Module, batch: dict, hidden: torch.Tensor,
-                  marked: torch.Tensor, cache: "_BaseHiddenCache") -> torch.Tensor:
+def _distillation(model: nn.Module, backbone: nn.Module, head: nn.Module, weight: Optional[torch.Tensor],
+                  batch: dict, hidden: torch.Tensor, marked: torch.Tensor, cache: "_BaseHiddenCache") -> torch.Tensor:
     """Mean KL(base || adapted) of the next-token distributions at the marked positions.
 
     The base distribution comes from the same model with its adapters disabled (no gradient); it keeps
@@ -113,8 +114,7 @@ def _distillation(model: nn.Module, backbone: nn.Module, head: nn.Module, batch:
     """
     base = cache.lookup(model, backbone, batch, marked)  # (n, hidden + 1) soft targets or (n, hidden) states
     adapted = hidden[:, :-1][marked]  # (n, hidden)
-    weight = _frozen_head_weight(head)
-    if weight is not None:  # KL = cross-entropy to p minus its entropy, through the chunked loss
+    if weight is not None:  # a frozen head, so the cache holds soft targets: KL through the chunked loss
         return chunked_linear_cross_entropy(adapted, weight, SoftTargets(base[:, :-1], base[:, -1]))
     with torch.no_grad(), model.disable_adapter():  # the base head too, if it is adapted
         base_logp = F.log_softmax(head(base).float(), -1)  # (n, vocab)
