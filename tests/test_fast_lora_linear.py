@@ -221,6 +221,13 @@ def test_the_kept_factor_casts_follow_every_change_of_the_factors(tmp_path, monk
     loss_and_grads(model, batch)
     optimizer.step()  # in place through the parameters
     assert fused_equals_plain()
+    fused_adamw = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, fused=True)
+    loss_and_grads(model, batch)
+    versions = [p._version for p in fused_adamw.param_groups[0]["params"]]
+    fused_adamw.step()  # writes the parameters without bumping their versions
+    assert versions == [p._version for p in fused_adamw.param_groups[0]["params"]], \
+        "fused AdamW now bumps versions: the optimizer-step count in the cache key is no longer needed"
+    assert fused_equals_plain()
     model.save_pretrained(tmp_path)
     with torch.no_grad():
         for p in model.parameters():

@@ -16,6 +16,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..errors import AdapterError
 from ..fast.lora_linear import compute_factors, lora_linear
@@ -321,11 +322,12 @@ class LoraLinear(LoraLayer):
 
     def _factors(self, name: str, a: torch.Tensor, b: torch.Tensor, scaling: float,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """compute_factors(A, B, scaling, dtype), kept while A and B are unchanged: an optimizer step (or any
-        in-place change through the parameters) bumps their version, new storage moves their pointer.
-        Changes made behind autograd's back (`p.data.copy_(...)`) are not seen: change factors in place
-        through the parameter itself, under torch.no_grad()."""
-        key = (a._version, b._version, a.data_ptr(), b.data_ptr(), scaling, dtype)
+        """compute_factors(A, B, scaling, dtype), kept while A and B are unchanged: any torch optimizer's step
+        counts (fused AdamW writes without bumping tensor versions), an in-place change through the parameter
+        bumps its version, new storage moves its pointer. Other changes behind autograd's back
+        (`p.data.copy_(...)` outside an optimizer step) are not seen: change factors in place through the
+        parameter itself, under torch.no_grad()."""
+        key = (_optimizer_steps(), a._version, b._version, a.data_ptr(), b.data_ptr(), scaling, dtype)
         cached = self._factor_cache.get(name)
         if cached is None or cached[0] != key:
             cached = self._factor_cache[name] = (key, compute_factors(a, b, scaling, dtype))
@@ -403,11 +405,26 @@ class LoraLinear(LoraLayer):
 
 
 def _tensor_state(tensors: list[torch.Tensor]) -> tuple:
-    """What changes when tensors are written in place (versions) or given new storage (pointers)."""
-    return tuple(map(_VERSION, tensors)), tuple(map(torch.Tensor.data_ptr, tensors))
+    """What changes when tensors are written in place (versions, optimizer steps) or given new storage
+    (pointers)."""
+    return _optimizer_steps(), tuple(map(_VERSION, tensors)), tuple(map(torch.Tensor.data_ptr, tensors))
 
 
 _VERSION = operator.attrgetter("_version")
+_STEPS = [0]  # optimizer steps taken in this process, by any torch.optim.Optimizer
+
+
+def _optimizer_steps() -> int:
+    return _STEPS[0]
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    """Fused optimizers (torch's fused AdamW/Adam/SGD) write parameters without bumping their version
+    counters, so the caches keyed on versions also key on this count, which every step moves."""
+    _STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_step)
 
 
 class LoraEmbedding(LoraLayer):

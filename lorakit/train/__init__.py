@@ -1,6 +1,7 @@
 """Training: `TrainConfig` (every `lorakit train` option), the `Trainer` loop, resumable
 checkpoints and the run's report files (metrics.jsonl, loss.png, config.yaml, summary.json);
-data-parallel and FSDP2 training under torchrun (`distributed.py`, `fsdp.py`, docs/DISTRIBUTED.md).
+data-parallel and FSDP2 training under torchrun (`distributed.py`, `fsdp.py`, docs/DISTRIBUTED.md);
+`hf_trainer.AdapterTrainer` for users of transformers' own Trainer (imported from there, not here).
 
     from lorakit.train import TrainConfig, Trainer, write_summary
     result = Trainer(model, examples, collate_fn, TrainConfig(max_steps=100), "runs/demo").fit()
