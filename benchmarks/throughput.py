@@ -9,7 +9,8 @@ weights on the same batches, each in its own child process (so peak memory is it
   lorakit            lorakit's training path: label-only LM head (`lorakit.fast.label_only_lm_loss`), packed-row
                      attention (`lorakit.fast.use_packed_attention`) and, on CUDA, the Triton kernels
                      (`lorakit.fast.use_fast_kernels`)
-  lorakit-reference  lorakit's LoRA layers with transformers' own loss (the reference the fast path must match)
+  lorakit-reference  lorakit's plain LoRA layers (y = Wx + s·B(Ax), no fused function, no kept factor casts) and
+                     transformers' own loss: the reference the fast path must match
   peft               PEFT's get_peft_model and transformers' loss: what a PEFT user runs
   peft+liger         the same with Liger Kernel's fused ops patched in (only when liger-kernel is installed)
   full               full fine-tuning (6N FLOPs per token instead of LoRA's 4N)
@@ -116,6 +117,10 @@ def prepare(method: str, model, gradient_checkpointing: bool):
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     loss_fn = None
+    if method == "lorakit-reference":
+        from lorakit.lora.layer import LoraLinear
+
+        LoraLinear._fusable_adapter = lambda self, x: None  # every layer takes the plain path (this child only)
     if method == "lorakit":
         from lorakit.fast import keep_freed_memory, label_only_lm_loss, use_fast_kernels, use_packed_attention
 
