@@ -311,3 +311,32 @@ def test_other_lora_variants_in_the_patched_model_are_left_to_their_own_layers(m
     assert torch.allclose(loss, plain_loss, atol=1e-6)
     for name, grad in grads.items():
         assert torch.allclose(grad, plain[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_a_compiled_model_trains_as_the_eager_one_and_compiles_once():
+    """Under torch.compile the factor casts are made in the graph (no kept casts, whose pointer and
+    version lookups Dynamo cannot trace and would recompile for): the same losses, step after step, as
+    the eager model with the same fused optimizer, and no new graphs after the first step."""
+    import torch._dynamo
+
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(2))
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights="gaussian")
+    losses, graphs = {}, []
+    torch._dynamo.reset()
+    for compiled in (False, True):
+        model = get_peft_model(tiny_llama(), config).train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05, fused=True)
+        run = torch.compile(model, backend="aot_eager") if compiled else model
+        losses[compiled] = []
+        for _ in range(3):
+            loss = run(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses[compiled].append(loss.item())
+            if compiled:
+                graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    torch._dynamo.reset()
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+    assert losses[False][2] < losses[False][0]  # the steps changed the model
+    assert graphs[0] == graphs[-1], f"recompiled after the first step: graphs {graphs}"

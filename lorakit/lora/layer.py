@@ -327,6 +327,8 @@ class LoraLinear(LoraLayer):
         bumps its version, new storage moves its pointer. Other changes behind autograd's back
         (`p.data.copy_(...)` outside an optimizer step) are not seen: change factors in place through the
         parameter itself, under torch.no_grad()."""
+        if torch.compiler.is_compiling():  # a compiled graph casts in place of the lookup (no data_ptr guards)
+            return compute_factors(a, b, scaling, dtype)
         key = (_optimizer_steps(), a._version, b._version, a.data_ptr(), b.data_ptr(), scaling, dtype)
         cached = self._factor_cache.get(name)
         if cached is None or cached[0] != key:
