@@ -67,8 +67,9 @@ def test_silu_mul(k):
         assert rel_err(g_.cpu(), e) < BF16
 
 
+@pytest.mark.parametrize("impl", ["rotary", "rotary_torch"])  # the kernel, and its arithmetic in torch ops
 @pytest.mark.parametrize("cos_batch", [2, 1])
-def test_rotary_on_transposed_views(k, cos_batch):
+def test_rotary_on_transposed_views(k, cos_batch, impl):
     batch, seq, q_heads, k_heads, dim = 2, 5, 4, 2, 16
     # as transformers hands them over: (b, s, h, d) projections viewed as (b, h, s, d)
     q = _randn(batch, seq, q_heads, dim).transpose(1, 2)
@@ -76,7 +77,7 @@ def test_rotary_on_transposed_views(k, cos_batch):
     angles = torch.rand(cos_batch, seq, dim, generator=torch.Generator().manual_seed(2)) * 6
     cos, sin = angles.cos().to(DEVICE, torch.bfloat16), angles.sin().to(DEVICE, torch.bfloat16)
     assert k.rotary.rotary_supported(q, kk, cos, sin)
-    qo, ko = k.rotary.rotary(q, kk, cos, sin)
+    qo, ko = getattr(k.rotary, impl)(q, kk, cos, sin)
     assert qo.stride() == q.stride() and ko.stride() == kk.stride()
     qd, kd = (t.detach().double().cpu().requires_grad_() for t in (q, kk))
     ref = k.rotary.rotary_reference(qd, kd, cos.double().cpu(), sin.double().cpu())
@@ -86,18 +87,36 @@ def test_rotary_on_transposed_views(k, cos_batch):
         assert rel_err(g_.cpu(), e) < BF16
 
 
-def test_rotary_backward_takes_gradients_in_any_layout(k):
+@pytest.mark.parametrize("impl", ["rotary", "rotary_torch"])
+def test_rotary_backward_takes_gradients_in_any_layout(k, impl):
     """Upstream gradients whose last dimension is not contiguous give the reference's gradients too."""
     q, kk = _randn(1, 3, 2, 8).transpose(1, 2), _randn(1, 3, 1, 8, seed=1).transpose(1, 2)  # (1, h, 3, 8)
     angles = torch.rand(1, 3, 8, generator=torch.Generator().manual_seed(2)) * 6
     cos, sin = angles.cos().to(DEVICE, torch.bfloat16), angles.sin().to(DEVICE, torch.bfloat16)
     ups = [torch.randn(1, h, 8, 3, generator=torch.Generator().manual_seed(h)).transpose(-1, -2) for h in (2, 1)]
     assert all(u.stride(-1) != 1 for u in ups)
-    got = torch.autograd.grad(k.rotary.rotary(q, kk, cos, sin), (q, kk), [u.to(DEVICE, torch.bfloat16) for u in ups])
+    got = torch.autograd.grad(getattr(k.rotary, impl)(q, kk, cos, sin), (q, kk),
+                              [u.to(DEVICE, torch.bfloat16) for u in ups])
     qd, kd = (t.detach().double().cpu().requires_grad_() for t in (q, kk))
     ref = k.rotary.rotary_reference(qd, kd, cos.double().cpu(), sin.double().cpu())
     for g_, e in zip(got, torch.autograd.grad(ref, (qd, kd), [u.double() for u in ups])):
         assert rel_err(g_, e) < BF16
+
+
+def test_rotary_torch_is_transformers_rotary_in_fp32(k):
+    """The torch-ops path (what CPU tensors take) gives transformers' values and gradients in fp32, up to
+    the order of two roundings."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    q = _randn(2, 6, 3, 8, dtype=torch.float32).transpose(1, 2)
+    kk = _randn(2, 6, 1, 8, dtype=torch.float32, seed=1).transpose(1, 2)
+    angles = torch.rand(1, 6, 4, generator=torch.Generator().manual_seed(2)).repeat(1, 1, 2) * 6  # halves alike
+    cos, sin = angles.cos().to(DEVICE), angles.sin().to(DEVICE)
+    got, expected = k.rotary.rotary_torch(q, kk, cos, sin), apply_rotary_pos_emb(q, kk, cos, sin)
+    ups = [torch.randn(t.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE) for t in expected]
+    for a, b in zip(got + torch.autograd.grad(got, (q, kk), ups),
+                    expected + torch.autograd.grad(expected, (q, kk), ups)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_cross_entropy_grad(k):

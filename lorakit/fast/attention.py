@@ -106,10 +106,12 @@ def packed_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
                                       position_ids=position_ids, **kwargs)
     gqa = query.shape[1] != key.shape[1]
     rows = []
-    for b, row in enumerate(spans):
-        parts = [F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
-                                                dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
-                 for s, e in row]  # each (1, heads, e - s, dim)
+    # split, not sliced: the backward of a split writes each piece's gradient into one tensor, where every
+    # slice's would be a zero-filled tensor of the whole input, all of them then added up
+    for (q, k, v), row in zip(zip(*(t.split(1) for t in (query, key, value))), spans):
+        lengths = [e - s for s, e in row]
+        parts = [F.scaled_dot_product_attention(*piece, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
+                 for piece in zip(*(t.split(lengths, dim=2) for t in (q, k, v)))]  # each (1, heads, e - s, dim)
         rows.append(torch.cat(parts, dim=2))
     return torch.cat(rows).transpose(1, 2).contiguous(), None
 

@@ -3,7 +3,8 @@
 Per module instance: the RMSNorms and the SwiGLU MLPs get a forward that takes the kernel on tensors
 it can run on (CUDA; see `triton_runs`) and the model's own code otherwise. Rotary embedding is a
 function the attention calls by its module-level name, so that name is wrapped (once per modeling
-module) the same way: kernel where it runs, transformers' function otherwise.
+module) the same way: kernel where it runs, the kernel's arithmetic in torch ops elsewhere (fewer passes
+than transformers' function, same values), transformers' function for shapes neither takes.
 
 The LoRA projections that read the same input run as one fused node (lorakit.fast.lora_linear_group) on
 every device: the MLP's gate and up inside its forward; the attention's q, k and v made before the
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from lorakit.fast.kernels.rms_norm import rms_norm
-from lorakit.fast.kernels.rotary import rotary, rotary_supported
+from lorakit.fast.kernels.rotary import rotary, rotary_supported, rotary_torch
 from lorakit.fast.kernels.runtime import HAS_TRITON, triton_runs
 from lorakit.fast.kernels.swiglu import silu_mul
 from lorakit.fast.lora_linear import lora_linear, lora_linear_group
@@ -92,8 +93,11 @@ def _grouped_outputs(owner: nn.Module, projections: tuple, x: torch.Tensor) -> d
 def _wrap_rotary(original):
     @functools.wraps(original)  # its module and name: pickled by reference, it resolves to the module's name
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
-        if unsqueeze_dim == 1 and triton_runs(q) and rotary_supported(q, k, cos, sin):
-            return rotary(q, k, cos, sin)
+        if unsqueeze_dim == 1 and rotary_supported(q, k, cos, sin):
+            if triton_runs(q):
+                return rotary(q, k, cos, sin)
+            if not torch.compiler.is_compiling():  # traced, its writes into halves of one output come out
+                return rotary_torch(q, k, cos, sin)  # wrong; the compiler fuses transformers' function anyway
         return original(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
 
     apply_rotary_pos_emb.lorakit_original = original

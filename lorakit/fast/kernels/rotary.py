@@ -99,6 +99,46 @@ class _Rotary(torch.autograd.Function):
         return dq, dk, None, None
 
 
+def _rotate_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
+    """The kernel's arithmetic in torch ops, written into halves of one output: two multiplies and two
+    multiply-adds over x, where transformers' x·cos + rotate_half(x)·sin makes five passes (and its
+    backward a zero-filled gradient per slice)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c1, c2, s1, s2 = cos[..., :half], cos[..., half:], sin[..., :half], sin[..., half:]
+    out = torch.empty_like(x)
+    y1, y2 = out[..., :half], out[..., half:]
+    torch.mul(x1, c1, out=y1)
+    torch.mul(x2, c2, out=y2)
+    if backward:  # (d₁·c₁ + d₂·s₂,  d₂·c₂ − d₁·s₁)
+        y1.addcmul_(x2, s2)
+        y2.addcmul_(x1, s1, value=-1)
+    else:  # (x₁·c₁ − x₂·s₁,  x₂·c₂ + x₁·s₂)
+        y1.addcmul_(x2, s1, value=-1)
+        y2.addcmul_(x1, s2)
+    return out
+
+
+class _RotaryTorch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (b or 1, 1, s, d): one row for every head
+        ctx.save_for_backward(cos, sin)
+        return _rotate_torch(q, cos, sin, False), _rotate_torch(k, cos, sin, False)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos, sin = ctx.saved_tensors
+        return _rotate_torch(dq, cos, sin, True), _rotate_torch(dk, cos, sin, True), None, None
+
+
+def rotary_torch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rotary_reference` with the kernel's arithmetic in torch ops (any device; cos/sin as the kernel
+    takes them), and a backward that is the same map transposed instead of autograd's record of it."""
+    return _RotaryTorch.apply(q, k, cos, sin)
+
+
 def rotary_supported(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     """The shapes the kernel takes: (b, h, s, d) q and k with unit last stride, (b or 1, s, d) cos/sin."""
     return (q.dim() == k.dim() == 4 and cos.dim() == sin.dim() == 3 and q.shape[-1] % 2 == 0
