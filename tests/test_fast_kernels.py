@@ -56,6 +56,25 @@ def test_rms_norm(k, shape):
         k.rms_norm.rms_norm(x, w.detach().requires_grad_(), 1e-6)
 
 
+def test_rms_norm_torch_is_transformers_norm_in_fp32(k):
+    """The torch-ops path (fp32 norms off the GPU) gives transformers' values and input gradients, and
+    refuses what it does not compute (a trained weight, other dtypes)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(96, eps=1e-5).to(DEVICE).requires_grad_(False)
+    with torch.no_grad():
+        norm.weight.copy_(_randn(96, dtype=torch.float32, seed=1, grad=False))
+    x = (_randn(3, 7, 96, dtype=torch.float32) * 5).detach().requires_grad_()
+    up = _randn(3, 7, 96, dtype=torch.float32, seed=2, grad=False)
+    got, expected = k.rms_norm.rms_norm_torch(x, norm.weight, 1e-5), norm(x)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(got, x, up)[0], torch.autograd.grad(expected, x, up)[0],
+                               rtol=1e-5, atol=1e-6)
+    for bad in (norm.weight.detach().requires_grad_(), norm.weight.to(torch.bfloat16)):
+        with pytest.raises(ValueError, match="frozen fp32"):
+            k.rms_norm.rms_norm_torch(x, bad, 1e-5)
+
+
 def test_silu_mul(k):
     gate, up = _randn(4, 9, 300), _randn(4, 9, 300, seed=1)  # 10,800 elements: a partial last block
     y = k.swiglu.silu_mul(gate * 1, up * 1)  # copies: the backward reuses their memory for the gradients

@@ -1,7 +1,8 @@
 """Put the Triton kernels into a transformers Llama-family model, where they compute the same thing.
 
 Per module instance: the RMSNorms and the SwiGLU MLPs get a forward that takes the kernel on tensors
-it can run on (CUDA; see `triton_runs`) and the model's own code otherwise. Rotary embedding is a
+it can run on (CUDA; see `triton_runs`), for fp32 norms elsewhere the kernel's equations in torch ops,
+and the model's own code otherwise. Rotary embedding is a
 function the attention calls by its module-level name, so that name is wrapped (once per modeling
 module) the same way: kernel where it runs, the kernel's arithmetic in torch ops elsewhere (fewer passes
 than transformers' function, same values), transformers' function for shapes neither takes.
@@ -18,7 +19,7 @@ import importlib
 import torch
 from torch import nn
 
-from lorakit.fast.kernels.rms_norm import rms_norm
+from lorakit.fast.kernels.rms_norm import rms_norm, rms_norm_torch
 from lorakit.fast.kernels.rotary import rotary, rotary_supported, rotary_torch
 from lorakit.fast.kernels.runtime import HAS_TRITON, triton_runs
 from lorakit.fast.kernels.swiglu import silu_mul
@@ -32,8 +33,12 @@ ATTENTIONS = {f"{name}Attention" for name in ("Llama", "Mistral", "Qwen2", "Qwen
 
 
 def _norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if triton_runs(x) and not self.weight.requires_grad:
-        return rms_norm(x, self.weight, self.variance_epsilon)
+    weight = self.weight
+    if not weight.requires_grad:
+        if triton_runs(x):
+            return rms_norm(x, weight, self.variance_epsilon)
+        if x.dtype == weight.dtype == torch.float32 and not torch.compiler.is_compiling():
+            return rms_norm_torch(x, weight, self.variance_epsilon)
     return type(self).forward(self, x)
 
 

@@ -81,3 +81,31 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if weight.requires_grad:
         raise ValueError("the Triton rms_norm has no weight gradient: use rms_norm_reference for a trained norm")
     return _RMSNorm.apply(x, weight, eps)
+
+
+class _RMSNormTorch(torch.autograd.Function):
+    """The same equations in torch ops over fp32 tensors: one read for r, two passes for y; four for dx,
+    against transformers' eleven or so (its fp32 squares, the rescaled copy, autograd's record of each)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        d = x.shape[-1]
+        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(d).add_(eps).rsqrt_()  # (..., 1)
+        ctx.save_for_backward(x, weight, r)
+        return torch.mul(x, r).mul_(weight)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, weight, r = ctx.saved_tensors
+        g = dy * weight  # ĝ
+        # dx = r·ĝ − x · r³·mean(ĝ·x)   (x̂ = x·r folded into the coefficient)
+        coefficient = torch.linalg.vecdot(g, x).unsqueeze(-1).mul_(r.pow(3)).div_(-x.shape[-1])
+        return g.mul_(r).addcmul_(x, coefficient), None, None
+
+
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`rms_norm_reference` in torch ops with its own backward, for fp32 x and a frozen fp32 `weight` (where
+    the reference's rounding to x's dtype is none; any device)."""
+    if weight.requires_grad or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        raise ValueError("rms_norm_torch takes fp32 x and a frozen fp32 weight: use rms_norm_reference otherwise")
+    return _RMSNormTorch.apply(x, weight, eps)
