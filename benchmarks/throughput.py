@@ -7,8 +7,8 @@
 Every method trains LoRA r=16, alpha 32, dropout 0 on q,k,v,o,gate,up,down with AdamW, from the same
 weights on the same batches, each in its own child process (so peak memory is its own):
   lorakit            lorakit's training path: label-only LM head (`lorakit.fast.label_only_lm_loss`), packed-row
-                     attention (`lorakit.fast.use_packed_attention`) and, on CUDA, the Triton kernels
-                     (`lorakit.fast.use_fast_kernels`)
+                     attention (`lorakit.fast.use_packed_attention`) and `lorakit.fast.use_fast_kernels` (the
+                     q/k/v and gate/up nodes; Triton kernels on CUDA, torch-op RMSNorm and rotary on CPU)
   lorakit-reference  lorakit's plain LoRA layers (y = Wx + s·B(Ax), no fused function, no kept factor casts) and
                      transformers' own loss: the reference the fast path must match
   peft               PEFT's get_peft_model and transformers' loss: what a PEFT user runs
