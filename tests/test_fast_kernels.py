@@ -178,12 +178,25 @@ def test_use_fast_kernels_matches_the_model_and_its_lora_gradients(k, monkeypatc
     assert max(errors) < 0.1 and sum(errors) / len(errors) < 3e-2, errors
 
 
-def test_other_models_and_no_triton_are_left_alone(k, monkeypatch):
+def test_other_models_are_left_alone_and_without_triton_no_kernel_runs(k, monkeypatch):
+    """Other model types are not touched. Without Triton (triton_runs is then always False) a Llama is
+    still switched, its loss and LoRA gradients are the plain model's in fp32, and no Triton kernel is called."""
+    from lorakit import LoraConfig, get_peft_model
     from tests.conftest import tiny_gpt2
 
     assert k.patch.use_fast_kernels(tiny_gpt2()) == []
-    monkeypatch.setattr(k.patch, "HAS_TRITON", False)
-    assert k.patch.use_fast_kernels(tiny_llama()) == []
+    monkeypatch.setattr(k.patch, "triton_runs", lambda t: False)
+    for name in ("rms_norm", "silu_mul", "rotary"):
+        monkeypatch.setattr(k.patch, name, lambda *a, _n=name: pytest.fail(f"the Triton {_n} was called"))
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    config = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    plain_loss, plain = loss_and_grads(get_peft_model(tiny_llama(), config).train(), {"input_ids": ids, "labels": ids})
+    model = get_peft_model(tiny_llama(), config).train()
+    assert k.patch.use_fast_kernels(model) == ["rms_norm x5", "silu_mul x2", "qkv_group x2", "rotary"]
+    loss, grads = loss_and_grads(model, {"input_ids": ids, "labels": ids})
+    assert torch.allclose(loss, plain_loss, atol=1e-6)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, plain[name], rtol=1e-4, atol=1e-6), name
 
 
 def test_nf4_dequantize_gives_torchaos_values(k):

@@ -87,8 +87,7 @@ def _patched_and_plain(targets, dropout=0.0):
     config = LoraConfig(r=4, lora_dropout=dropout, target_modules=targets, init_lora_weights=False)
     plain_model = get_peft_model(tiny_llama(), config).train()
     model = get_peft_model(tiny_llama(), config).train()
-    if not use_fast_kernels(model):
-        pytest.skip("needs Triton (the attention and MLP forwards are patched by use_fast_kernels)")
+    assert use_fast_kernels(model)  # Llama: switched with or without Triton
     return model, plain_model
 
 
@@ -300,8 +299,7 @@ def test_other_lora_variants_in_the_patched_model_are_left_to_their_own_layers(m
 
     config = LoraConfig(r=4, target_modules="all-linear", use_dora=True, init_lora_weights=False)
     plain_model, model = get_peft_model(tiny_llama(), config).train(), get_peft_model(tiny_llama(), config).train()
-    if not use_fast_kernels(model):
-        pytest.skip("needs Triton (the attention and MLP forwards are patched by use_fast_kernels)")
+    assert use_fast_kernels(model)
     groups = []
     monkeypatch.setattr(patch, "lora_linear_group", lambda *a: groups.append(1) or lora_linear_group(*a))
     ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
@@ -329,8 +327,8 @@ def test_a_compiled_model_trains_as_the_eager_one_and_compiles_once(patched):
     torch._dynamo.reset()
     for compiled in (False, True):
         model = get_peft_model(tiny_llama(), config).train()
-        if patched and not use_fast_kernels(model):
-            pytest.skip("needs Triton (the attention and MLP forwards are patched by use_fast_kernels)")
+        if patched:
+            assert use_fast_kernels(model)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05, fused=True)
         run = torch.compile(model, backend="aot_eager") if compiled else model
         losses[compiled] = []

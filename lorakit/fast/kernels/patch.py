@@ -21,7 +21,7 @@ from torch import nn
 
 from lorakit.fast.kernels.rms_norm import rms_norm, rms_norm_torch
 from lorakit.fast.kernels.rotary import rotary, rotary_supported, rotary_torch
-from lorakit.fast.kernels.runtime import HAS_TRITON, triton_runs
+from lorakit.fast.kernels.runtime import triton_runs
 from lorakit.fast.kernels.swiglu import silu_mul
 from lorakit.fast.lora_linear import lora_linear, lora_linear_group
 
@@ -111,13 +111,14 @@ def _wrap_rotary(original):
 
 def use_fast_kernels(model: nn.Module) -> list[str]:
     """Route `model`'s RMSNorms, SwiGLU MLPs and rotary embedding through the Triton kernels where they
-    run (CUDA tensors, Triton installed), and its attentions' q/k/v and MLPs' gate/up LoRA projections
-    through one fused node each; every other call computes exactly what it did. Returns what was switched
-    (e.g. ["rms_norm x33", "silu_mul x16", "qkv_group x16", "rotary"]); empty for other model types or
-    without Triton. Norms whose weight trains and non-SiLU MLPs keep their own forward."""
+    run (CUDA tensors, Triton installed) and fp32 norms and rotary elsewhere through the same equations in
+    torch ops, and its attentions' q/k/v and MLPs' gate/up LoRA projections through one fused node each;
+    every other call computes what it did. Returns what was switched (e.g. ["rms_norm x33", "silu_mul
+    x16", "qkv_group x16", "rotary"]); empty for other model types. Norms whose weight trains and non-SiLU
+    MLPs keep their own forward. Without Triton installed everything but the Triton kernels is switched."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     model_type = getattr(getattr(base, "config", None), "model_type", None)
-    if not HAS_TRITON or model_type not in FAMILIES:
+    if model_type not in FAMILIES:
         return []
     modeling = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
     current = getattr(modeling, "apply_rotary_pos_emb", None)
