@@ -125,8 +125,11 @@ def test_rotary_backward_takes_gradients_in_any_layout(k, impl):
 def test_rotary_torch_is_transformers_rotary_in_fp32(k):
     """The torch-ops path (what CPU tensors take) gives transformers' values and gradients in fp32, up to
     the order of two roundings."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    from transformers.models.llama import modeling_llama
 
+    # transformers' own function, also when use_fast_kernels has wrapped the module's name in this process
+    apply_rotary_pos_emb = getattr(modeling_llama.apply_rotary_pos_emb, "lorakit_original",
+                                   modeling_llama.apply_rotary_pos_emb)
     q = _randn(2, 6, 3, 8, dtype=torch.float32).transpose(1, 2)
     kk = _randn(2, 6, 1, 8, dtype=torch.float32, seed=1).transpose(1, 2)
     angles = torch.rand(1, 6, 4, generator=torch.Generator().manual_seed(2)).repeat(1, 1, 2) * 6  # halves alike
