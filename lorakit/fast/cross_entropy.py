@@ -28,9 +28,9 @@ CHUNK_ROWS = 1024
 """Rows per block of logits (memory: CHUNK_ROWS x vocab fp32 values at a time)."""
 
 VOCAB_BLOCK = 4096
-"""Vocabulary columns per matmul (outside the Triton kernel's path): a (rows x VOCAB_BLOCK) block of
-logits is reduced and exponentiated while it is still in cache, and the matmuls' outputs stay small (the CPU writes one
-(rows x vocab) output at about half the rate it multiplies into a small one)."""
+"""Vocabulary columns per matmul (outside the Triton kernel's path): the logits are made as (rows x
+VOCAB_BLOCK) blocks, so each matmul's output stays small (the CPU writes one (rows x vocab) output at about
+half the rate it multiplies into a small one); the blocks are then reduced and exponentiated one by one."""
 
 
 class SoftTargets(NamedTuple):
