@@ -164,15 +164,82 @@ def test_rank_report_is_written_into_the_run_folder(tiny_model_dir, chat_data, t
     assert 1 <= report["suggested_rank"] <= 4 and (out / "rank_spectrum.png").stat().st_size > 0
 
 
-def test_seq_cls_on_a_llama_family_model_with_a_score_head(tiny_model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def cls_run(tiny_model_dir, tmp_path_factory):
+    """(run folder, data file) of a seq-cls run on the tiny Llama (a score head, trained with the adapter)."""
+    folder = tmp_path_factory.mktemp("cls")
     rows = [{"text": t, "label": lab} for t, lab in (("the code is blue", "yes"), ("we meet at noon", "no"))] * 12
-    data = tmp_path / "cls.jsonl"
+    data = folder / "cls.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
-    out = tmp_path / "run"
+    out = folder / "run"
     main(["train", "--task", "seq-cls", "--model", str(tiny_model_dir), "--data", str(data), "--eval-data", str(data),
           "--max-steps", "25", "--batch-size", "8", "--lr", "1e-2", "--r", "4", "--out", str(out), "--device", "cpu",
           "--save-every", "0"])
+    return out, data
+
+
+def test_seq_cls_on_a_llama_family_model_with_a_score_head(cls_run):
+    out, _ = cls_run
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval_accuracy_after"] == 1.0
     from safetensors.torch import load_file
     assert any(".score." in k or k.endswith("score.weight") for k in load_file(out / "adapter" / "adapter_model.safetensors"))
+
+
+def test_merge_and_eval_of_a_classifier_adapter_find_its_base_model_task_and_labels(cls_run, tmp_path, capsys):
+    """No --model, no --task: merge and eval load the base the adapter names, with its task's head."""
+    from transformers import AutoModelForSequenceClassification
+
+    from lorakit.cli.commands import ModelOptions, load_with_adapters
+    from lorakit.cli.evaluate import EvalOptions, run_eval
+
+    out, data = cls_run
+    main(["merge", "--adapter", str(out / "adapter"), "--out", str(tmp_path / "m"), "--device", "cpu"])
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m").eval()
+    assert merged.config.id2label == {0: "no", 1: "yes"}
+    adapted, _ = load_with_adapters(ModelOptions(adapter=[str(out / "adapter")], device="cpu"))
+    ids = torch.tensor([[5, 9, 14, 3, 30], [7, 2, 11, 4, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted.eval()(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-5)
+    first = run_eval(EvalOptions(adapter=[str(out / "adapter")], data=str(data), device="cpu"))
+    again = run_eval(EvalOptions(adapter=[str(out / "adapter")], data=str(data), device="cpu"))
+    assert first["base + adapter"]["accuracy"] == 1.0
+    assert first["base"] == again["base"]  # the base column's fresh head starts from the run's seed
+
+
+def test_yaml_numbers_in_exponent_form_read_as_numbers(tmp_path):
+    """YAML 1.1 reads 1e-3 (no dot) as a string; the config file takes it as the command line does."""
+    from lorakit.cli.args import build_config
+    from lorakit.cli.main import build_parser
+    from lorakit.errors import ConfigError
+    from lorakit.train.config import TrainConfig
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lr: 1e-3\nwarmup_ratio: 5e-2\nmax_steps: 10\n")
+    config = build_config(TrainConfig, build_parser().parse_args(["train", "--config", str(cfg)]))
+    assert (config.lr, config.warmup_ratio, config.max_steps) == (1e-3, 5e-2, 10)
+    cfg.write_text("r: sixteen\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: r: expected a number, got 'sixteen'"):
+        build_config(TrainConfig, build_parser().parse_args(["train", "--config", str(cfg)]))
+
+
+def test_a_target_name_that_matches_nothing_is_refused_with_the_closest_names(tiny_model_dir, chat_data, tmp_path,
+                                                                              capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--model", str(tiny_model_dir), "--data", str(chat_data), "--targets", "q_prj,v_proj",
+              "--max-steps", "1", "--out", str(tmp_path / "r"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--targets 'q_prj' names no module" in err and "q_proj" in err
+    assert "'v_proj'" not in err
+
+
+def test_missing_data_fails_before_the_run_folder_and_the_model(tmp_path, capsys, monkeypatch):
+    import lorakit.models
+
+    monkeypatch.setattr(lorakit.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit):
+        main(["train", "--data", "no/such/file.jsonl", "--out", str(tmp_path / "r"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert "no such file or folder" in err and "relative path is read from the current folder" in err
+    assert not (tmp_path / "r").exists()

@@ -25,6 +25,13 @@ def test_target_that_matches_nothing_lists_closest_names():
     assert "q_proj" in str(e.value) and "v_proj" in str(e.value)
 
 
+def test_a_target_like_no_name_lists_the_layers_lora_can_wrap():
+    with pytest.raises(TargetError) as e:
+        get_peft_model(tiny_llama(), LoraConfig(target_modules=["query"]))
+    assert "(the layers LoRA can wrap)" in str(e.value) and "gate_proj" in str(e.value)
+    assert "layers," not in str(e.value)  # containers and norms are not offered
+
+
 def test_target_on_unsupported_module_type():
     with pytest.raises(TargetError, match="cannot wrap"):
         get_peft_model(tiny_llama(), LoraConfig(target_modules=["self_attn"]))

@@ -154,8 +154,10 @@ def test_sigterm_writes_a_checkpoint_of_the_step_it_stopped_at(tiny_run_inputs):
 def test_an_unwritable_output_folder_is_a_clear_error(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a"}\n')
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--data", "x.jsonl", "--out", str(blocker / "run"), "--device", "cpu"])
+        main(["train", "--data", str(data), "--out", str(blocker / "run"), "--device", "cpu"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert f"cannot write to the run folder {blocker / 'run'}" in err and "ENOTDIR" in err

@@ -196,3 +196,21 @@ def test_an_epoch_of_nan_losses_with_skip_is_an_error(tmp_path):
     model = NaNOnCalls(tiny_lora_model(), calls=set(range(1, 100)))
     with pytest.raises(NonFiniteLossError, match="every batch of epoch 0"):
         fit(model, random_examples(8), tmp_path, max_steps=5, nan_policy="skip")
+
+
+def test_train_seconds_leave_evaluation_out(tmp_path, monkeypatch):
+    """tokens_per_second is the training's rate: a slow evaluation (periodic and final) does not lower it."""
+    import time
+
+    data = random_examples(8, (6, 12))
+    trainer = Trainer(tiny_lora_model(), data, collate, fast_config(max_steps=4, batch_size=2, eval_every=2,
+                                                                   log_every=1, save_every=0),
+                      tmp_path, eval_data=data[:2], progress=False)
+    evaluate = trainer.evaluate
+    monkeypatch.setattr(trainer, "evaluate", lambda: (time.sleep(0.6), evaluate())[1])
+    started = time.perf_counter()
+    result = trainer.fit()
+    wall = time.perf_counter() - started
+    assert wall > 1.2  # two evaluations of 0.6 s each ran inside fit()
+    assert result.train_seconds < wall - 1.2 + 0.05
+    assert all(e["elapsed_seconds"] <= result.train_seconds for e in train_events(tmp_path))

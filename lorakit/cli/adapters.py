@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 from ..errors import AdapterError, ConfigError
 from .args import add_options, build_config
+from .commands import recorded_base_model
 from .main import command
 
 REPORT_NAME = "rank_report.json"
@@ -257,7 +258,7 @@ def compare_scores(opts: ResizeOptions, resized: str) -> dict[str, dict[str, flo
     """`lorakit eval`'s scores for the original and for the resized adapter, on the same data, and the change."""
     from .evaluate import EvalOptions, run_eval
 
-    model_name = opts.model or _recorded_model(opts.adapter)
+    model_name = opts.model or recorded_base_model(opts.adapter, where="resize --data")
     scores: dict[str, dict[str, float]] = {}
     for label, adapter in (("original", opts.adapter), ("resized", resized)):
         print(f"--- {label} adapter ({adapter})")
@@ -270,18 +271,6 @@ def compare_scores(opts: ResizeOptions, resized: str) -> dict[str, dict[str, flo
     for metric in scores["original"]:
         print(f"{metric:<20}" + "".join(f"{scores[c][metric]:>12.4f}" for c in ("original", "resized", "change")))
     return scores
-
-
-def _recorded_model(adapter: str) -> str:
-    """The base model named in the adapter's lorakit.json (or adapter_config.json)."""
-    from ..lora.files import read_meta
-
-    meta = read_meta(adapter)
-    name = meta.get("base_model") or (meta.get("training") or {}).get("model") or _config(adapter).get(
-        "base_model_name_or_path")
-    if not name:
-        raise ConfigError([f"{adapter} does not record its base model; pass --model"], where="resize --data")
-    return name
 
 
 def _note_eval(out: Path, scores: dict) -> None:

@@ -128,6 +128,14 @@ def load_yaml_config(path: str, cls: type) -> dict[str, Any]:
         raise ConfigError([f"{path}: unknown option {k!r}" for k in unknown], where="--config")
     if "targets" in values and isinstance(values["targets"], str):
         values["targets"] = parse_targets(values["targets"])
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():  # YAML 1.1 reads 1e-3 (no dot) as a string: numbers as the CLI reads them
+        numeric = {hints[key]} | set(typing.get_args(hints[key]))
+        if isinstance(value, str) and numeric & {int, float} and value.lower() not in ("none", "null"):
+            try:
+                values[key] = (float if float in numeric else int)(value)
+            except ValueError:
+                raise ConfigError([f"{path}: {key}: expected a number, got {value!r}"], where="--config") from None
     return values
 
 

@@ -3,7 +3,6 @@ folders (PEFT's add_weighted_adapter), written as a normal PEFT-format adapter."
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -11,6 +10,7 @@ from typing import Optional
 from ..errors import ConfigError
 from ..lora.combine import COMBINATIONS
 from .args import add_options, build_config
+from .commands import recorded_base_model
 from .main import command
 
 
@@ -59,20 +59,11 @@ def parse_sources(entries: list[str]) -> list[tuple[str, float]]:
 
 
 def base_model_of(folders: list[str]) -> str:
-    """The base model the adapters name (lorakit.json's base_model, else PEFT's base_model_name_or_path)."""
-    from ..lora.files import read_meta
-
-    names = set()
-    for folder in folders:
-        config = json.loads((Path(folder) / "adapter_config.json").read_text(encoding="utf-8"))
-        name = read_meta(folder).get("base_model") or config.get("base_model_name_or_path")
-        if not name:
-            raise ConfigError([f"{folder} does not say which base model it was trained on; pass --model"],
-                              where="combine")
-        names.add(name)
+    """The base model the adapters name (each one's recorded base model); they must agree."""
+    names = {recorded_base_model(folder, where="combine") for folder in folders}
     if len(names) > 1:
-        raise ConfigError([f"the adapters name different base models {sorted(names)}; pass --model to choose"],
-                          where="combine")
+        raise ConfigError([f"the adapters name different base models {sorted(names)}: they cannot be combined "
+                           "(LoRA updates only add up over the same base weights)"], where="combine")
     return names.pop()
 
 

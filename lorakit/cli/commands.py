@@ -6,7 +6,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from ..errors import ConfigError
 from .args import add_options, build_config
@@ -17,8 +17,10 @@ from .main import command
 class ModelOptions:
     """Which model to run, and where."""
 
-    model: str = "smollm2-135m"
-    """Base model: an embedded name (smollm2-135m, minilm-l6), a local folder, a .gguf file or a hub id."""
+    model: Optional[str] = None
+    """Base model: an embedded name (smollm2-135m, minilm-l6), a local folder, a .gguf file or a hub id.
+    None = the base model the first --adapter was trained on (as its lorakit.json or adapter_config.json
+    records it), or smollm2-135m without an adapter."""
     adapter: list[str] = field(default_factory=list)
     """Adapter folder(s) to apply; repeat the option to activate several (their updates add up)."""
     device: str = "auto"
@@ -29,12 +31,53 @@ class ModelOptions:
     """Load adapters even when their base-model fingerprint differs (experts only)."""
 
 
-def load_with_adapters(opts: ModelOptions, task: str = "causal-lm"):
-    """(model, tokenizer): the base with every --adapter loaded and active (or the plain base)."""
-    from .. import PeftModel
-    from ..models import load_model
+def recorded_base_model(adapter: str, where: str) -> str:
+    """The base model an adapter folder names: lorakit.json's base_model (or its training model), else
+    PEFT's base_model_name_or_path; a ConfigError that asks for --model when it names none."""
+    from ..lora.files import read_meta
 
-    loaded = load_model(opts.model, task=task, device=opts.device, dtype=opts.dtype)
+    config_path = Path(adapter) / "adapter_config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError([f"{config_path} not found: an adapter folder holds adapter_config.json and "
+                           "adapter_model.safetensors"], where=where) from None
+    except json.JSONDecodeError as e:
+        raise ConfigError([f"{config_path}: not valid JSON ({e})"], where=where) from None
+    meta = read_meta(adapter)
+    name = meta.get("base_model") or (meta.get("training") or {}).get("model") or config.get("base_model_name_or_path")
+    if not name:
+        raise ConfigError([f"{adapter} does not record which base model it was trained on; pass --model"], where=where)
+    return name
+
+
+def recorded_task(adapter: str) -> Optional[str]:
+    """The task an adapter was trained for: lorakit.json's training task, else PEFT's task_type; None if
+    neither says."""
+    from .. import LoraConfig
+    from ..lora.files import read_meta
+    from ..models import normalize_task
+
+    task = (read_meta(adapter).get("training") or {}).get("task") or LoraConfig.from_pretrained(adapter).task_type
+    return normalize_task(task) if task else None
+
+
+def load_with_adapters(opts: ModelOptions, task: Optional[str] = None, where: str = "--adapter"):
+    """(model, tokenizer): the base with every --adapter loaded and active (or the plain base).
+
+    The base model is --model, else the one the first adapter names; the task is `task`, else the first
+    adapter's, else causal-lm. A classifier's head is sized by the label set the adapter was trained with
+    (lorakit.json), so its trained head loads into it."""
+    from .. import PeftModel
+    from ..lora.files import read_meta
+    from ..models import DEFAULT_MODEL, load_model
+
+    first = opts.adapter[0] if opts.adapter else None
+    base = opts.model or (recorded_base_model(first, where) if first else DEFAULT_MODEL)
+    task = task or (recorded_task(first) if first else None) or "causal-lm"
+    labels = read_meta(first).get("labels") if first and task != "causal-lm" else None
+    head = {"num_labels": len(labels), "id2label": dict(enumerate(labels))} if labels else {}
+    loaded = load_model(base, task=task, device=opts.device, dtype=opts.dtype, **head)
     model = loaded.model
     for i, path in enumerate(opts.adapter):
         name = f"adapter{i}" if i else "default"
@@ -71,7 +114,7 @@ def _generate(args: argparse.Namespace) -> None:
     prompts = list(opts.prompt) + list(args.prompts)
     if not prompts:
         raise ConfigError(["give at least one prompt (positional or --prompt)"], where="generate")
-    model, tokenizer = load_with_adapters(opts)
+    model, tokenizer = load_with_adapters(opts, task="causal-lm")
     rendered = chat_prompts(tokenizer, prompts) if opts.chat else prompts
     for prompt, text in zip(prompts, generate_texts(model, tokenizer, rendered, opts.max_new_tokens)):
         print(f">>> {prompt}\n{text}\n")
@@ -84,7 +127,7 @@ def _chat(args: argparse.Namespace) -> None:
     from ..evaluate import generate_texts
 
     opts = build_config(GenerateOptions, args, skip=("prompt", "chat"))
-    model, tokenizer = load_with_adapters(opts)
+    model, tokenizer = load_with_adapters(opts, task="causal-lm")
     history: list[dict] = []
     print("lorakit chat: type a message; /reset clears the history, /exit leaves.")
     for line in sys.stdin:
@@ -120,7 +163,7 @@ def _merge(args: argparse.Namespace) -> None:
     opts = build_config(MergeOptions, args)
     if not opts.adapter:
         raise ConfigError(["--adapter is required: the adapter folder to merge"], where="merge")
-    model, tokenizer = load_with_adapters(opts)
+    model, tokenizer = load_with_adapters(opts, where="merge")
     merged = model.merge_and_unload(safe_merge=opts.safe_merge)
     with atomic_directory(opts.out) as tmp:
         merged.save_pretrained(tmp)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any, Callable, Optional
 
 from ..errors import ConfigError
 from .args import add_options, build_config
-from .commands import ModelOptions, load_with_adapters
+from .commands import ModelOptions, load_with_adapters, recorded_task
 from .main import command
 
 
@@ -52,26 +53,18 @@ def _causal_scorer(records, tokenizer, opts: "EvalOptions") -> Callable[[Any], d
     return loss
 
 
-def _load(opts: "EvalOptions", task: str, labels: Optional[list[str]]):
-    """(model, tokenizer) for any task: a classification head sized by the adapter's label set."""
-    from .. import PeftModel
-    from ..models import load_model
-
-    if task == "causal-lm" or not opts.adapter:
-        return load_with_adapters(opts, task=task)
-    head = {"num_labels": len(labels), "id2label": dict(enumerate(labels))} if labels else {}
-    loaded = load_model(opts.model, task=task, device=opts.device, dtype=opts.dtype, **head)
-    model = PeftModel.from_pretrained(loaded.model, opts.adapter[0], ignore_base_mismatch=opts.ignore_base_mismatch)
-    return model, loaded.tokenizer
-
-
 def run_eval(opts: "EvalOptions") -> dict[str, dict[str, float]]:
     """Score base and base + adapter with the task's metrics; print them side by side."""
+    from ..train import seed_everything
+
     meta = _adapter_meta(opts.adapter[0]) if opts.adapter else {}
     facts = meta.get("training") or {}
-    task = opts.task or facts.get("task") or "causal-lm"
+    task = opts.task or facts.get("task") or (recorded_task(opts.adapter[0]) if opts.adapter else None) or "causal-lm"
     labels = meta.get("labels")
-    model, tokenizer = _load(opts, task, labels)
+    if opts.seq_len is None:
+        opts = dataclasses.replace(opts, seq_len=facts.get("seq_len") or 512)
+    seed_everything(facts.get("seed", 42))  # a new task head (the base column) starts the same every time
+    model, tokenizer = load_with_adapters(opts, task=task, where="eval")
     records, what = _records(opts, facts, labels)
     if records is not None and opts.max_examples:
         records = records.subset(list(range(min(opts.max_examples, len(records)))))
@@ -103,8 +96,8 @@ class EvalOptions(ModelOptions):
     data: Optional[str] = None
     """Data to score. None: the validation split the adapter was trained with (from its lorakit.json),
     or the built-in demo questions."""
-    seq_len: int = 512
-    """Maximum tokens per example."""
+    seq_len: Optional[int] = None
+    """Maximum tokens per example. None = the adapter's training --seq-len (from its lorakit.json), else 512."""
     batch_size: int = 8
     """Examples per forward pass."""
     max_examples: int = 0

@@ -54,14 +54,17 @@ def run_inspect(model_name: str, ranks: list[int], as_json: bool) -> dict:
         print(json.dumps(facts, indent=2))
         return facts
     print(f"{model_name}: {type(model).__name__} ({kind}), {total:,} parameters\n")
-    print(f"{'module':<24}{'type':<14}{'count':>6}  {'weight shape':<16}{'params':>14}")
+    name_w = max([len("module")] + [len(row["name"]) for row in facts["modules"]]) + 2
+    type_w = max([len("type")] + [len(row["type"]) for row in facts["modules"]]) + 2
+    print(f"{'module':<{name_w}}{'type':<{type_w}}{'count':>6}  {'weight shape':<16}{'params':>14}")
     for row in facts["modules"]:
-        print(f"{row['name']:<24}{row['type']:<14}{row['count']:>6}  {str(row['shape']):<16}{row['params']:>14,}")
+        print(f"{row['name']:<{name_w}}{row['type']:<{type_w}}{row['count']:>6}  {str(row['shape']):<16}"
+              f"{row['params']:>14,}")
     print("\ndefault LoRA targets:")
     for label, t in choices.items():
         print(f"  {label:<32}{t}")
-    print(f"\ntrainable LoRA parameters (and % of the model) by rank:")
-    print(f"  {'targets':<32}" + "".join(f"{'r=' + str(r):>18}" for r in ranks))
+    print("\ntrainable LoRA parameters (and % of the model) by rank:")
+    print(f"  {'targets':<32}" + "".join(f"{'r=' + str(r):>22}" for r in ranks))
     for label, by_rank in counts.items():
-        print(f"  {label:<32}" + "".join(f"{n:>10,} {100 * n / total:5.2f}%" for n in by_rank.values()))
+        print(f"  {label:<32}" + "".join(f"{n:>14,} {100 * n / total:6.2f}%" for n in by_rank.values()))
     return facts

@@ -42,12 +42,17 @@ def run_defaults(data_given: bool, task: str) -> dict[str, Any]:
 def run_train(config: TrainConfig) -> dict[str, Any]:
     """Run one training job end to end; returns the summary figures (also written to summary.json)."""
     from .. import LoraConfig, get_peft_model
+    from ..data.readers import missing_source
     from ..fast import label_only_lm_loss, use_fast_kernels, use_packed_attention
     from ..models import load_model
     from ..train import Trainer, seed_everything, write_resolved_config, write_summary
     from ..train.distributed import init_distributed, is_main_process
     from ..train.storage import prepare_run_dir
 
+    for source in (config.data, config.eval_data):  # before the run folder and the model: a typo fails at once
+        error = missing_source(source) if source else None
+        if error is not None:
+            raise error
     config = init_distributed(config)  # under torchrun: join the process group, use this rank's device
     if not is_main_process():  # one copy of the run's messages (errors still reach stderr from every rank)
         sys.stdout = open(os.devnull, "w")
@@ -119,9 +124,15 @@ def _targets(config: TrainConfig, model) -> Any:
     A sequence classifier on a BERT-style encoder reads the [CLS] vector through a pooler layer that
     pre-training (here: sentence embedding by mean pooling) never tuned for the task: it gets LoRA too.
     """
-    from ..lora.targets import ATTENTION_MLP_TARGETS, model_type
+    from ..errors import ConfigError
+    from ..lora.targets import ATTENTION_MLP_TARGETS, closest_names, model_type, unmatched_targets
 
     if config.targets is not None:
+        unknown = unmatched_targets(model, config.targets)
+        if unknown:  # (the library, like PEFT, skips them silently: a typed name that matches nothing is a typo)
+            raise ConfigError([f"--targets {t!r} names no module of {type(model).__name__}; closest: "
+                               f"{closest_names(model, [t])} (`lorakit inspect {config.model}` lists them)"
+                               for t in unknown], where="--targets")
         return config.targets
     targets = ATTENTION_MLP_TARGETS.get(model_type(model))
     has_pooler = any(name.endswith("pooler.dense") for name, _ in model.named_modules())

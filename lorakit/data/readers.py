@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from lorakit.data.formats import normalize_rows
 from lorakit.data.jsonfiles import read_json, read_jsonl
@@ -66,9 +66,18 @@ def read_records(path: str | os.PathLike, labels: list[str] | None = None,
     elif _HUB_NAME.fullmatch(text) and location.suffix.lower() not in READERS:
         return read_hub_dataset(text, split, labels)
     else:
-        raise DataError(f"no such file or folder: give a {SUFFIXES} file, a folder of them, "
-                        "or a Hugging Face datasets name", path=text)
+        raise missing_source(text)
     return normalize_rows(rows, text, labels)
+
+
+def missing_source(text: str) -> Optional[DataError]:
+    """The error for a data source that is neither a file, a folder nor a datasets name (None if it is one)."""
+    location = Path(text).expanduser()
+    if _is_dir(location) or _is_file(location) or (_HUB_NAME.fullmatch(text) and location.suffix.lower() not in READERS):
+        return None
+    where = "" if location.is_absolute() else f" (a relative path is read from the current folder, {Path.cwd()})"
+    return DataError(f"no such file or folder{where}: give a {SUFFIXES} file, a folder of them, "
+                     "or a Hugging Face datasets name", path=text)
 
 
 def read_file(path: Path) -> list[RawRow]:

@@ -38,7 +38,7 @@ def _read_delimited(path: Path, delimiter: str, quoting: int) -> list[RawRow]:
                 continue
             if len(cells) != len(header):
                 raise DataError(f"{len(cells)} columns, but the header has {len(header)} "
-                                f"({', '.join(header)}): {_column_hint(kind)}",
+                                f"({', '.join(header)}): {_column_hint(kind, fewer=len(cells) < len(header))}",
                                 path=name, line=start)
             rows.append((dict(zip(header, cells)), Source(name, start, tabular=True)))
     except csv.Error as e:  # reported at the line where the unreadable record starts
@@ -66,7 +66,9 @@ def _header(cells: list[str] | None, kind: str, path: str) -> list[str]:
     return names
 
 
-def _column_hint(kind: str) -> str:
+def _column_hint(kind: str, fewer: bool) -> str:
+    if fewer:
+        return f"give every column a value (an empty one still needs its {'tab' if kind == 'TSV' else 'comma'})"
     if kind == "TSV":
         return "a field must not contain a tab (TSV has no quoting)"
     return "quote fields that contain commas or line breaks"

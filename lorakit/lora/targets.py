@@ -115,10 +115,21 @@ def output_head_names(model: nn.Module) -> set[str]:
 
 
 def closest_names(model: nn.Module, wanted: list[str]) -> str:
-    names = [n for n, _ in model.named_modules() if n]
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    """Module names like the `wanted` ones (difflib), else the names of the layers LoRA can wrap."""
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n})
     hints = set()
     for w in wanted:
         hints.update(difflib.get_close_matches(w.rsplit(".", 1)[-1], leaves, n=4, cutoff=0.5))
-    shown = sorted(hints) or leaves[:20]
-    return ", ".join(shown)
+    if hints:
+        return ", ".join(sorted(hints))
+    wrappable = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and isinstance(m, supported_types())})
+    return ", ".join(wrappable[:20]) + " (the layers LoRA can wrap)"
+
+
+def unmatched_targets(model: nn.Module, targets: Union[str, list[str], None]) -> list[str]:
+    """The entries of a target_modules list that name no module of `model` (PEFT leaves them unused: a
+    config may list several architectures' names). A regex string or None gives []."""
+    if not isinstance(targets, list):
+        return []
+    names = [n for n, _ in model.named_modules() if n]
+    return [t for t in targets if not any(name_matches([t], n) for n in names)]

@@ -64,7 +64,8 @@ class TrainResult:
     total_steps: int
     epochs: float
     train_seconds: float
-    """Wall-clock seconds in fit() (periodic eval and checkpoints included), over all sessions."""
+    """Wall-clock seconds in fit() over all sessions, checkpoints included, evaluation left out (so that
+    tokens_per_second is the training's own rate)."""
     train_tokens: int
     """Non-padding input tokens processed by successful optimizer steps."""
     train_label_tokens: int
@@ -171,6 +172,7 @@ class Trainer:
         resumed_from = self._start()
         self._session = (time.perf_counter(), self.state.train_seconds, self.state.input_tokens)
         self._interval = (time.perf_counter(), self.state.input_tokens)
+        self._eval_seconds = 0.0  # spent evaluating in this session: not training time
         with stop_on_signals(self.stop_flag), self._progress_bar() as bar:
             try:
                 self._run_epochs(bar)
@@ -188,11 +190,14 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         loss_sum, units, size = 0.0, 0, self.config.batch_size
+        try:  # batches of similar lengths, so little padding (the mean over units does not depend on order)
+            order = sorted(range(len(data)), key=lambda i: len(data[i]["input_ids"]))
+        except (TypeError, KeyError, IndexError):  # examples of another form: as they come
+            order = list(range(len(data)))
         try:
             with torch.no_grad():
                 for start in range(0, len(data), size):
-                    stop = min(start + size, len(data))
-                    batch = self.collate_fn([data[i] for i in range(start, stop)])
+                    batch = self.collate_fn([data[i] for i in order[start:start + size]])
                     n = self.count_loss_units(batch)
                     if n == 0:
                         continue
@@ -455,7 +460,7 @@ class Trainer:
 
     def _log_train(self, outcome: _StepOutcome) -> None:
         s = self.state
-        now, (since, tokens_then) = time.perf_counter(), self._interval
+        now, (since, tokens_then) = time.perf_counter() - self._eval_seconds, self._interval
         loss = s.log_loss_sum / s.log_loss_steps
         s.log_loss_sum, s.log_loss_steps, s.last_logged_loss = 0.0, 0, loss
         self._interval = (now, s.input_tokens)
@@ -466,7 +471,9 @@ class Trainer:
                     "elapsed_seconds": s.train_seconds})
 
     def _log_eval(self) -> None:
+        started = time.perf_counter()
         figures = self.evaluate()
+        self._eval_seconds += time.perf_counter() - started
         self.state.last_eval = {**figures, "step": self.state.step}
         self._emit({"event": "eval", "step": self.state.step, "epoch": self._epoch_float(), **figures})
 
@@ -498,12 +505,12 @@ class Trainer:
     def _tick(self) -> None:
         """Bring state.train_seconds up to now (it sums every session of a resumed run)."""
         started, before, _ = self._session
-        self.state.train_seconds = before + (time.perf_counter() - started)
+        self.state.train_seconds = before + (time.perf_counter() - started - self._eval_seconds)
 
     def _session_rate(self) -> float:
         """Input tokens per second since this fit() began (the progress bar's figure)."""
         started, _, tokens_then = self._session
-        return (self.state.input_tokens - tokens_then) / max(time.perf_counter() - started, 1e-9)
+        return (self.state.input_tokens - tokens_then) / max(time.perf_counter() - started - self._eval_seconds, 1e-9)
 
     def _group_ratio(self, index: int) -> float:
         """How the group's peak lr relates to config.lr (LoRA+ B groups run at lr x ratio)."""
