@@ -93,6 +93,14 @@ def test_integer_labels_keep_their_ids_and_given_labels_are_enforced(tmp_path):
     assert "c.jsonl:1:" in message and "not one of the known labels" in message
 
 
+def test_a_text_label_among_integers_is_pointed_out(tmp_path):
+    path = write(tmp_path, "c.tsv", "sentence\tlabel\na\t0\nb\t1\nc\tpositive\nd\t1\n")
+    with pytest.warns(UserWarning, match=r"c.tsv:4: label 'positive' in 'label' is text, while 3 other labels "
+                                         r"are integers: a typo\? It becomes a class of its own \(labels: 0, 1, positive\)"):
+        data = read_records(path)
+    assert data.labels == ["0", "1", "positive"]  # still read: mixed label sets can be meant
+
+
 @pytest.mark.parametrize("label,words", [(0.5, "integer or string"), (-1, "out of range"),
                                          (None, "lacks label"), ([1], "integer or string")])
 def test_bad_labels(tmp_path, label, words):

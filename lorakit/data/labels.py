@@ -10,6 +10,7 @@ and any other label is an error.
 from __future__ import annotations
 
 import re
+import warnings
 
 from lorakit.data.records import Source, short, type_name
 
@@ -61,6 +62,26 @@ def _label_id(key: int | str, index: dict[str, int], count: int, src: Source, fi
                     f"({shown}): fix the label, or read this data with the same label list")
 
 
+def _warn_on_mixed_labels(keyed: list, sources: list, field: str, names: list[str]) -> None:
+    """Integer and text labels together are most often a typo (a 'positive' among 0s and 1s), which would
+    become a class of its own: say where the rarer kind first appears."""
+    per_record = [keys if field == "tags" else [keys] for keys in keyed]
+    ints = sum(isinstance(k, int) for keys in per_record for k in keys)
+    texts = sum(not isinstance(k, int) for keys in per_record for k in keys)
+    if not ints or not texts:
+        return
+    rare_is_text = texts <= ints
+    for keys, src in zip(per_record, sources):
+        odd = next((k for k in keys if isinstance(k, int) != rare_is_text), None)
+        if odd is not None:
+            kind, other = ("text", "integers") if rare_is_text else ("an integer", "text")
+            count = ints if rare_is_text else texts
+            warnings.warn(str(src.error(
+                f"label {short(odd)} in '{field}' is {kind}, while {count} other labels are {other}: a typo? "
+                f"It becomes a class of its own (labels: {', '.join(names[:20])})")), stacklevel=3)
+            return
+
+
 def assign_label_ids(records: list[dict], sources: list, field: str,
                      names: list[str] | None = None) -> list[str]:
     """Replace each record's `field` (`label`, or the list `tags`) by label ids, in place.
@@ -86,6 +107,7 @@ def assign_label_ids(records: list[dict], sources: list, field: str,
     if names is None:
         flat = [k for keys in keyed for k in (keys if field == "tags" else [keys])]
         names = _default_names(flat)
+        _warn_on_mixed_labels(keyed, sources, field, names)
     names = [str(n) for n in names]
     index = {name: i for i, name in enumerate(names)}
     for record, keys, src in zip(records, keyed, sources):
