@@ -125,8 +125,12 @@ def test_records_of_another_format_are_refused():
     from lorakit.data import records_from_dicts
 
     sentiment = records_from_dicts([{"text": "good", "label": "pos"}], name="sst.tsv")
-    with pytest.raises(ConfigError, match="needs squad records, but sst.tsv holds classification"):
+    with pytest.raises(ConfigError, match="needs squad records, but sst.tsv holds classification records: "
+                                          "train it with --task seq-cls"):
         encode_qa(sentiment, bert_tokenizer(), seq_len=64)
+    chats = records_from_dicts([{"instruction": "say hi", "output": "hi"}], name="a.jsonl")
+    with pytest.raises(ConfigError, match="holds alpaca records: train it with --task causal-lm or seq2seq"):
+        encode_qa(chats, bert_tokenizer(), seq_len=64)
 
 
 def test_slow_tokenizer_is_refused():

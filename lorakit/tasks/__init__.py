@@ -64,5 +64,10 @@ def check_format(recipe: TaskRecipe, records: Records) -> None:
     """Refuse records whose format the task cannot read, saying which fields it expects."""
     fmt = getattr(records, "format", None)
     if fmt is not None and fmt not in recipe.formats:
+        from ..data.causal import CAUSAL_FORMATS
+
+        fits = (["causal-lm"] if fmt in CAUSAL_FORMATS else []) + \
+            [task for task in _MODULES if fmt in recipe_for(task).formats]
+        hint = f": train it with --task {' or '.join(fits)}" if fits else ""
         raise ConfigError([f"--task {recipe.name} needs {' or '.join(recipe.formats)} records, but "
-                           f"{getattr(records, 'path', 'the data')} holds {fmt} records"], where="data")
+                           f"{getattr(records, 'path', 'the data')} holds {fmt} records{hint}"], where="data")
