@@ -130,10 +130,9 @@ def load_yaml_config(path: str, cls: type) -> dict[str, Any]:
         values["targets"] = parse_targets(values["targets"])
     hints = typing.get_type_hints(cls)
     for key, value in values.items():  # YAML 1.1 reads 1e-3 (no dot) as a string: numbers as the CLI reads them
-        numeric = {hints[key]} | set(typing.get_args(hints[key]))
-        if isinstance(value, str) and numeric & {int, float} and value.lower() not in ("none", "null"):
+        if isinstance(value, str) and ({hints[key]} | set(typing.get_args(hints[key]))) & {int, float}:
             try:
-                values[key] = (float if float in numeric else int)(value)
+                values[key] = _converter(hints[key])[0](value)
             except ValueError:
                 raise ConfigError([f"{path}: {key}: expected a number, got {value!r}"], where="--config") from None
     return values

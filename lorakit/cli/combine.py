@@ -10,7 +10,7 @@ from typing import Optional
 from ..errors import ConfigError
 from ..lora.combine import COMBINATIONS
 from .args import add_options, build_config
-from .commands import recorded_base_model
+from .commands import recorded_base_model, recorded_task
 from .main import command
 
 
@@ -87,12 +87,11 @@ def run_combine(opts: CombineOptions, sources: list[tuple[str, float]]) -> Path:
     """Load the sources on their base model, combine them, save the result as `opts.out`."""
     import torch
 
-    from .. import LoraConfig, PeftModel
+    from .. import PeftModel
     from ..atomic import atomic_directory
-    from ..models import load_model, normalize_task
+    from ..models import load_model
 
-    first = LoraConfig.from_pretrained(sources[0][0])
-    task = normalize_task(first.task_type) if first.task_type else "causal-lm"
+    task = recorded_task(sources[0][0]) or "causal-lm"
     loaded = load_model(opts.model or base_model_of([p for p, _ in sources]), task=task, device=opts.device)
     names = [f"source{i}" for i in range(len(sources))]
     model = PeftModel.from_pretrained(loaded.model, sources[0][0], adapter_name=names[0],

@@ -3,20 +3,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..errors import ConfigError
 from .args import add_options, build_config
 from .commands import ModelOptions, load_with_adapters, recorded_task
 from .main import command
-
-
-def _adapter_meta(adapter: str) -> dict[str, Any]:
-    path = Path(adapter) / "lorakit.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _records(opts: "EvalOptions", facts: dict[str, Any], labels: Optional[list[str]]):
@@ -55,11 +48,12 @@ def _causal_scorer(records, tokenizer, opts: "EvalOptions") -> Callable[[Any], d
 
 def run_eval(opts: "EvalOptions") -> dict[str, dict[str, float]]:
     """Score base and base + adapter with the task's metrics; print them side by side."""
+    from ..lora.files import read_meta
     from ..train import seed_everything
 
-    meta = _adapter_meta(opts.adapter[0]) if opts.adapter else {}
+    meta = read_meta(opts.adapter[0]) if opts.adapter else {}
     facts = meta.get("training") or {}
-    task = opts.task or facts.get("task") or (recorded_task(opts.adapter[0]) if opts.adapter else None) or "causal-lm"
+    task = opts.task or (recorded_task(opts.adapter[0]) if opts.adapter else None) or "causal-lm"
     labels = meta.get("labels")
     if opts.seq_len is None:
         opts = dataclasses.replace(opts, seq_len=facts.get("seq_len") or 512)

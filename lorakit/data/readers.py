@@ -58,22 +58,34 @@ def read_records(path: str | os.PathLike, labels: list[str] | None = None,
     text = os.fspath(path)
     if not str(text).strip():
         raise DataError("no data given: pass a file, a folder or a Hugging Face datasets name")
-    location = Path(text).expanduser()
-    if _is_dir(location):
+    location, kind = _source_kind(text)
+    if kind == "folder":
         rows = read_folder(location)
-    elif _is_file(location):
+    elif kind == "file":
         rows = read_file(location)
-    elif _HUB_NAME.fullmatch(text) and location.suffix.lower() not in READERS:
+    elif kind == "hub":
         return read_hub_dataset(text, split, labels)
     else:
         raise missing_source(text)
     return normalize_rows(rows, text, labels)
 
 
+def _source_kind(text: str) -> tuple[Path, Optional[str]]:
+    """(the path, "folder" | "file" | "hub" (a datasets name) | None: none of them)."""
+    location = Path(text).expanduser()
+    if _is_dir(location):
+        return location, "folder"
+    if _is_file(location):
+        return location, "file"
+    if _HUB_NAME.fullmatch(text) and location.suffix.lower() not in READERS:
+        return location, "hub"
+    return location, None
+
+
 def missing_source(text: str) -> Optional[DataError]:
     """The error for a data source that is neither a file, a folder nor a datasets name (None if it is one)."""
-    location = Path(text).expanduser()
-    if _is_dir(location) or _is_file(location) or (_HUB_NAME.fullmatch(text) and location.suffix.lower() not in READERS):
+    location, kind = _source_kind(text)
+    if kind is not None:
         return None
     where = "" if location.is_absolute() else f" (a relative path is read from the current folder, {Path.cwd()})"
     return DataError(f"no such file or folder{where}: give a {SUFFIXES} file, a folder of them, "

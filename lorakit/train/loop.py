@@ -170,9 +170,9 @@ class Trainer:
             CheckpointError: `resume` names a broken or unfitting checkpoint.
         """
         resumed_from = self._start()
-        self._session = (time.perf_counter(), self.state.train_seconds, self.state.input_tokens)
-        self._interval = (time.perf_counter(), self.state.input_tokens)
-        self._eval_seconds = 0.0  # spent evaluating in this session: not training time
+        self._eval_seconds = 0.0  # spent evaluating in this session: not training time (see _clock)
+        self._session = (self._clock(), self.state.train_seconds, self.state.input_tokens)
+        self._interval = (self._clock(), self.state.input_tokens)
         with stop_on_signals(self.stop_flag), self._progress_bar() as bar:
             try:
                 self._run_epochs(bar)
@@ -460,7 +460,7 @@ class Trainer:
 
     def _log_train(self, outcome: _StepOutcome) -> None:
         s = self.state
-        now, (since, tokens_then) = time.perf_counter() - self._eval_seconds, self._interval
+        now, (since, tokens_then) = self._clock(), self._interval
         loss = s.log_loss_sum / s.log_loss_steps
         s.log_loss_sum, s.log_loss_steps, s.last_logged_loss = 0.0, 0, loss
         self._interval = (now, s.input_tokens)
@@ -502,15 +502,19 @@ class Trainer:
                     disable=not self.progress or not self.group.is_main,
                     unit="step", desc="train", dynamic_ncols=True)
 
+    def _clock(self) -> float:
+        """Seconds on a clock that stands still while the trainer evaluates (training time only)."""
+        return time.perf_counter() - self._eval_seconds
+
     def _tick(self) -> None:
         """Bring state.train_seconds up to now (it sums every session of a resumed run)."""
         started, before, _ = self._session
-        self.state.train_seconds = before + (time.perf_counter() - started - self._eval_seconds)
+        self.state.train_seconds = before + (self._clock() - started)
 
     def _session_rate(self) -> float:
         """Input tokens per second since this fit() began (the progress bar's figure)."""
         started, _, tokens_then = self._session
-        return (self.state.input_tokens - tokens_then) / max(time.perf_counter() - started - self._eval_seconds, 1e-9)
+        return (self.state.input_tokens - tokens_then) / max(self._clock() - started, 1e-9)
 
     def _group_ratio(self, index: int) -> float:
         """How the group's peak lr relates to config.lr (LoRA+ B groups run at lr x ratio)."""
