@@ -356,6 +356,8 @@ def _loadable_config(config: LoraConfig, is_trainable: bool) -> LoraConfig:
 
 
 def _check_base(meta: dict, model: nn.Module, source: str, ignore: bool) -> None:
+    if ignore:
+        return
     expected = dict(meta.get("base_fingerprint") or {})
     quantized = {n for n in expected.get("shapes", {}) if _is_quantized(model, n)}
     problem = None
@@ -367,7 +369,7 @@ def _check_base(meta: dict, model: nn.Module, source: str, ignore: bool) -> None
         for key in ("shapes", "samples"):
             expected[key] = {n: v for n, v in (expected.get(key) or {}).items() if n not in quantized}
     problem = problem or fingerprint_mismatch(expected, model)
-    if problem and not ignore:
+    if problem:
         raise AdapterError(f"adapter {source} was trained on a different base model: {problem}. Load the base it "
                            "was made for, or pass ignore_base_mismatch=True (CLI: --ignore-base-mismatch) "
                            "if you know they match")

@@ -1,4 +1,5 @@
 """Bad input gets a clear error naming what and where; adapter files are safe to read and write."""
+import copy
 import json
 import os
 
@@ -178,3 +179,16 @@ def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
         (d / "f").write_text("x")
     assert stat.S_IMODE(os.stat(tmp_path / "atomic_dir").st_mode) == \
         stat.S_IMODE(os.stat(tmp_path / "plain_dir").st_mode)
+
+
+def test_weights_past_2_to_the_24_elements_fingerprint_and_load_back(tmp_path):
+    # float32 cannot count every index past 2^24: sampling must pick the same elements on save and on load
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Embedding(70_000, 256), torch.nn.Linear(256, 8)).to(torch.bfloat16)
+    fresh = copy.deepcopy(base)
+    get_peft_model(base, LoraConfig(r=2, target_modules=["0"])).save_pretrained(tmp_path)
+    PeftModel.from_pretrained(copy.deepcopy(fresh), tmp_path)
+    with torch.no_grad():
+        fresh[0].weight.mul_(3)
+    with pytest.raises(AdapterError, match="weights of 0 differ"):
+        PeftModel.from_pretrained(fresh, tmp_path)

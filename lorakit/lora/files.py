@@ -134,9 +134,7 @@ def fingerprint(model: nn.Module, target_names: list[str]) -> dict[str, Any]:
     picks = sorted(set(target_names[i] for i in (0, len(target_names) // 2, -1))) if target_names else []
     for name in picks:
         module = model.get_submodule(name)
-        w = getattr(module, "base_layer", module).weight.detach().reshape(-1)
-        idx = torch.linspace(0, w.numel() - 1, SAMPLES, dtype=torch.float64).long().to(w.device)  # exact past 2^24
-        samples[name] = [round(float(v), 6) for v in w[idx].float().cpu()]
+        samples[name] = [round(float(v), 6) for v in _sampled(module, SAMPLES)]
     digest = hashlib.sha256(json.dumps([shapes, {k: [round(v, 2) for v in s] for k, s in samples.items()}],
                                        sort_keys=True).encode()).hexdigest()[:16]
     return {"architecture": getattr(config, "model_type", None) or type(model).__name__,
@@ -158,12 +156,17 @@ def fingerprint_mismatch(expected: dict[str, Any], actual_model: nn.Module) -> O
         if actual["shapes"][name] != shape:
             return f"{name} has shape {actual['shapes'][name]}, the adapter expects {shape}"
     for name, values in expected.get("samples", {}).items():
-        module = actual_model.get_submodule(name)
-        w = getattr(module, "base_layer", module).weight.detach().reshape(-1)
-        idx = torch.linspace(0, w.numel() - 1, len(values), device=w.device).long()
-        if not torch.allclose(w[idx].float().cpu(), torch.tensor(values), rtol=2e-2, atol=2e-3):
+        if not torch.allclose(_sampled(actual_model.get_submodule(name), len(values)), torch.tensor(values),
+                              rtol=2e-2, atol=2e-3):
             return f"the weights of {name} differ from those the adapter was trained on (another checkpoint?)"
     return None
+
+
+def _sampled(module: nn.Module, count: int) -> torch.Tensor:
+    """`count` evenly spaced values of the module's base weight, as fp32 on the CPU."""
+    w = getattr(module, "base_layer", module).weight.detach().reshape(-1)
+    idx = torch.linspace(0, w.numel() - 1, count, dtype=torch.float64).long()  # float64: exact past 2^24 elements
+    return w[idx.to(w.device)].float().cpu()
 
 
 def _has_module(model: nn.Module, name: str) -> bool:
