@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -161,15 +162,8 @@ class LoraConfig:
         if peft_type not in ("LORA", None):
             raise ConfigError([f"peft_type {peft_type!r} is not LoRA; lorakit loads LoRA adapters only"],
                               where="adapter_config.json")
-        used = [f"{k}={d[k]!r} ({what})" for k, what in PEFT_ONLY_FEATURES.items()
-                if d.get(k) not in (None, False, [], {})]
-        init = d.get("init_lora_weights")
-        if isinstance(init, str) and init.lower() in PEFT_ONLY_INIT_METHODS:
-            used.append(f"init_lora_weights={init!r} (a variant, or factors trained against a changed base model)")
-        if used:
-            raise ConfigError([f"this adapter uses PEFT features lorakit does not compute: {', '.join(used)}; "
-                               "load it with PEFT, or train the adapter again with lorakit"],
-                              where="adapter_config.json")
+        _refuse_peft_only_features(d, where="adapter_config.json", what="this adapter",
+                                   remedy="load it with PEFT, or train the adapter again with lorakit")
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known}
         if kwargs.get("init_lora_weights") in INIT_ONLY_METHODS:  # the file's factors are plain LoRA factors
@@ -201,6 +195,7 @@ PEFT_ONLY_FEATURES = {
     "use_qalora": "QA-LoRA", "alora_invocation_tokens": "activated LoRA", "use_bdlora": "BD-LoRA",
     "arrow_config": "Arrow routing", "kasa_config": "KaSA", "monteclora_config": "MonteCLoRA",
     "velora_config": "VeLoRA", "megatron_config": "Megatron parallel layers",
+    "ensure_weight_tying": "adapters tied across a tied embedding and head",
 }
 """PEFT LoraConfig fields (0.21) that change what an adapter computes, which lorakit does not implement."""
 PEFT_ONLY_INIT_METHODS = ("mica", "corda", "loftq")
@@ -208,6 +203,40 @@ PEFT_ONLY_INIT_METHODS = ("mica", "corda", "loftq")
 INIT_ONLY_METHODS = ("eva", "orthogonal")
 """PEFT init methods that only choose the starting factors (the base model is left as it is): a saved adapter
 made with one loads as plain LoRA."""
+
+
+PEFT_INFORMATIONAL_FIELDS = ("auto_mapping", "peft_version", "megatron_core", "qalora_group_size", "loftq_config",
+                             "eva_config", "corda_config", "lora_ga_config", "runtime_config")
+"""PEFT LoraConfig fields (0.21) that change nothing lorakit computes unless a refused feature or init method is
+used beside them."""
+
+
+def _refuse_peft_only_features(d: dict[str, Any], where: str, what: str, remedy: str) -> None:
+    used = [f"{k}={d[k]!r} ({meaning})" for k, meaning in PEFT_ONLY_FEATURES.items()
+            if d.get(k) not in (None, False, [], {})]
+    init = d.get("init_lora_weights")
+    if isinstance(init, str) and init.lower() in PEFT_ONLY_INIT_METHODS:
+        used.append(f"init_lora_weights={init!r} (a variant, or factors trained against a changed base model)")
+    if used:
+        raise ConfigError([f"{what} uses PEFT features lorakit does not compute: {', '.join(used)}; {remedy}"],
+                          where=where)
+
+
+def _init_taking_peft_fields(generated_init):
+    """LoraConfig(...) takes PEFT's other field names too, so a config copied from PEFT or TRL code runs: a
+    feature lorakit does not compute is refused by name, an unset or informational field is dropped, and a name
+    neither knows is still a TypeError."""
+    @functools.wraps(generated_init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        peft_fields = {k: kwargs.pop(k) for k in list(kwargs) if k in PEFT_ONLY_FEATURES
+                       or k in PEFT_INFORMATIONAL_FIELDS}
+        _refuse_peft_only_features(peft_fields, where="LoraConfig", what="this config",
+                                   remedy="leave it unset, or use PEFT for this adapter")
+        generated_init(self, *args, **kwargs)
+    return __init__
+
+
+LoraConfig.__init__ = _init_taking_peft_fields(LoraConfig.__init__)
 
 
 def _match_pattern(pattern: dict[str, Any], module_name: str, default: Any) -> Any:

@@ -57,6 +57,22 @@ def test_merged_equals_unmerged_equals_unloaded(arch, variant):
     assert_close(run(merged, x), out)
 
 
+@pytest.mark.parametrize("targets", [["embed_tokens", "q_proj"], ["lm_head"]])
+def test_merging_into_a_tied_embedding_or_head_leaves_the_other_as_it_was(tmp_path, targets):
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_llama(tie_word_embeddings=True)
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    x = _ids()
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=targets, init_lora_weights=False)).eval()
+    out = model(input_ids=x).logits
+    merged = model.merge_and_unload()
+    assert_close(merged(input_ids=x).logits, out)
+    assert merged.lm_head.weight is not merged.model.embed_tokens.weight and not merged.config.tie_word_embeddings
+    merged.save_pretrained(tmp_path)
+    assert_close(AutoModelForCausalLM.from_pretrained(tmp_path)(input_ids=x).logits, out)
+
+
 def test_toy_layers_conv_embedding_linear(toy_inputs):
     base = ToyNet().eval()
     ref = base(*toy_inputs)

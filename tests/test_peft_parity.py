@@ -253,6 +253,23 @@ def test_adapters_using_peft_features_lorakit_lacks_are_refused_by_name(tmp_path
         lorakit.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "alora"))
 
 
+def test_a_config_written_for_peft_builds_in_lorakit_and_a_feature_it_lacks_is_refused_by_name():
+    """PEFT's fields at values that change nothing are taken (configs copied from PEFT or TRL code); a typo is not."""
+    import dataclasses
+
+    from lorakit.config import PEFT_INFORMATIONAL_FIELDS, PEFT_ONLY_FEATURES
+
+    known = set(PEFT_ONLY_FEATURES) | set(PEFT_INFORMATIONAL_FIELDS)  # (a field a later PEFT adds is not)
+    unset = {f.name: getattr(peft.LoraConfig(), f.name) for f in dataclasses.fields(peft.LoraConfig) if f.name in known}
+    assert len(unset) >= 15 and lorakit.LoraConfig(r=4, **unset).r == 4
+    with pytest.raises(lorakit.ConfigError, match="lora_bias=True"):
+        lorakit.LoraConfig(r=4, lora_bias=True)
+    with pytest.raises(lorakit.ConfigError, match="ensure_weight_tying=True"):
+        lorakit.LoraConfig(r=4, ensure_weight_tying=True)
+    with pytest.raises(TypeError, match="lora_alhpa"):
+        lorakit.LoraConfig(r=4, lora_alhpa=16)
+
+
 def test_an_adapter_initialised_with_eva_loads_as_plain_lora(tmp_path):
     model = _edited_peft_adapter(tmp_path, init_lora_weights="eva")
     loaded = lorakit.PeftModel.from_pretrained(tiny_llama(), str(tmp_path))

@@ -203,6 +203,23 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
 
 
+def untie_shared_weights(model: nn.Module, layers: Sequence[LoraLayer]) -> None:
+    """Give each layer's base weight a tensor of its own where another module shares it (an input embedding tied
+    to the output head), and turn the config's tie_word_embeddings off so a save or reload keeps them apart."""
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    shared = [layer for layer in layers if uses.get(id(layer.base_layer.weight), 0) > 1]
+    for layer in shared:
+        w = layer.base_layer.weight
+        layer.base_layer.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+    config = getattr(model, "config", None)
+    if shared and config is not None:
+        for c in {id(c): c for c in (config, getattr(config, "get_text_config", lambda: config)())}.values():
+            if getattr(c, "tie_word_embeddings", False):
+                c.tie_word_embeddings = False
+
+
 def unwrap(model: nn.Module, merge: bool, safe_merge: bool = False,
            adapter_names: Optional[Sequence[str]] = None) -> nn.Module:
     """Put every base layer back (merging first when asked); returns the plain model."""

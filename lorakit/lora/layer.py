@@ -220,18 +220,39 @@ class LoraLayer(nn.Module):
     def merge(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
         """W <- W + ΔW for each adapter (computed in fp32, cast back). Idempotent.
 
+        safe_merge: if any adapter would make W non-finite, raise and leave W exactly as it was.
         A quantized base weight (QLoRA) is first made dense for good, in its compute dtype.
         """
-        for name in adapter_names if adapter_names is not None else self.active_adapters:
-            if name in self.merged_adapters or name not in self.r:
-                continue
+        if safe_merge and (bad := self.non_finite_merge(adapter_names)):
+            raise AdapterError(f"merging adapter {bad!r} gives non-finite weights in this layer; "
+                               "the base weights were left unchanged")
+        for name in self._to_merge(adapter_names):
             self._dense_base_weight()
-            merged = VARIANTS[self.variant[name]].merge(self, name, self.weight_matrix().float())
-            if safe_merge and not torch.isfinite(merged).all():
-                raise AdapterError(f"merging adapter {name!r} gives non-finite weights in this layer; "
-                                   "the base weights were left unchanged")
-            self._write_weight(merged)
+            self._write_weight(VARIANTS[self.variant[name]].merge(self, name, self.weight_matrix().float()))
             self.merged_adapters.append(name)
+
+    def _to_merge(self, adapter_names: Optional[Sequence[str]]) -> list[str]:
+        names = adapter_names if adapter_names is not None else self.active_adapters
+        return [n for n in names if n not in self.merged_adapters and n in self.r]
+
+    @torch.no_grad()
+    def non_finite_merge(self, adapter_names: Optional[Sequence[str]] = None) -> Optional[str]:
+        """The first adapter whose merge would leave a non-finite weight (in W's dtype), else None. Tried on W
+        itself and put back bit for bit, so it costs one copy of this layer's weight."""
+        to_merge = self._to_merge(adapter_names)
+        if not to_merge:
+            return None
+        self._dense_base_weight()
+        kept, merged, state = self.base_layer.weight.detach().clone(), list(self.merged_adapters), dict(self._merge_state)
+        try:
+            for name in to_merge:
+                self.merge([name])
+                if not torch.isfinite(self.base_layer.weight).all():
+                    return name
+            return None
+        finally:
+            self.base_layer.weight.copy_(kept)
+            self.merged_adapters[:], self._merge_state = merged, state
 
     @torch.no_grad()
     def unmerge(self) -> None:

@@ -16,7 +16,8 @@ from torch import nn
 from ..config import LoraConfig
 from ..errors import AdapterError, ConfigError
 from .combine import COMBINATIONS, combine_layer, combined_rank
-from .inject import ModulesToSave, adapter_modules, find_targets, inject_adapter, lora_layers, unwrap
+from .inject import (ModulesToSave, adapter_modules, find_targets, inject_adapter, lora_layers, untie_shared_weights,
+                     unwrap)
 from .targets import default_targets
 
 
@@ -116,13 +117,22 @@ class LoraModel(nn.Module):
 
     # ------------------------------------------------------------------ merge / disable / unload
     def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
-        """Fold the adapters into W. With safe_merge, a non-finite result anywhere leaves every layer unmerged."""
-        try:
-            for _, layer in lora_layers(self.model):
-                layer.merge(adapter_names, safe_merge=safe_merge)
-        except AdapterError:
-            self.unmerge_adapter()
-            raise
+        """Fold the adapters into W. With safe_merge, every layer is checked first: a non-finite result anywhere
+        raises, naming the layer, and no weight changes.
+
+        A base weight another module shares (an input embedding tied to the output head) is given a copy of its
+        own first, and the config's tie_word_embeddings is turned off: merging into the shared tensor would
+        change the other module too.
+        """
+        layers = lora_layers(self.model)
+        if safe_merge:
+            for name, layer in layers:
+                if bad := layer.non_finite_merge(adapter_names):
+                    raise AdapterError(f"merging adapter {bad!r} into {name} gives non-finite weights; "
+                                       "no layer was changed")
+        untie_shared_weights(self.model, [layer for _, layer in layers if layer._to_merge(adapter_names)])
+        for _, layer in layers:
+            layer.merge(adapter_names)
 
     def unmerge_adapter(self) -> None:
         for _, layer in lora_layers(self.model):
