@@ -93,6 +93,25 @@ def test_conv_dora_merge(toy_inputs):
     assert_close(model.merge_and_unload()(*toy_inputs), out)
 
 
+def test_conv_dora_saved_with_the_flat_magnitude_of_earlier_lorakit_still_loads(tmp_path, toy_inputs):
+    from safetensors.torch import load_file, save_file
+
+    base = ToyNet().eval()
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["conv"], use_dora=True)).eval()
+    with torch.no_grad():
+        model.base_model.model.conv.lora_magnitude_vector["default"].weight.mul_(1.5)
+    out = model(*toy_inputs)
+    model.save_pretrained(tmp_path)
+    file = tmp_path / "adapter_model.safetensors"
+    save_file({k: v.reshape(-1) if k.endswith("magnitude_vector") else v for k, v in load_file(file).items()}, file)
+    assert_close(PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()(*toy_inputs), out)
+    old_state = {k.removesuffix(".weight") if "magnitude" in k else k: v.reshape(-1) if "magnitude" in k else v
+                 for k, v in model.state_dict().items()}
+    again = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["conv"], use_dora=True)).eval()
+    again.load_state_dict(old_state)
+    assert_close(again(*toy_inputs), out)
+
+
 @pytest.mark.parametrize("init", [True, "gaussian", "pissa", "pissa_niter_4", "olora"])
 def test_inits_keep_the_output_at_start(init):
     base = tiny_llama()

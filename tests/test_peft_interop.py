@@ -93,3 +93,26 @@ def test_seeds_workflow_with_only_the_import_changed(tmp_path):
     merged.save_pretrained(tmp_path / "merged")
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert_close(_logits(plain), expected)
+
+
+@pytest.mark.parametrize("direction", ["lorakit->peft", "peft->lorakit"])
+def test_dora_on_convolutions_moves_both_ways_with_peft_keys_and_shapes(direction, tmp_path, toy_inputs):
+    """Files, and whole-model state dicts, match PEFT's key for key and shape for shape (a conv's magnitude
+    is (1, out, 1, ...))."""
+    import copy
+
+    from tests.conftest import ToyNet
+
+    base = ToyNet()
+    config = dict(r=2, target_modules=["conv", "conv1d", "fc1"], use_dora=True)
+    ours = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(**config))
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    source, target_lib = (ours, peft) if direction == "lorakit->peft" else (theirs, lorakit)
+    _randomise(source)
+    expected = source.eval()(*toy_inputs)
+    source.save_pretrained(tmp_path)
+    assert_close(target_lib.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()(*toy_inputs), expected)
+    other = ours if source is theirs else theirs
+    other.load_state_dict(source.state_dict())
+    assert_close(other.eval()(*toy_inputs), expected)

@@ -100,6 +100,9 @@ def load_into(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tens
                 target = base_params[rel]
             if target is None and ".modules_to_save." in rel:  # PEFT's bias="all" also saves a head copy's
                 target = expected.get(rel.replace(".modules_to_save.", ".", 1))  # bias under this name
+            if (target is not None and rel.endswith("lora_magnitude_vector") and target.shape != value.shape
+                    and target.numel() == value.numel()):  # a conv DoRA magnitude lorakit saved flat before 0.1
+                value = value.reshape(target.shape)
             if target is None:
                 unexpected.append(key)
             elif tuple(target.shape) != tuple(value.shape):

@@ -70,7 +70,7 @@ class LoraLayer(nn.Module):
             setattr(self, attr, self.factor_store())
         self.fan_in_fan_out = fan_in_fan_out
         self.lora_dropout = nn.ModuleDict()
-        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA only
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA only: adapter -> DoraMagnitude
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -161,13 +161,14 @@ class LoraLayer(nn.Module):
         return out
 
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
-        """This adapter's tensors under PEFT's relative keys: the adapter-name segment dropped."""
+        """This adapter's tensors under PEFT's relative keys: the adapter-name segment dropped (and, as PEFT
+        saves it, a DoRA magnitude's '.weight')."""
         out = {}
         for key, value in self.state_dict(keep_vars=True).items():
             parts = key.split(".")
             if name in parts and not key.startswith("base_layer."):
                 parts.remove(name)
-                out[".".join(parts)] = value
+                out[".".join(parts).replace("lora_magnitude_vector.weight", "lora_magnitude_vector")] = value
         return out
 
     def delta_weight(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -286,10 +287,16 @@ def is_quantized_weight(weight: torch.Tensor) -> bool:
 
 
 def _accept_base_keys(module, state_dict, prefix, *args) -> None:
+    """A plain model's state dict loads into its wrapped layers, and one saved by lorakit before 0.1's DoRA
+    magnitudes became modules (PEFT's layout) still loads."""
     for pname, _ in module.base_layer.named_parameters(recurse=False):
         old, new = prefix + pname, prefix + "base_layer." + pname
         if old in state_dict and new not in state_dict:
             state_dict[new] = state_dict.pop(old)
+    for name, magnitude in module.lora_magnitude_vector.items():
+        old = f"{prefix}lora_magnitude_vector.{name}"
+        if old in state_dict and old + ".weight" not in state_dict:
+            state_dict[old + ".weight"] = state_dict.pop(old).reshape(magnitude.weight.shape)
 
 
 _PLAIN_TENSORS = (torch.Tensor, nn.Parameter)

@@ -132,7 +132,11 @@ class DoraVariant:
                                "exclude them from target_modules or turn DoRA off"])
         with torch.no_grad():
             magnitude = DoraVariant._norm(layer, name).to(layer.weight_matrix().dtype)
-        layer.lora_magnitude_vector[name] = nn.Parameter(magnitude)
+        layer.lora_magnitude_vector[name] = DoraMagnitude(layer._channel_view(magnitude))
+
+    @staticmethod
+    def _magnitude(layer: "LoraLayer", name: str) -> torch.Tensor:
+        return layer.lora_magnitude_vector[name].weight.reshape(-1)  # (out,)
 
     @staticmethod
     def forward(layer: "LoraLayer", name: str, x: torch.Tensor, base_result: torch.Tensor) -> torch.Tensor:
@@ -145,13 +149,13 @@ class DoraVariant:
             wx = layer.base_matmul(x_d)
         with torch.no_grad():
             norm = DoraVariant._norm(layer, name)
-        g = layer._channel_view((layer.lora_magnitude_vector[name] / norm.to(x.dtype)).to(x.dtype))
+        g = layer._channel_view((DoraVariant._magnitude(layer, name) / norm.to(x.dtype)).to(x.dtype))
         lora = layer.scaling[name] * layer._lora_branch(name, x_d)
         return (g - 1) * wx.to(x.dtype) + g * lora
 
     @staticmethod
     def merge(layer: "LoraLayer", name: str, W: torch.Tensor) -> torch.Tensor:
-        factor = layer.lora_magnitude_vector[name].float() / DoraVariant._norm(layer, name)  # (out,)
+        factor = DoraVariant._magnitude(layer, name).float() / DoraVariant._norm(layer, name)  # (out,)
         layer._merge_state[name] = factor
         return factor[:, None] * (W + layer.delta_weight(name))
 
@@ -159,6 +163,15 @@ class DoraVariant:
     def unmerge(layer: "LoraLayer", name: str, W: torch.Tensor) -> torch.Tensor:
         factor = layer._merge_state.pop(name)
         return W / factor[:, None] - layer.delta_weight(name)
+
+
+class DoraMagnitude(nn.Module):
+    """DoRA's learned per-output magnitude m, held as PEFT holds it: `.weight`, shaped (out,) for linear layers and
+    (1, out, 1, ...) for convolutions, so state dicts and adapter files match PEFT's key for key."""
+
+    def __init__(self, magnitude: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(magnitude)
 
 
 VARIANTS = {"lora": LoraVariant, "dora": DoraVariant}
