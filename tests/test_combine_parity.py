@@ -106,3 +106,20 @@ def test_unequal_ranks_are_refused_before_any_layer_changes():
     with pytest.raises(ValueError, match="equal rank"):
         model.add_weighted_adapter(["default", "b"], [0.5, 0.5], "mix", combination_type="ties", density=0.5)
     assert not [n for n, m in model.named_modules() if "mix" in getattr(m, "r", {})]
+
+
+@pytest.mark.parametrize("ctype", ["svd", "ties_svd", "dare_linear_svd"])
+def test_svd_methods_give_every_layer_the_largest_configured_rank_as_peft(tmp_path, ctype):
+    """Adapters of rank 4 (q_proj) and 2 (k_proj): PEFT makes every layer of the result rank 4, k_proj too."""
+    p = peft.get_peft_model(_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    p.add_adapter("b", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["k_proj"]))
+    _randomise(p, 11)
+    p.base_model.set_adapter(["b"])
+    _randomise(p, 12)
+    p.save_pretrained(tmp_path)
+    l = lorakit.PeftModel.from_pretrained(_llama(), str(tmp_path), is_trainable=True)
+    l.load_adapter(str(tmp_path / "b"), "b", is_trainable=True)
+    kw = {"density": 0.5} if ctype != "svd" else {}
+    ref, got = (_combine(m, "mix", ["default", "b"], [0.7, 0.4], ctype, **kw) for m in (p, l))
+    assert ref.keys() == got.keys() and max(_rel(got[k], ref[k]) for k in ref) < 1e-5
+    assert {m.r["mix"] for m in l.modules() if "mix" in getattr(m, "r", {})} == {4}

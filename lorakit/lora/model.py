@@ -202,6 +202,8 @@ class LoraModel(nn.Module):
             combination_type = "linear"
         self._check_combination(adapters, weights, adapter_name, combination_type, density)
         layers = [(name, layer) for name, layer in lora_layers(self.model) if any(a in layer.r for a in adapters)]
+        if combination_type.endswith("svd") and not svd_rank:  # PEFT's rule: one rank for every layer, the largest
+            svd_rank = max(max([c.r, *c.rank_pattern.values()]) for c in (self.peft_config[a] for a in adapters))
         ranks = {name: combined_rank(layer, adapters, combination_type, svd_rank) for name, layer in layers}
         for name, layer in layers:  # every layer's new factors made first, then filled: PEFT's order of random
             layer.add_adapter(adapter_name, r=ranks[name], lora_alpha=ranks[name])  # draws (inits, then DARE masks)
