@@ -197,11 +197,15 @@ class PeftModel(nn.Module):
     # ------------------------------------------------------------------ files
     def save_pretrained(self, save_directory: Union[str, os.PathLike],
                         selected_adapters: Optional[Sequence[str]] = None, is_main_process: bool = True,
-                        convert_to_lora: bool = True, **_ignored) -> None:
+                        convert_to_lora: bool = True, save_embedding_layers: Union[bool, str] = "auto",
+                        **_ignored) -> None:
         """Write each adapter as a PEFT folder: 'default' at the root, others in sub-folders by name.
 
         PiSSA/OLoRA adapters are converted (convert_to_lora=True) into plain LoRA of rank 2r that applies
         to the original, unmodified base model, so they load anywhere without the residual weights.
+        save_embedding_layers: also write the input and output embeddings' own weights, as PEFT does, so an
+        adapter trained over an enlarged vocabulary (resize_token_embeddings) brings its new rows; 'auto' (PEFT's
+        default) does so when the adapter puts LoRA on an embedding layer.
         """
         if not is_main_process:
             return
@@ -212,6 +216,7 @@ class PeftModel(nn.Module):
         for name in names:
             config = self.peft_config[name]
             tensors = adapter_state_dict(self.base_model.model, name, config.bias)
+            tensors.update(self._embedding_weights(name, save_embedding_layers))
             if convert_to_lora and str(config.init_lora_weights).startswith(("pissa", "olora")):
                 tensors, config = self._as_plain_lora(name, tensors, config)
             config_dict = {**config.to_dict(), "inference_mode": True}
@@ -222,6 +227,24 @@ class PeftModel(nn.Module):
             meta = make_meta(self.fingerprints.get(name, {}),
                              {"adapter_name": name, **facts, **self.adapter_metadata.get(name, {})})
             save_adapter(directory, tensors, config_dict, meta)
+
+    def _embedding_weights(self, name: str, save: Union[bool, str]) -> dict[str, torch.Tensor]:
+        """{key: weight} of the embeddings under PEFT's keys, chosen by PEFT's rule: the LoRA-wrapped embedding
+        layers when the adapter has any, else the input and output embeddings (if `save`, or if 'auto' finds the
+        vocabulary resized against the base's local config.json; PEFT would also ask the Hub)."""
+        model = self.base_model.model
+        layers = [m for m in map(functools.partial(_embedding_layer, model), ("input", "output"))
+                  if m is not None and not isinstance(m, ModulesToSave)]  # (trained copies save anyway)
+        wrapped = [m for m in layers if name in getattr(m, "r", {})]
+        if save == "auto":
+            save = bool(wrapped) or _vocabulary_resized(model)
+        names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+        out = {}
+        for layer in (wrapped or layers) if save else []:
+            base = getattr(layer, "base_layer", layer)
+            prefix = names[id(layer)] + (".base_layer." if base is not layer else ".")
+            out.update({prefix + p: t for p, t in base.named_parameters(recurse=False)})
+        return out
 
     def _trained_copies(self, name: str) -> list[str]:
         """Short names of the modules trained in full for adapter `name` (task heads, modules_to_save)."""
@@ -253,8 +276,8 @@ class PeftModel(nn.Module):
         """Load a saved adapter (lorakit's or PEFT's) onto a fresh base model."""
         meta = read_meta(model_id)
         config = _loadable_config(config or _with_task_type(LoraConfig.from_pretrained(model_id), meta), is_trainable)
-        _check_base(meta, model, str(model_id), ignore_base_mismatch)
         tensors = read_adapter_tensors(model_id, allow_pickle)
+        _check_base(meta, model, str(model_id), ignore_base_mismatch, tensors)
         peft_model = cls(model, config, adapter_name)
         peft_model._finish_load(adapter_name, tensors, config, meta, str(model_id), is_trainable)
         return peft_model
@@ -264,8 +287,8 @@ class PeftModel(nn.Module):
         """Load another saved adapter into this model under `adapter_name` (not activated)."""
         meta = read_meta(model_id)
         config = _loadable_config(_with_task_type(LoraConfig.from_pretrained(model_id), meta), is_trainable)
-        _check_base(meta, self.base_model.model, str(model_id), ignore_base_mismatch)
         tensors = read_adapter_tensors(model_id, allow_pickle)
+        _check_base(meta, self.base_model.model, str(model_id), ignore_base_mismatch, tensors)
         self.add_adapter(adapter_name, config)
         self._finish_load(adapter_name, tensors, config, meta, str(model_id), is_trainable)
 
@@ -355,10 +378,38 @@ def _loadable_config(config: LoraConfig, is_trainable: bool) -> LoraConfig:
                        inference_mode=not is_trainable)
 
 
-def _check_base(meta: dict, model: nn.Module, source: str, ignore: bool) -> None:
+def _embedding_layer(model: nn.Module, side: str) -> Optional[nn.Module]:
+    """model.get_input_embeddings() / get_output_embeddings(), or None where it has none (vision models raise)."""
+    try:
+        return getattr(model, f"get_{side}_embeddings", lambda: None)()
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def _vocabulary_resized(model: nn.Module) -> bool:
+    """Whether the model's vocabulary differs from that of the local checkpoint it was loaded from."""
+    import json
+
+    config = getattr(model, "config", None)
+    path = Path(getattr(config, "_name_or_path", "") or "") / "config.json"
+    if config is None or not path.is_file():
+        return False
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    saved = saved.get("vocab_size", (saved.get("text_config") or {}).get("vocab_size"))
+    current = getattr(config.get_text_config(), "vocab_size", None) if hasattr(config, "get_text_config") else None
+    return saved is not None and current is not None and saved != current
+
+
+def _check_base(meta: dict, model: nn.Module, source: str, ignore: bool, tensors: dict) -> None:
+    """Refuse an adapter made for another base. A module whose own weight the file carries (an embedding saved
+    with save_embedding_layers) is compared by shape only: its values are about to be replaced."""
     if ignore:
         return
     expected = dict(meta.get("base_fingerprint") or {})
+    carried = {n for n in expected.get("shapes", {})
+               if f"{PREFIX}{n}.base_layer.weight" in tensors or f"{PREFIX}{n}.weight" in tensors}
+    if carried:
+        expected["samples"] = {n: v for n, v in expected["samples"].items() if n not in carried}
     quantized = {n for n in expected.get("shapes", {}) if _is_quantized(model, n)}
     problem = None
     if quantized:  # a QLoRA base: its layers are compared by shape, their values are 4-bit roundings

@@ -116,3 +116,29 @@ def test_dora_on_convolutions_moves_both_ways_with_peft_keys_and_shapes(directio
     other = ours if source is theirs else theirs
     other.load_state_dict(source.state_dict())
     assert_close(other.eval()(*toy_inputs), expected)
+
+
+@pytest.mark.parametrize("saver", ["lorakit", "peft"])
+def test_an_embedding_adapter_over_a_resized_vocabulary_brings_its_new_rows(saver, tmp_path):
+    """Added tokens: resize, LoRA on embed_tokens, save; the file carries the embedding (PEFT's 'auto'), so a
+    base resized again (new rows drawn afresh) gives the trained model's outputs in both libraries."""
+    def resized(seed):
+        model = tiny_llama(tie_word_embeddings=True)
+        torch.manual_seed(seed)
+        model.resize_token_embeddings(160, mean_resizing=False)
+        return model
+
+    lib = lorakit if saver == "lorakit" else peft
+    model = lib.get_peft_model(resized(1), lib.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]))
+    _randomise(model)
+    x = torch.tensor([[1, 2, 150, 151, 5]])  # new token ids
+    expected = model.eval()(input_ids=x).logits
+    model.save_pretrained(tmp_path)
+    for loader in (lorakit, peft):
+        assert_close(loader.PeftModel.from_pretrained(resized(2), tmp_path).eval()(input_ids=x).logits, expected)
+    small = tmp_path / "small"
+    if saver == "lorakit":
+        model.save_pretrained(small, save_embedding_layers=False)
+        assert (small / "adapter_model.safetensors").stat().st_size < (tmp_path / "adapter_model.safetensors").stat().st_size
+        with pytest.raises(lorakit.AdapterError, match="weights of model.embed_tokens differ"):
+            lorakit.PeftModel.from_pretrained(resized(2), small)

@@ -89,7 +89,7 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
 def load_into(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor], bias: str, source: str) -> None:
     """Copy saved tensors into the model's adapter `adapter_name`, checking every key and shape."""
     expected = adapter_state_dict(model, adapter_name, bias)
-    base_params = dict(model.named_parameters())
+    base_params = dict(model.named_parameters(remove_duplicate=False))  # a tied head under its own name too
     missing = [k for k in expected if PREFIX + k not in tensors]
     unexpected, wrong_shape = [], []
     with torch.no_grad():
