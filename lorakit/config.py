@@ -121,8 +121,9 @@ class LoraConfig:
             bad = {k: v for k, v in (pattern or {}).items() if not isinstance(v, (int, float)) or v <= 0}
             if bad:
                 problems.append(f"{name} values must be positive numbers, got {bad}")
-        if self.layers_to_transform is not None and self.target_modules == "all-linear":
-            pass  # allowed: all linear layers of the selected indices
+        if self.layers_pattern and self.layers_to_transform is None:
+            problems.append(f"layers_pattern={self.layers_pattern!r} only says where the layers given by "
+                            "layers_to_transform are; set layers_to_transform too (or drop layers_pattern)")
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
             import re
 
@@ -168,6 +169,8 @@ class LoraConfig:
         kwargs = {k: v for k, v in d.items() if k in known}
         if kwargs.get("init_lora_weights") in INIT_ONLY_METHODS:  # the file's factors are plain LoRA factors
             kwargs["init_lora_weights"] = True
+        if kwargs.get("layers_to_transform") is None:  # (a pattern alone selects nothing; older files hold one)
+            kwargs.pop("layers_pattern", None)
         return cls(**kwargs)
 
     @classmethod

@@ -12,6 +12,7 @@ import functools
 import inspect
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -198,7 +199,7 @@ class PeftModel(nn.Module):
     def save_pretrained(self, save_directory: Union[str, os.PathLike],
                         selected_adapters: Optional[Sequence[str]] = None, is_main_process: bool = True,
                         convert_to_lora: bool = True, save_embedding_layers: Union[bool, str] = "auto",
-                        **_ignored) -> None:
+                        safe_serialization: bool = True, **_ignored) -> None:
         """Write each adapter as a PEFT folder: 'default' at the root, others in sub-folders by name.
 
         PiSSA/OLoRA adapters are converted (convert_to_lora=True) into plain LoRA of rank 2r that applies
@@ -209,6 +210,9 @@ class PeftModel(nn.Module):
         """
         if not is_main_process:
             return
+        if not safe_serialization:
+            warnings.warn("lorakit writes adapters as safetensors only (a pickle file can run code when loaded); "
+                          "safe_serialization=False is ignored. PEFT and transformers read the safetensors file.")
         names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:

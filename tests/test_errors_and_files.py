@@ -43,9 +43,11 @@ def test_unknown_architecture_without_targets():
         get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), LoraConfig())
 
 
-def test_modules_to_save_typo():
-    with pytest.raises(TargetError, match="lm_haed"):
+def test_modules_to_save_typo_warns_with_the_closest_names_and_runs_on_as_peft():
+    with pytest.warns(UserWarning, match=r"\['lm_haed'\] matched no module of LlamaForCausalLM.*Closest module names: lm_head"):
         get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_haed"]))
+    with pytest.warns(UserWarning, match="embed_tokens, layers, lm_head, model, norm, .*outside the repeated layers"):
+        get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], modules_to_save=["zzz"]))
 
 
 def _saved(tmp_path, make=tiny_llama):
@@ -192,3 +194,12 @@ def test_weights_past_2_to_the_24_elements_fingerprint_and_load_back(tmp_path):
         fresh[0].weight.mul_(3)
     with pytest.raises(AdapterError, match="weights of 0 differ"):
         PeftModel.from_pretrained(fresh, tmp_path)
+
+
+def test_layers_pattern_alone_is_refused_as_in_peft_and_a_pickle_save_is_declined_aloud(tmp_path):
+    with pytest.raises(ConfigError, match="set layers_to_transform too"):
+        LoraConfig(layers_pattern="layers")
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.warns(UserWarning, match="safe_serialization=False is ignored"):
+        model.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "adapter_model.safetensors").is_file()

@@ -114,14 +114,19 @@ def output_head_names(model: nn.Module) -> set[str]:
     return {n for n, m in model.named_modules() if head is not None and m is head}
 
 
-def closest_names(model: nn.Module, wanted: list[str]) -> str:
-    """Module names like the `wanted` ones (difflib), else the names of the layers LoRA can wrap."""
+def closest_names(model: nn.Module, wanted: list[str], among: str = "wrappable") -> str:
+    """Module names like the `wanted` ones (difflib), else the names of the layers LoRA can wrap ('wrappable'),
+    or of the modules outside the repeated layers ('modules': where heads and embeddings are)."""
     leaves = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n})
     hints = set()
     for w in wanted:
         hints.update(difflib.get_close_matches(w.rsplit(".", 1)[-1], leaves, n=4, cutoff=0.5))
     if hints:
         return ", ".join(sorted(hints))
+    if among == "modules":
+        outside = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules()
+                          if n and not any(part.isdigit() for part in n.split("."))})
+        return ", ".join(outside[:20]) + " (the modules outside the repeated layers)"
     wrappable = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and isinstance(m, supported_types())})
     return ", ".join(wrappable[:20]) + " (the layers LoRA can wrap)"
 
