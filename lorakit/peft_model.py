@@ -288,12 +288,17 @@ class PeftModel(nn.Module):
 
     def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False,
                      allow_pickle: bool = False, ignore_base_mismatch: bool = False, **_ignored) -> None:
-        """Load another saved adapter into this model under `adapter_name` (not activated)."""
+        """Load a saved adapter into this model under `adapter_name` (not activated); an existing adapter of that
+        name gets the file's weights, as in PEFT."""
         meta = read_meta(model_id)
         config = _loadable_config(_with_task_type(LoraConfig.from_pretrained(model_id), meta), is_trainable)
         tensors = read_adapter_tensors(model_id, allow_pickle)
         _check_base(meta, self.base_model.model, str(model_id), ignore_base_mismatch, tensors)
-        self.add_adapter(adapter_name, config)
+        if adapter_name not in self.peft_config:
+            self.add_adapter(adapter_name, config)
+        elif any(adapter_name in layer.merged_adapters for _, layer in lora_layers(self.base_model.model)):
+            raise AdapterError(f"adapter {adapter_name!r} is merged into the base weights; unmerge it before "
+                               "loading new weights into it")  # (otherwise, as PEFT: the weights are replaced)
         self._finish_load(adapter_name, tensors, config, meta, str(model_id), is_trainable)
 
     def _finish_load(self, name: str, tensors: dict, config: LoraConfig, meta: dict, source: str,

@@ -203,3 +203,19 @@ def test_layers_pattern_alone_is_refused_as_in_peft_and_a_pickle_save_is_decline
     with pytest.warns(UserWarning, match="safe_serialization=False is ignored"):
         model.save_pretrained(tmp_path, safe_serialization=False)
     assert (tmp_path / "adapter_model.safetensors").is_file()
+
+
+def test_load_adapter_under_an_existing_name_replaces_its_weights_as_peft(tmp_path):
+    model = _saved(tmp_path)
+    x = torch.randint(1, 128, (1, 5))
+    saved = model(input_ids=x).logits
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.mul_(3)
+    assert not torch.allclose(model(input_ids=x).logits, saved)
+    model.load_adapter(tmp_path, "default")
+    torch.testing.assert_close(model(input_ids=x).logits, saved)
+    model.merge_adapter()
+    with pytest.raises(AdapterError, match="unmerge it before loading"):
+        model.load_adapter(tmp_path, "default")
