@@ -216,6 +216,9 @@ def test_load_adapter_under_an_existing_name_replaces_its_weights_as_peft(tmp_pa
     assert not torch.allclose(model(input_ids=x).logits, saved)
     model.load_adapter(tmp_path, "default")
     torch.testing.assert_close(model(input_ids=x).logits, saved)
-    model.merge_adapter()
+    model.merge_adapter()  # the base check sees the weights as they were before the merge
     with pytest.raises(AdapterError, match="unmerge it before loading"):
         model.load_adapter(tmp_path, "default")
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj"]))  # fingerprinted unmerged, too
+    model.save_pretrained(tmp_path / "more", selected_adapters=["b"])
+    PeftModel.from_pretrained(tiny_llama(), tmp_path / "more" / "b")

@@ -166,8 +166,9 @@ def fingerprint_mismatch(expected: dict[str, Any], actual_model: nn.Module) -> O
 
 
 def _sampled(module: nn.Module, count: int) -> torch.Tensor:
-    """`count` evenly spaced values of the module's base weight, as fp32 on the CPU."""
-    w = getattr(module, "base_layer", module).weight.detach().reshape(-1)
+    """`count` evenly spaced values of the module's base weight (as it was before any merge), as fp32 on the CPU."""
+    merged = getattr(module, "merged_adapters", None)
+    w = (module.unmerged_weight() if merged else getattr(module, "base_layer", module).weight.detach()).reshape(-1)
     idx = torch.linspace(0, w.numel() - 1, count, dtype=torch.float64).long()  # float64: exact past 2^24 elements
     return w[idx.to(w.device)].float().cpu()
 

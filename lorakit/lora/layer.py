@@ -264,6 +264,15 @@ class LoraLayer(nn.Module):
             self._write_weight(restored)
 
     @torch.no_grad()
+    def unmerged_weight(self) -> torch.Tensor:
+        """The base weight as it was before the merges (fp32, in its own layout), computed; W is left as it is."""
+        W, state = self.weight_matrix().float(), dict(self._merge_state)
+        for name in reversed(self.merged_adapters):
+            W = VARIANTS[self.variant[name]].unmerge(self, name, W)
+        self._merge_state = state
+        return self._to_weight_layout(W).reshape(self.base_layer.weight.shape)
+
+    @torch.no_grad()
     def _dense_base_weight(self) -> None:
         """Replace a quantized base weight by its dense values: rounding W + ΔW back to 4 bits would lose
         most of ΔW, and unmerge could not restore W."""
