@@ -176,3 +176,32 @@ def test_a_failing_step_fails_only_its_requests_and_cancel_frees_the_slot():
         assert engine.load() == 0
     finally:
         engine.stop()
+
+
+def test_a_request_in_prefill_counts_as_in_flight_and_keeps_its_adapter():
+    """A DELETE of its adapter must wait for it, and --max-concurrent must count it (both missed it before)."""
+    model, tok = _model()
+    engine = Engine(model, tok, max_batch=4, eos_token_ids=[])
+    in_prefill, release = threading.Event(), threading.Event()
+    prefill = engine._prefill
+
+    def slow_prefill(seqs):
+        in_prefill.set()
+        release.wait(timeout=30)
+        prefill(seqs)
+
+    engine._prefill = slow_prefill
+    engine.start()
+    try:
+        engine.submit(PROMPTS[0], "b", SamplingParams(max_tokens=2), lambda *_: None)
+        assert in_prefill.wait(timeout=30)
+        assert engine.load() == 1 and engine.adapters_in_use() == {"b"}
+        release.set()
+        for _ in range(500):
+            if engine.load() == 0:
+                break
+            time.sleep(0.01)
+        assert engine.load() == 0 and engine.adapters_in_use() == set()
+    finally:
+        release.set()
+        engine.stop()

@@ -77,6 +77,7 @@ class Engine:
         self._cond = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._running: list[Sequence] = []
+        self._admitted: list[Sequence] = []  # taken from _waiting, not yet through prefill
         self._commands: list[tuple[Callable[[], object], Future]] = []
         self._ids = itertools.count(1)
         self._stopping = False
@@ -133,12 +134,16 @@ class Engine:
 
     def adapters_in_use(self) -> set[str]:
         with self._cond:
-            return {s.adapter for s in itertools.chain(self._waiting, self._running)}
+            return {s.adapter for s in self._requests()}
 
     def load(self) -> int:
-        """Requests waiting or running now."""
+        """Requests waiting, in prefill or running now."""
         with self._cond:
-            return len(self._waiting) + len(self._running)
+            return len(self._requests())
+
+    def _requests(self) -> list[Sequence]:
+        """Every request the engine holds, once each (one moving from prefill to running may be in both lists)."""
+        return list({s.id: s for s in itertools.chain(self._waiting, self._admitted, self._running)}.values())
 
     def generate(self, prompt: list[int], adapter: str = BASE_ADAPTER,
                  params: Optional[SamplingParams] = None) -> tuple[list[int], str]:
@@ -164,18 +169,19 @@ class Engine:
                 if self._stopping:
                     break
                 commands, self._commands = self._commands, []
-                admitted = []
-                while self._waiting and len(self._running) + len(admitted) < self.max_batch:
-                    admitted.append(self._waiting.popleft())
+                while self._waiting and len(self._running) + len(self._admitted) < self.max_batch:
+                    self._admitted.append(self._waiting.popleft())
             for fn, future in commands:
                 _run_command(fn, future)
             with torch.no_grad():
-                for seq in admitted:
+                for seq in list(self._admitted):
                     self._guarded([seq], self._prefill)
+                    with self._cond:
+                        self._admitted.remove(seq)
                 self._running = [s for s in self._running if not s.cancelled]
                 if self._running:
                     self._guarded(list(self._running), self._decode)
-        for seq in itertools.chain(self._waiting, self._running):
+        for seq in self._requests():
             with contextlib.suppress(Exception):  # the client's event loop may be gone already
                 seq.emit("error", "the server is shutting down")
 
