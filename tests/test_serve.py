@@ -293,3 +293,16 @@ def test_a_client_leaving_mid_stream_cancels_its_generation(served):
             time.sleep(0.02)
         assert engine.load() == 0 and engine.steps - before < 150  # stopped well before max_tokens
         assert http.post("/v1/completions", json=body).json() == {**full, "id": ANY, "created": ANY}
+
+
+def test_serve_refuses_adapter_names_requests_could_not_use_before_loading_the_model(tmp_path):
+    from lorakit.cli.serve import ServeOptions
+    from lorakit.errors import ConfigError
+
+    (tmp_path / "adapter_config.json").write_text("{}")
+    for entry, reason in [(f"base={tmp_path}", "'base' names the base model"),
+                          (f"../x={tmp_path}", "cannot name an adapter"),
+                          (f"tiny={tmp_path}", "is the base model's name"),
+                          (f"a={tmp_path} a={tmp_path}", "used twice")]:
+        with pytest.raises(ConfigError, match=reason):
+            ServeOptions(model="some/tiny", adapter=entry.split()).validate()

@@ -54,7 +54,10 @@ class ServeOptions:
         if self.adapters_dir is not None and not Path(self.adapters_dir).is_dir():
             problems.append(f"--adapters-dir {self.adapters_dir} is not a folder")
         try:
-            named_adapters(self.adapter)
+            clash = set(named_adapters(self.adapter)) & {self.model, Path(self.model).name}
+            if clash:
+                problems.append(f"--adapter: {sorted(clash)[0]!r} is the base model's name (requests use it for the "
+                                "base); give the adapter another name as NAME=FOLDER")
         except ConfigError as e:
             problems.extend(e.problems)
         if problems:
@@ -64,6 +67,8 @@ class ServeOptions:
 
 def named_adapters(entries: list[str]) -> dict[str, str]:
     """NAME=FOLDER entries (or bare FOLDERs, named after the folder) as {name: folder}."""
+    from ..serve.adapters import NAME_PATTERN
+
     out: dict[str, str] = {}
     for entry in entries:
         name, sep, path = entry.partition("=")
@@ -73,6 +78,12 @@ def named_adapters(entries: list[str]) -> dict[str, str]:
             raise ConfigError([f"--adapter {entry}: {path} is not an adapter folder (no adapter_config.json)"])
         if name in out:
             raise ConfigError([f"--adapter {entry}: the name {name!r} is used twice"])
+        if name == "base":
+            raise ConfigError([f"--adapter {entry}: 'base' names the base model in requests; give the adapter "
+                               "another name as NAME=FOLDER"])
+        if not NAME_PATTERN.match(name):
+            raise ConfigError([f"--adapter {entry}: {name!r} cannot name an adapter: a name is 1-64 letters, "
+                               "digits, '.', '_' or '-', starting with a letter or digit (give one as NAME=FOLDER)"])
         out[name] = path
     return out
 
