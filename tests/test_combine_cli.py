@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -83,6 +84,14 @@ def test_combine_reports_bad_arguments(folders, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "FOLDER=WEIGHT" in err and "not an adapter folder" in err and "--method must be one of" in err
     assert not (tmp_path / "never").exists()
+    before = (a / "adapter_model.safetensors").read_bytes()
+    for argv, reason in ((["combine", f"{a}=1", f"{b}=1", "--out", str(a)], f"would replace the source adapter {a}"),
+                         (["combine", f"{a}=1", f"{b}=1", "--method", "ties", "--out", str(tmp_path / "never")],
+                          f"ranks must be equal \\({a}: r=4, {b}: r=8\\)")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert re.search(reason, capsys.readouterr().err)
+    assert (a / "adapter_model.safetensors").read_bytes() == before
 
 
 def test_generate_with_two_adapters_sums_them(folders, capsys):

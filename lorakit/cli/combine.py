@@ -54,16 +54,41 @@ def parse_sources(entries: list[str]) -> list[tuple[str, float]]:
     if len(entries) < 2 and not problems:
         problems.append("give at least two adapters to combine, as FOLDER=WEIGHT")
     if problems:
-        raise ConfigError(problems, where="combine")
+        raise ConfigError(problems, where="combine options")
     return sources
+
+
+def check_combination(opts: CombineOptions, sources: list[tuple[str, float]]) -> None:
+    """What the adapter files alone can refuse, before the base model loads: an --out that would replace a
+    source, and unequal ranks for a method that adds factors."""
+    import json
+
+    problems = []
+    out = Path(opts.out).resolve()
+    for path, _ in sources:
+        src = Path(path).resolve()
+        if out == src or out in src.parents:
+            problems.append(f"--out {opts.out} would replace the source adapter {path}; write the combination "
+                            "to another folder")
+    if opts.method in ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"):
+        ranks = {}
+        for path, _ in sources:
+            config = json.loads((Path(path) / "adapter_config.json").read_text(encoding="utf-8"))
+            ranks[path] = sorted({config.get("r", 8), *(config.get("rank_pattern") or {}).values()})
+        if len({tuple(r) for r in ranks.values()}) > 1:
+            listed = ", ".join(f"{p}: r={'/'.join(map(str, r))}" for p, r in ranks.items())
+            problems.append(f"--method {opts.method} adds the adapters' factors, so their ranks must be equal ({listed}); "
+                            "use --method cat, svd or a *_svd method (ties_svd, dare_ties_svd ...)")
+    if problems:
+        raise ConfigError(problems, where="combine options")
 
 
 def base_model_of(folders: list[str]) -> str:
     """The base model the adapters name (each one's recorded base model); they must agree."""
-    names = {recorded_base_model(folder, where="combine") for folder in folders}
+    names = {recorded_base_model(folder, where="combine options") for folder in folders}
     if len(names) > 1:
         raise ConfigError([f"the adapters name different base models {sorted(names)}: they cannot be combined "
-                           "(LoRA updates only add up over the same base weights)"], where="combine")
+                           "(LoRA updates only add up over the same base weights)"], where="combine options")
     return names.pop()
 
 
@@ -77,8 +102,9 @@ def _combine_options(parser: argparse.ArgumentParser) -> None:
 def _combine(args: argparse.Namespace) -> None:
     opts = build_config(CombineOptions, args)
     if opts.method not in COMBINATIONS:
-        raise ConfigError([f"--method must be one of {', '.join(COMBINATIONS)}, got {opts.method!r}"], where="combine")
+        raise ConfigError([f"--method must be one of {', '.join(COMBINATIONS)}, got {opts.method!r}"], where="combine options")
     sources = parse_sources(args.sources)
+    check_combination(opts, sources)
     out = run_combine(opts, sources)
     print(f"combined adapter ({opts.method}) written to {out}")
 

@@ -59,7 +59,7 @@ def parse_size(text: str) -> float:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in UNITS:
         raise ConfigError([f"--gpu-memory {text!r} is not a size; write e.g. 24GB, 80GiB or 16000MB"],
-                          where="lorakit estimate")
+                          where="estimate options")
     return float(m.group(1)) * UNITS[m.group(2).lower()]
 
 
@@ -68,7 +68,7 @@ def run_estimate(opts: EstimateOptions) -> dict[str, Any]:
     from ..estimate import METHODS, EstimateSettings, estimate, largest_fitting, resolve_shape
 
     if opts.method != "all" and opts.method not in METHODS:
-        raise ConfigError([f"--method must be full, lora, qlora or all; got {opts.method!r}"], where="lorakit estimate")
+        raise ConfigError([f"--method must be full, lora, qlora or all; got {opts.method!r}"], where="estimate options")
     shape = resolve_shape(opts.model)
     methods = list(METHODS) if opts.method == "all" else [opts.method]
     settings = {m: EstimateSettings(method=m, r=opts.r, targets=opts.targets or "attention+mlp",

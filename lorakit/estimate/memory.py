@@ -169,7 +169,7 @@ def check_settings(s: EstimateSettings) -> None:
     if not 0 <= s.dropout < 1:
         problems.append(f"dropout must be in [0, 1), got {s.dropout}")
     if problems:
-        raise ConfigError(problems, where="lorakit estimate")
+        raise ConfigError(problems, where="estimate options")
 
 
 def layer_activation_bytes(shape: ModelShape, s: EstimateSettings, targets: list[str]) -> int:
