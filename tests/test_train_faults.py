@@ -218,3 +218,22 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_usable(tmp_pat
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-2", "step-4", "step-6"]
     assert latest_good_checkpoint(tmp_path) == checkpoints / "step-6"
     assert json.loads((checkpoints / "step-6" / "trainer_state.json").read_text())["step"] == 6
+
+
+def test_resume_with_only_the_run_folder_reads_its_options_and_a_refused_resume_leaves_its_record(tiny_run_inputs,
+                                                                                                  capsys):
+    import yaml
+
+    model, data, root = tiny_run_inputs
+    out = root / "reread"
+    main(fault_args(model, data, out, max_steps=3))
+    recorded = (out / "config.yaml").read_text()
+    with pytest.raises(SystemExit):  # another rank: the checkpoint cannot be restored
+        main(["train", "--out", str(out), "--resume", "--r", "2"])
+    assert "does not fit this model's trainable parameters" in capsys.readouterr().err
+    assert (out / "config.yaml").read_text() == recorded
+    main(["train", "--out", str(out), "--resume", "--max-steps", "5"])  # model, data, seed ... from config.yaml
+    options = yaml.safe_load((out / "config.yaml").read_text())
+    assert options["model"] == model and options["max_steps"] == 5
+    steps = [e["step"] for e in read_metrics(out / "metrics.jsonl") if e["event"] == "train"]
+    assert steps == [1, 2, 3, 4, 5]

@@ -138,9 +138,24 @@ def load_yaml_config(path: str, cls: type) -> dict[str, Any]:
     return values
 
 
+def resumed_run_options(cls: type, given: dict[str, Any]) -> dict[str, Any]:
+    """On --resume, the options the run folder's config.yaml recorded (the user's options override them), so
+    `lorakit train --out RUN --resume` continues the run as it was started."""
+    from ..train.report import CONFIG_FILE
+
+    path = Path(given.get("out") or "") / CONFIG_FILE
+    if not given.get("resume") or not given.get("out") or not path.is_file():
+        return {}
+    recorded = load_yaml_config(str(path), cls)
+    recorded.pop("resume", None)
+    print(f"resuming with the options recorded in {path} (options given now override them)")
+    return recorded
+
+
 def build_config(cls: type, args: argparse.Namespace, skip: tuple[str, ...] = (),
                  defaults: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None) -> Any:
-    """Defaults < `defaults(given)` < YAML (--config) < command line, then the dataclass's own validation.
+    """Defaults < `defaults(given)` < a resumed run's config.yaml < YAML (--config) < command line, then the
+    dataclass's own validation.
 
     `defaults(given)` returns defaults that depend on what the user gave (YAML and command line merged),
     e.g. the demo's settings when no --data is given; they fill only the options the user left unset.
@@ -148,6 +163,7 @@ def build_config(cls: type, args: argparse.Namespace, skip: tuple[str, ...] = ()
     values = load_yaml_config(args.config, cls) if getattr(args, "config", None) else {}
     names = {f.name for f in dataclasses.fields(cls)} - set(skip)
     values.update({k: v for k, v in vars(args).items() if k in names})
+    values = {**resumed_run_options(cls, values), **values}
     if defaults is not None:
         values = {**defaults(values), **values}
     config = cls(**values)

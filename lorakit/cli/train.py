@@ -57,7 +57,8 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
     if not is_main_process():  # one copy of the run's messages (errors still reach stderr from every rank)
         sys.stdout = open(os.devnull, "w")
     run_dir = prepare_run_dir(config.run_dir())  # a clear error now if --out cannot be written
-    write_resolved_config(run_dir, config)
+    if not config.resume:  # a resumed run's record is rewritten only once its checkpoint is accepted (Trainer)
+        write_resolved_config(run_dir, config)
     seed_everything(config.seed)
     print(f"lorakit train: model {config.model}, data {config.data or 'built-in demo (Marrowind Labs handbook)'}, "
           f"run folder {run_dir}")
@@ -92,8 +93,9 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
                       loss_fn=loss_fn)
     result = trainer.fit()
     if result.interrupted:
+        launcher = "torchrun ... -m lorakit train" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "lorakit train"
         print(f"stopped at step {result.steps}; checkpoint {result.last_checkpoint}. "
-              f"Continue with: lorakit train --out {run_dir} --resume (and the same options)")
+              f"Continue with: {launcher} --out {run_dir} --resume (it reads the options from {run_dir}/config.yaml)")
         raise SystemExit(130)
     if not is_main_process():  # torchrun: rank 0 scores the trained model and writes adapter + summary
         return result.summary_figures()

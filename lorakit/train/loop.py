@@ -237,6 +237,7 @@ class Trainer:
         if checkpoint is None:
             if self.config.resume is True and self.group.is_main:
                 warnings.warn(f"--resume: no checkpoint in {self.run_dir}; starting fresh", stacklevel=3)
+            self.group.on_main(lambda: write_resolved_config(self.run_dir, self.config), "writing config.yaml")
             runtime.seed_everything(self.config.seed + self.group.rank)  # own dropout masks per rank
             self.group.on_main(lambda: (self._set_aside_after(0), self.metrics.truncate_after(0)),
                                "preparing the run folder")
@@ -246,6 +247,7 @@ class Trainer:
             warnings.warn(f"resuming from {checkpoint} with changed options ({'; '.join(changed)}); "
                           "training continues but not on the exact same curve", stacklevel=3)
         self.state = self.checkpointer.load(checkpoint)
+        self.group.on_main(lambda: write_resolved_config(self.run_dir, self.config), "writing config.yaml")
         self._saved_step, self.last_checkpoint = self.state.step, checkpoint
         self.group.on_main(lambda: (self._set_aside_after(self.state.step),
                                     self.metrics.truncate_after(self.state.step)),
@@ -255,7 +257,6 @@ class Trainer:
 
     def _prepare_folder(self) -> None:
         prepare_run_dir(self.run_dir)
-        write_resolved_config(self.run_dir, self.config)
         clean_interrupted_writes(self.run_dir / "checkpoints")
 
     def _set_aside_after(self, step: int) -> None:
