@@ -227,3 +227,17 @@ def test_the_kernel_families_match_the_kernels():
     from lorakit.fast.kernels.patch import FAMILIES
 
     assert KERNEL_FAMILIES == FAMILIES
+
+
+def test_a_train_config_estimates_as_the_run_it_describes(tmp_path, capsys):
+    """`lorakit estimate --config run.yaml` reads a training file (the shipped example, a run's config.yaml):
+    training-only keys are left out, dtype and quantize translate."""
+    from lorakit.cli.main import main
+
+    path = tmp_path / "train.yaml"
+    path.write_text("model: llama-3.2-1b\ndata: x.jsonl\nlr: 2e-4\nr: 8\nseq-len: 512\nbatch-size: 2\n"
+                    "dtype: float32\nquantize: nf4\neval-every: 0\n")
+    main(["estimate", "--config", str(path), "--json"])
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["settings"]["r"] == 8 and facts["settings"]["seq_len"] == 512 and facts["settings"]["batch_size"] == 2
+    assert facts["settings"]["dtype"] == "fp32" and facts["settings"]["method"] == "qlora"

@@ -108,8 +108,10 @@ def add_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...
                             help=help_text + (f" choices: {', '.join(map(str, choices))}" if choices else ""), **extra)
 
 
-def load_yaml_config(path: str, cls: type) -> dict[str, Any]:
-    """Values from a YAML file, keys normalised to field names; unknown keys are all reported at once."""
+def load_yaml_config(path: str, cls: type,
+                     adapt: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None) -> dict[str, Any]:
+    """Values from a YAML file, keys normalised to field names (then passed through `adapt`, which may read
+    another command's file); unknown keys are all reported at once."""
     import yaml
 
     p = Path(path)
@@ -123,6 +125,8 @@ def load_yaml_config(path: str, cls: type) -> dict[str, Any]:
         raise ConfigError([f"{path}: expected a mapping of option: value, got {type(values).__name__}"], where="--config")
     known = {f.name for f in dataclasses.fields(cls)}
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    if adapt is not None:
+        values = adapt(values)
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError([f"{path}: unknown option {k!r}" for k in unknown], where="--config")
@@ -153,14 +157,15 @@ def resumed_run_options(cls: type, given: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_config(cls: type, args: argparse.Namespace, skip: tuple[str, ...] = (),
-                 defaults: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None) -> Any:
+                 defaults: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None,
+                 adapt_yaml: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None) -> Any:
     """Defaults < `defaults(given)` < a resumed run's config.yaml < YAML (--config) < command line, then the
     dataclass's own validation.
 
     `defaults(given)` returns defaults that depend on what the user gave (YAML and command line merged),
     e.g. the demo's settings when no --data is given; they fill only the options the user left unset.
     """
-    values = load_yaml_config(args.config, cls) if getattr(args, "config", None) else {}
+    values = load_yaml_config(args.config, cls, adapt_yaml) if getattr(args, "config", None) else {}
     names = {f.name for f in dataclasses.fields(cls)} - set(skip)
     values.update({k: v for k, v in vars(args).items() if k in names})
     values = {**resumed_run_options(cls, values), **values}

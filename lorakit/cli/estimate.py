@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -97,7 +98,9 @@ def _gb(n: float) -> str:
 
 
 def _count(n: int) -> str:
-    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} B"
+    return f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n / 1e3:.1f} K"
 
 
 def _print_table(shape, opts: EstimateOptions, results: dict[str, dict]) -> None:
@@ -117,7 +120,7 @@ def _print_table(shape, opts: EstimateOptions, results: dict[str, dict]) -> None
     for label, key, fmt in rows:
         print(f"{label:<18}" + "".join(f"{fmt(results[m][key]):>14}" for m in methods))
     if "fit" in first:
-        print(f"\nfits in {opts.gpu_memory} ({100 * (1 - GPU_RESERVE):.0f}% usable):")
+        print(f"\nfits in {_gb(parse_size(opts.gpu_memory))} ({100 * (1 - GPU_RESERVE):.0f}% usable):")
         print(f"{'  max batch_size':<18}" + "".join(f"{results[m]['fit']['max_batch_size']:>14}" for m in methods)
               + f"   (at seq_len {opts.seq_len})")
         print(f"{'  max seq_len':<18}" + "".join(f"{results[m]['fit']['max_seq_len']:>14}" for m in methods)
@@ -134,4 +137,21 @@ def _estimate_options(parser: argparse.ArgumentParser) -> None:
 @command("estimate", "memory for full fine-tuning vs LoRA vs QLoRA (weights, gradients, optimizer, "
                      "activations), and what fits a GPU")(_estimate_options)
 def _estimate(args: argparse.Namespace) -> None:
-    run_estimate(build_config(EstimateOptions, args))
+    run_estimate(build_config(EstimateOptions, args, adapt_yaml=from_train_options))
+
+
+def from_train_options(values: dict) -> dict:
+    """A `lorakit train` YAML (an example, or a run's config.yaml) read as estimate options: its model, rank,
+    targets, batch, optimizer, checkpointing, dtype and quantization; training-only keys are left out."""
+    from ..train.config import TrainConfig
+
+    train_only = {f.name for f in dataclasses.fields(TrainConfig)} - {f.name for f in dataclasses.fields(EstimateOptions)}
+    if not set(values) & train_only:
+        return values  # an estimate file: read as it is
+    out = {k: v for k, v in values.items() if k not in train_only and k != "dtype"}
+    dtype = {"float32": "fp32", "bfloat16": "bf16"}.get(values.get("dtype"))  # auto: bf16 on a GPU
+    if dtype:
+        out["dtype"] = dtype
+    if values.get("quantize") and "method" not in values:
+        out["method"] = "qlora"
+    return out
