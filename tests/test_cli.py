@@ -107,7 +107,7 @@ def test_bad_yaml_key_and_bad_values_are_clear_errors(tmp_path, capsys):
     cfg.write_text("max_stepz: 7\n")
     with pytest.raises(SystemExit) as e:
         main(["train", "--config", str(cfg)])
-    assert e.value.code == 2 and "unknown option 'max_stepz'" in capsys.readouterr().err
+    assert e.value.code == 2 and "c.yaml:1: max_stepz: unknown option; did you mean max_steps?" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--r", "0", "--lr", "-1", "--data", "x.jsonl"])
     err = capsys.readouterr().err
@@ -220,8 +220,17 @@ def test_yaml_numbers_in_exponent_form_read_as_numbers(tmp_path):
     config = build_config(TrainConfig, build_parser().parse_args(["train", "--config", str(cfg)]))
     assert (config.lr, config.warmup_ratio, config.max_steps) == (1e-3, 5e-2, 10)
     cfg.write_text("r: sixteen\n")
-    with pytest.raises(ConfigError, match=r"c.yaml: r: expected a number, got 'sixteen'"):
+    with pytest.raises(ConfigError, match=r"c.yaml:1: r: expected a number, got 'sixteen'"):
         build_config(TrainConfig, build_parser().parse_args(["train", "--config", str(cfg)]))
+    # every problem at once: the file's (with lines) and the values' own
+    cfg.write_text("lr: fast\ndropout: 2\nlearning_rate: 1e-3\nmax-steps: 1\nmax_steps: 5\nlr_schedule: cosin\n")
+    with pytest.raises(ConfigError) as caught:
+        build_config(TrainConfig, build_parser().parse_args(["train", "--config", str(cfg)]))
+    problems = "\n".join(caught.value.problems)
+    for expected in ("c.yaml:1: lr: expected a number, got 'fast'", "c.yaml:3: learning_rate: unknown option; did you "
+                     "mean lr?", "c.yaml:4 and 5: max_steps is given 2 times", "dropout must be in [0, 1)",
+                     "lr_schedule must be one of"):
+        assert expected in problems, problems
 
 
 def test_a_target_name_that_matches_nothing_is_refused_with_the_closest_names(tiny_model_dir, chat_data, tmp_path,

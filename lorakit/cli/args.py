@@ -18,6 +18,13 @@ from typing import Any, Callable, Literal, Optional, Union
 
 from ..errors import ConfigError
 
+OTHER_TOOLS_NAMES = {"learning_rate": "lr", "lora_alpha": "alpha", "lora_r": "r", "rank": "r",
+                     "lora_dropout": "dropout", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+                     "gradient_accumulation_steps": "grad_accum", "max_seq_length": "seq_len", "max_length": "seq_len",
+                     "target_modules": "targets", "output_dir": "out", "lr_scheduler_type": "lr_schedule",
+                     "model_name_or_path": "model", "dataset": "data", "logging_steps": "log_every",
+                     "save_steps": "save_every", "eval_steps": "eval_every"}
+"""Option names of transformers' TrainingArguments and PEFT's LoraConfig, for 'did you mean' in a YAML file."""
 REGEX_CHARS = re.compile(r"[.*+?^$()\[\]{}|\\]")
 
 
@@ -111,35 +118,57 @@ def add_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...
 def load_yaml_config(path: str, cls: type,
                      adapt: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None) -> dict[str, Any]:
     """Values from a YAML file, keys normalised to field names (then passed through `adapt`, which may read
-    another command's file); unknown keys are all reported at once."""
+    another command's file); every problem (unknown or repeated keys, non-numbers) is reported at once."""
+    values, problems = read_yaml_options(path, cls, adapt)
+    if problems:
+        raise ConfigError(problems, where="--config")
+    return values
+
+
+def read_yaml_options(path: str, cls: type, adapt: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None
+                      ) -> tuple[dict[str, Any], list[str]]:
+    """(the usable values, the problems, each naming the file, line and key); a value with a problem is left
+    out, so the dataclass's own validation can still report the others."""
+    import difflib
+
     import yaml
 
     p = Path(path)
     if not p.is_file():
         raise ConfigError([f"config file {path} not found"], where="--config")
+    text = p.read_text(encoding="utf-8")
     try:
-        values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        raw, node = yaml.safe_load(text) or {}, yaml.compose(text)
     except yaml.YAMLError as e:
         raise ConfigError([f"{path}: not valid YAML ({e})"], where="--config") from None
-    if not isinstance(values, dict):
-        raise ConfigError([f"{path}: expected a mapping of option: value, got {type(values).__name__}"], where="--config")
-    known = {f.name for f in dataclasses.fields(cls)}
-    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path}: expected a mapping of option: value, got {type(raw).__name__}"], where="--config")
+    lines: dict[str, list[int]] = {}  # normalised key -> the lines it is written on
+    for key_node, _ in getattr(node, "value", []):
+        lines.setdefault(str(key_node.value).replace("-", "_"), []).append(key_node.start_mark.line + 1)
+    where = lambda key: f"{path}:{lines.get(key, ['?'])[0]}: {key}"  # noqa: E731
+    problems = [f"{path}:{' and '.join(map(str, at))}: {key} is given {len(at)} times (the last one would win); "
+                "keep one" for key, at in lines.items() if len(at) > 1]
+    values = {str(k).replace("-", "_"): v for k, v in raw.items()}
     if adapt is not None:
         values = adapt(values)
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError([f"{path}: unknown option {k!r}" for k in unknown], where="--config")
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in sorted(set(values) - known):
+        close = [OTHER_TOOLS_NAMES[key]] if OTHER_TOOLS_NAMES.get(key) in known else \
+            difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        problems.append(f"{where(key)}: unknown option" + (f"; did you mean {close[0]}?" if close else ""))
+        values.pop(key)
     if "targets" in values and isinstance(values["targets"], str):
         values["targets"] = parse_targets(values["targets"])
     hints = typing.get_type_hints(cls)
-    for key, value in values.items():  # YAML 1.1 reads 1e-3 (no dot) as a string: numbers as the CLI reads them
+    for key, value in list(values.items()):  # YAML 1.1 reads 1e-3 (no dot) as a string: numbers as the CLI does
         if isinstance(value, str) and ({hints[key]} | set(typing.get_args(hints[key]))) & {int, float}:
             try:
                 values[key] = _converter(hints[key])[0](value)
             except ValueError:
-                raise ConfigError([f"{path}: {key}: expected a number, got {value!r}"], where="--config") from None
-    return values
+                problems.append(f"{where(key)}: expected a number, got {value!r}")
+                values.pop(key)
+    return values, problems
 
 
 def resumed_run_options(cls: type, given: dict[str, Any]) -> dict[str, Any]:
@@ -165,12 +194,20 @@ def build_config(cls: type, args: argparse.Namespace, skip: tuple[str, ...] = ()
     `defaults(given)` returns defaults that depend on what the user gave (YAML and command line merged),
     e.g. the demo's settings when no --data is given; they fill only the options the user left unset.
     """
-    values = load_yaml_config(args.config, cls, adapt_yaml) if getattr(args, "config", None) else {}
+    values, problems = read_yaml_options(args.config, cls, adapt_yaml) if getattr(args, "config", None) else ({}, [])
     names = {f.name for f in dataclasses.fields(cls)} - set(skip)
     values.update({k: v for k, v in vars(args).items() if k in names})
     values = {**resumed_run_options(cls, values), **values}
     if defaults is not None:
         values = {**defaults(values), **values}
-    config = cls(**values)
-    validate = getattr(config, "validate", None)
-    return validate() or config if callable(validate) else config
+    try:
+        config = cls(**values)
+        validate = getattr(config, "validate", None)
+        config = validate() or config if callable(validate) else config
+    except ConfigError as e:  # the file's problems and the values' problems, in one list
+        if not problems:
+            raise
+        raise ConfigError(problems + e.problems, where=f"options (--config {args.config})") from None
+    if problems:
+        raise ConfigError(problems, where="--config")
+    return config
