@@ -237,3 +237,15 @@ def test_resume_with_only_the_run_folder_reads_its_options_and_a_refused_resume_
     assert options["model"] == model and options["max_steps"] == 5
     steps = [e["step"] for e in read_metrics(out / "metrics.jsonl") if e["event"] == "train"]
     assert steps == [1, 2, 3, 4, 5]
+
+
+def test_a_fresh_run_into_a_used_folder_keeps_the_earlier_run_in_previous(tiny_run_inputs, tmp_path):
+    model, data, _ = tiny_run_inputs
+    out = tmp_path / "run"
+    main(fault_args(model, data, out, max_steps=2))
+    first = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    shutil.copy(data, out / "mine.jsonl")  # the user's own data file inside the run folder stays put
+    main([*fault_args(model, str(out / "mine.jsonl"), out, max_steps=3)])
+    assert (out / "previous" / "adapter" / "adapter_model.safetensors").read_bytes() == first
+    assert (out / "mine.jsonl").is_file() and (out / "summary.json").is_file()
+    assert json.loads((out / "previous" / "summary.json").read_text())["steps"] == 2

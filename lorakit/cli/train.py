@@ -47,7 +47,7 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
     from ..models import load_model
     from ..train import Trainer, seed_everything, write_resolved_config, write_summary
     from ..train.distributed import init_distributed, is_main_process
-    from ..train.storage import prepare_run_dir
+    from ..train.storage import keep_previous_run, prepare_run_dir
 
     for source in (config.data, config.eval_data):  # before the run folder and the model: a typo fails at once
         error = missing_source(source) if source else None
@@ -57,7 +57,13 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
     if not is_main_process():  # one copy of the run's messages (errors still reach stderr from every rank)
         sys.stdout = open(os.devnull, "w")
     run_dir = prepare_run_dir(config.run_dir())  # a clear error now if --out cannot be written
-    if not config.resume:  # a resumed run's record is rewritten only once its checkpoint is accepted (Trainer)
+    # a fresh run keeps what an earlier one left; a resumed run's config.yaml is rewritten by the Trainer, once
+    # the checkpoint is accepted
+    if not config.resume and is_main_process():
+        kept = keep_previous_run(run_dir, leave=(config.data, config.eval_data))
+        if kept is not None:
+            print(f"{run_dir} held an earlier run: moved to {kept}/ (one earlier run is kept there; "
+                  "--resume continues a run instead of starting over)")
         write_resolved_config(run_dir, config)
     seed_everything(config.seed)
     print(f"lorakit train: model {config.model}, data {config.data or 'built-in demo (Marrowind Labs handbook)'}, "

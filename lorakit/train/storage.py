@@ -1,8 +1,10 @@
-"""Clear errors when the run folder cannot be written: disk full, read-only, no permission."""
+"""The run folder: clear errors when it cannot be written (disk full, read-only, no permission), and an
+earlier run in it kept aside rather than overwritten."""
 from __future__ import annotations
 
 import errno
 import os
+import shutil
 from pathlib import Path
 
 from lorakit.errors import LorakitError
@@ -39,3 +41,25 @@ def prepare_run_dir(run_dir: Path | str) -> Path:
         raise RunFolderError(f"cannot write to the run folder {run_dir}: {describe(err)}. "
                              "Choose another --out, or free space / fix permissions there") from err
     return run_dir
+
+
+PREVIOUS = "previous"
+
+
+def keep_previous_run(run_dir: Path | str, leave: tuple[str | None, ...] = ()) -> Path | None:
+    """Move what an earlier run left in `run_dir` (adapter, checkpoints, metrics ...) into `run_dir/previous/`,
+    replacing the one kept before; returns that folder, or None when there was nothing to keep. A fresh run
+    into a used --out then loses nothing of the last run, and `lorakit train` run twice keeps one step back.
+    Entries holding a path in `leave` (the run's own data files) stay where they are."""
+    run_dir = Path(run_dir)
+    stay = [Path(p).resolve() for p in leave if p]
+    entries = [p for p in run_dir.iterdir() if p.name != PREVIOUS and not p.name.startswith(".lorakit-write-test")
+               and not any(p.resolve() == s or p.resolve() in s.parents for s in stay)] if run_dir.is_dir() else []
+    if not entries:
+        return None
+    previous = run_dir / PREVIOUS
+    shutil.rmtree(previous, ignore_errors=True)
+    previous.mkdir()
+    for entry in entries:
+        entry.rename(previous / entry.name)
+    return previous
