@@ -81,6 +81,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             if f.is_file():
                 with open(f, "rb+") as fh:
                     os.fsync(fh.fileno())
+                _usual_mode(f)  # (safetensors' save_file, like mkstemp, makes 0600 files)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old")

@@ -179,8 +179,11 @@ def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
     (tmp_path / "plain_dir").mkdir()
     with atomic_directory(tmp_path / "atomic_dir") as d:
         (d / "f").write_text("x")
+        (d / "private").write_text("x")
+        os.chmod(d / "private", 0o600)  # as safetensors' save_file makes its files
     assert stat.S_IMODE(os.stat(tmp_path / "atomic_dir").st_mode) == \
         stat.S_IMODE(os.stat(tmp_path / "plain_dir").st_mode)
+    assert stat.S_IMODE(os.stat(tmp_path / "atomic_dir" / "private").st_mode) == stat.S_IMODE(os.stat(plain).st_mode)
 
 
 def test_weights_past_2_to_the_24_elements_fingerprint_and_load_back(tmp_path):
