@@ -127,3 +127,14 @@ def test_fsdp_shards_the_model_and_trains_the_same_adapter(runs):
     moments = {name.removeprefix("model."): state["exp_avg"] for name, state in saved["optimizer"]["state"].items()}
     assert sorted(moments) == sorted(params)
     assert all(moments[n].shape == params[n].shape for n in params)  # whole, not one rank's shard
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process_and_says_whether_the_global_batch_changed(runs, tmp_path):
+    import shutil
+
+    _, two, _ = runs
+    copy = tmp_path / "two"
+    shutil.copytree(two, copy)
+    with pytest.warns(UserWarning, match=r"written by 2 process\(es\), this run has 1: .*global batch is the same \(8\)"):
+        main(["train", "--out", str(copy), "--resume", str(copy / "checkpoints" / "step-3"), "--batch-size", "4"])
+    assert train_events(copy)[6]["loss"] == pytest.approx(train_events(two)[6]["loss"], abs=1e-5)

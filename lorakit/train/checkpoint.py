@@ -223,12 +223,17 @@ CURVE_OPTIONS = ("model", "data", "task", "seed", "batch_size", "grad_accum", "s
                  "dropout", "use_rslora", "dtype", "quantize", "nan_policy")
 
 
+def saved_config(path: Path | str) -> dict[str, Any]:
+    """The options the checkpoint's run recorded ({} if unreadable)."""
+    try:
+        return json.loads((Path(path) / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
 def config_differences(path: Path | str, config: dict[str, Any]) -> list[str]:
     """`option: saved -> now` for each loss-shaping option that differs from the checkpoint's run."""
-    try:
-        saved = json.loads((Path(path) / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
+    saved = saved_config(path)
     return [f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in CURVE_OPTIONS
             if k in saved and saved.get(k) != config.get(k)]
 

@@ -19,7 +19,7 @@ from lorakit.train import fsdp
 from lorakit.train.checkpoint import (CheckpointError, TrainState, capture_rng, check_fits,
                                       checkpoint_dir, latest_good_checkpoint, load_trainable,
                                       read_checkpoint, restore_rank_rng, restore_training,
-                                      rng_payload, training_state, write_checkpoint)
+                                      rng_payload, saved_config, training_state, write_checkpoint)
 from lorakit.train.config import TrainConfig
 from lorakit.train.distributed import LocalGroup
 from lorakit.train.optim import trainable_parameters
@@ -101,9 +101,13 @@ class Checkpointer:
         world = self.group.world_size
         same = restore_rank_rng(rng, self.group.rank, world)
         if self.group.is_main and (not same or state.world_size != world):
-            warnings.warn(f"checkpoint {path} was written by {state.world_size} process(es), this run "
-                          f"has {world}: the global batch and the dropout masks differ from the "
-                          "original run", stacklevel=4)
+            saved = saved_config(path)
+            before = saved.get("batch_size", 0) * saved.get("grad_accum", 0) * state.world_size
+            now = self.config.batch_size * self.config.grad_accum * world
+            batch = f"the global batch is the same ({now})" if before == now else \
+                f"the global batch differs ({before} -> {now})"
+            warnings.warn(f"checkpoint {path} was written by {state.world_size} process(es), this run has {world}: "
+                          f"the dropout masks differ from the original run, and {batch}", stacklevel=4)
         if not same:  # every rank got rank 0's states: give each its own stream again
             torch.manual_seed(self.config.seed + 7919 * (state.step + 1) + self.group.rank)
         state.world_size = world
