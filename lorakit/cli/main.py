@@ -65,8 +65,21 @@ def _quiet_import_noise() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _one_line_warnings() -> None:
+    """A warning reads as one line, 'warning: ...', without Python's file:line and the echoed source line
+    (which pointed into lorakit, not at anything the user wrote)."""
+    import warnings
+
+    def format_warning(message, category, filename, lineno, line=None) -> str:
+        kind = "warning" if category is UserWarning else category.__name__
+        return f"{kind}: {message}\n"
+
+    warnings.formatwarning = format_warning
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     _quiet_import_noise()
+    _one_line_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:

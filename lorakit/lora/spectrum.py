@@ -254,7 +254,8 @@ def plan_ranks(spectra: list[LayerSpectrum], rank: Optional[int] = None,
     """{module: new rank}: min(rank, what the layer has), or each layer's smallest rank keeping `energy`."""
     problems = []
     if (rank is None) == (energy is None):
-        problems.append("give exactly one of rank (a uniform rank) or energy (a fraction such as 0.99)")
+        problems.append("give exactly one of rank (--rank: a uniform rank) or energy (--energy: a fraction "
+                        "such as 0.99)")
     if rank is not None and (not isinstance(rank, int) or rank < 1):
         problems.append(f"rank must be a positive integer, got {rank!r}")
     if energy is not None and not 0 < energy <= 1:

@@ -62,7 +62,8 @@ class AdapterRegistry:
         except ApiError:
             raise
         except Exception as e:  # lorakit's AdapterError, a damaged file ...
-            raise ApiError(400, f"cannot load adapter {path!r}: {e}", "path", "adapter_load_failed") from None
+            raise ApiError(400, f"cannot load adapter {name!r} from {path!r}: {e}", "path",
+                           "adapter_load_failed") from None
         return self.describe(name)
 
     def _check_name(self, name: str) -> None:
