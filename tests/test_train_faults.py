@@ -244,7 +244,7 @@ def test_a_fresh_run_into_a_used_folder_keeps_the_earlier_run_in_previous(tiny_r
     out = tmp_path / "run"
     main(fault_args(model, data, out, max_steps=2))
     first = (out / "adapter" / "adapter_model.safetensors").read_bytes()
-    shutil.copy(data, out / "mine.jsonl")  # the user's own data file inside the run folder stays put
+    shutil.copy(data, out / "mine.jsonl")  # the user's own files in the run folder stay put
     main([*fault_args(model, str(out / "mine.jsonl"), out, max_steps=3)])
     assert (out / "previous" / "adapter" / "adapter_model.safetensors").read_bytes() == first
     assert (out / "mine.jsonl").is_file() and (out / "summary.json").is_file()

@@ -34,6 +34,9 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {"seq-cls": {**_ENCODER_DEFAULTS, "lr
                                             "qa": {**_ENCODER_DEFAULTS, "seq_len": 384, "batch_size": 16}}
 
 
+SCORES_FILE = "scores_{}.json"  # before / after training
+
+
 def run_defaults(data_given: bool, task: str) -> dict[str, Any]:
     """The defaults a run starts from before the user's options: the demo's without --data, else the task's."""
     return TASK_DEFAULTS.get(task, {}) if data_given else DEMO_DEFAULTS
@@ -60,7 +63,7 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
     # a fresh run keeps what an earlier one left; a resumed run's config.yaml is rewritten by the Trainer, once
     # the checkpoint is accepted
     if not config.resume and is_main_process():
-        kept = keep_previous_run(run_dir, leave=(config.data, config.eval_data))
+        kept = keep_previous_run(run_dir, run_products())
         if kept is not None:
             print(f"{run_dir} held an earlier run: moved to {kept}/ (one earlier run is kept there; "
                   "--resume continues a run instead of starting over)")
@@ -126,6 +129,16 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
     return figures
 
 
+def run_products() -> tuple[str, ...]:
+    """The names `lorakit train` writes into a run folder (a fresh run moves an earlier run's to previous/)."""
+    from ..train.loop import METRICS_FILE
+    from ..train.report import CONFIG_FILE, PLOT_FILE, SUMMARY_FILE
+    from .adapters import PLOT_NAME, REPORT_NAME
+
+    return ("adapter", "checkpoints", CONFIG_FILE, SUMMARY_FILE, METRICS_FILE, PLOT_FILE, SCORES_FILE.format("before"),
+            SCORES_FILE.format("after"), REPORT_NAME, PLOT_NAME)
+
+
 def _targets(config: TrainConfig, model) -> Any:
     """--targets, else attention + MLP projections of the architecture, else PEFT's default.
 
@@ -155,7 +168,7 @@ def _score(model, tokenizer, data: dict, run_dir: Path, when: str, config: Train
     from ..evaluate import eval_loss, score_demo
     from ..train.batching import loss_unit_counter
 
-    cache = run_dir / f"scores_{when}.json"
+    cache = run_dir / SCORES_FILE.format(when)
     if when == "before" and config.resume and cache.is_file():
         return json.loads(cache.read_text())
     start = time.perf_counter()

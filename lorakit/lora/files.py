@@ -101,7 +101,7 @@ def load_into(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tens
             if target is None and ".modules_to_save." in rel:  # PEFT's bias="all" also saves a head copy's
                 target = expected.get(rel.replace(".modules_to_save.", ".", 1))  # bias under this name
             if (target is not None and rel.endswith("lora_magnitude_vector") and target.shape != value.shape
-                    and target.numel() == value.numel()):  # a conv DoRA magnitude lorakit saved flat before 0.1
+                    and target.numel() == value.numel()):  # a conv DoRA magnitude as earlier lorakit saved it, flat
                 value = value.reshape(target.shape)
             if target is None:
                 unexpected.append(key)

@@ -296,8 +296,8 @@ def is_quantized_weight(weight: torch.Tensor) -> bool:
 
 
 def _accept_base_keys(module, state_dict, prefix, *args) -> None:
-    """A plain model's state dict loads into its wrapped layers, and one saved by lorakit before 0.1's DoRA
-    magnitudes became modules (PEFT's layout) still loads."""
+    """A plain model's state dict loads into its wrapped layers, and one saved while lorakit held a DoRA
+    magnitude as a bare parameter (not PEFT's module with .weight) still loads."""
     for pname, _ in module.base_layer.named_parameters(recurse=False):
         old, new = prefix + pname, prefix + "base_layer." + pname
         if old in state_dict and new not in state_dict:

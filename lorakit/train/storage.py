@@ -46,15 +46,13 @@ def prepare_run_dir(run_dir: Path | str) -> Path:
 PREVIOUS = "previous"
 
 
-def keep_previous_run(run_dir: Path | str, leave: tuple[str | None, ...] = ()) -> Path | None:
-    """Move what an earlier run left in `run_dir` (adapter, checkpoints, metrics ...) into `run_dir/previous/`,
+def keep_previous_run(run_dir: Path | str, products: tuple[str, ...]) -> Path | None:
+    """Move what an earlier run left in `run_dir` (the entries named in `products`) into `run_dir/previous/`,
     replacing the one kept before; returns that folder, or None when there was nothing to keep. A fresh run
     into a used --out then loses nothing of the last run, and `lorakit train` run twice keeps one step back.
-    Entries holding a path in `leave` (the run's own data files) stay where they are."""
+    Other files (the user's data, say) stay where they are."""
     run_dir = Path(run_dir)
-    stay = [Path(p).resolve() for p in leave if p]
-    entries = [p for p in run_dir.iterdir() if p.name != PREVIOUS and not p.name.startswith(".lorakit-write-test")
-               and not any(p.resolve() == s or p.resolve() in s.parents for s in stay)] if run_dir.is_dir() else []
+    entries = [run_dir / name for name in products if (run_dir / name).exists()]
     if not entries:
         return None
     previous = run_dir / PREVIOUS
