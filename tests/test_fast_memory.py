@@ -14,10 +14,11 @@ def faults():
     x = torch.ones(16 * 2**20)  # 64 MiB: 16,384 pages, as big as a step's larger activations
     del x
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-counts = [faults() for _ in range(8)]
+counts = [faults() for _ in range(12)]
 # the first calls fault either way: new pages, and small objects that torch allocates once may land right after
 # the block, so a block posix_memalign over-asks for cannot reuse the hole it left; from then on it is reused
-print(min(counts[3:]), counts)
+# (here 1 of calls 2-3 faults; on a CI machine calls 2-4 did)
+print(min(counts[4:]), counts)
 """
 
 
