@@ -61,11 +61,21 @@ def test_merged_equals_unmerged_equals_unloaded(arch, variant):
 def test_merging_into_a_tied_embedding_or_head_leaves_the_other_as_it_was(tmp_path, targets):
     from transformers import AutoModelForCausalLM
 
-    base = tiny_llama(tie_word_embeddings=True)
+    base = tiny_llama(tie_word_embeddings=True).requires_grad_(False)
     assert base.lm_head.weight is base.model.embed_tokens.weight
     x = _ids()
+    ref, shared = base(input_ids=x).logits, base.lm_head.weight.detach().clone()
     model = get_peft_model(base, LoraConfig(r=4, target_modules=targets, init_lora_weights=False)).eval()
     out = model(input_ids=x).logits
+    model.merge_adapter()
+    with model.disable_adapter():  # unmerged, then merged again on the way out
+        assert_close(model(input_ids=x).logits, ref)
+    assert_close(model(input_ids=x).logits, out)
+    model.unmerge_adapter()  # the shared tensor itself back, untouched: tied as before
+    head = base.lm_head.weight
+    assert head is base.model.embed_tokens.weight and base.config.tie_word_embeddings and torch.equal(head, shared)
+    with model.disable_adapter():
+        assert_close(model(input_ids=x).logits, ref)
     merged = model.merge_and_unload()
     assert_close(merged(input_ids=x).logits, out)
     assert merged.lm_head.weight is not merged.model.embed_tokens.weight and not merged.config.tie_word_embeddings

@@ -13,7 +13,7 @@ from tests.conftest import assert_close, rel_err, tiny_llama
 pytest.importorskip("torchao")
 
 from lorakit import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from lorakit.errors import ConfigError  # noqa: E402
+from lorakit.errors import AdapterError, ConfigError  # noqa: E402
 from lorakit.quant import (dequantize_model, is_quantized, quantize_model, quantized_bytes,  # noqa: E402
                            quantized_layers)
 from lorakit.quant.nf4 import scaler_block_size, why_not_quantizable  # noqa: E402
@@ -96,6 +96,16 @@ def test_merge_dequantizes_and_matches_the_unmerged_output():
     assert_close(again, unmerged)
     assert_close(unloaded, unmerged)
     assert quantized_layers(plain) == [] and all(type(m).__name__ != "LoraLinear" for m in plain.modules())
+
+
+def test_a_refused_safe_merge_leaves_the_4bit_weights_4bit():
+    model, _ = _qlora()
+    packed = quantized_bytes(model)
+    with torch.no_grad():
+        model.base_model.model.model.layers[1].mlp.down_proj.lora_B["default"].weight[0, 0] = float("inf")
+    with pytest.raises(AdapterError, match="non-finite"):
+        model.merge_adapter(safe_merge=True)
+    assert quantized_bytes(model) == packed and len(quantized_layers(model)) == 2 * len(ALL)
 
 
 def test_qlora_adapter_is_a_plain_adapter_that_loads_on_the_unquantized_base(tmp_path):

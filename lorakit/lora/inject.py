@@ -151,6 +151,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
         module.add_adapter(adapter_name, r=config.rank_for(name), lora_alpha=config.alpha_for(name),
                            lora_dropout=config.lora_dropout, init_lora_weights=config.init_lora_weights,
                            use_rslora=config.use_rslora, use_dora=config.use_dora)
+    note_shared_weights(model)
     mark_trainable(model, config)
     return targets
 
@@ -205,21 +206,18 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
 
 
-def untie_shared_weights(model: nn.Module, layers: Sequence[LoraLayer]) -> None:
-    """Give each layer's base weight a tensor of its own where another module shares it (an input embedding tied
-    to the output head), and turn the config's tie_word_embeddings off so a save or reload keeps them apart."""
+def note_shared_weights(model: nn.Module) -> None:
+    """Tell each LoRA layer whose base weight another module shares (an input embedding tied to the output head)
+    which configs tie them, so its merges go into a copy of its own (see LoraLayer.merge)."""
     uses: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         uses[id(p)] = uses.get(id(p), 0) + 1
-    shared = [layer for layer in layers if uses.get(id(layer.base_layer.weight), 0) > 1]
-    for layer in shared:
-        w = layer.base_layer.weight
-        layer.base_layer.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
     config = getattr(model, "config", None)
-    if shared and config is not None:
-        for c in {id(c): c for c in (config, getattr(config, "get_text_config", lambda: config)())}.values():
-            if getattr(c, "tie_word_embeddings", False):
-                c.tie_word_embeddings = False
+    configs = list({id(c): c for c in (config, getattr(config, "get_text_config", lambda: config)())
+                    if getattr(c, "tie_word_embeddings", False)}.values()) if config is not None else []
+    for _, layer in lora_layers(model):
+        if layer.tied is None and uses.get(id(layer.base_layer.weight), 0) > 1:
+            layer.tied = {"configs": configs}
 
 
 def unwrap(model: nn.Module, merge: bool, safe_merge: bool = False,

@@ -77,6 +77,7 @@ class LoraLayer(nn.Module):
         self.variant: dict[str, str] = {}  # adapter -> key of VARIANTS ("lora" | "dora")
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
+        self.tied: Optional[dict] = None  # set when another module shares the base weight (note_shared_weights)
         self.disabled = False
         self._merge_state: dict[str, torch.Tensor] = {}  # DoRA: the factor applied at merge, for unmerge
         self._initial_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # PiSSA/OLoRA start point
@@ -229,8 +230,27 @@ class LoraLayer(nn.Module):
                                "the base weights were left unchanged")
         for name in self._to_merge(adapter_names):
             self._dense_base_weight()
+            self._untie()
             self._write_weight(VARIANTS[self.variant[name]].merge(self, name, self.weight_matrix().float()))
             self.merged_adapters.append(name)
+
+    def _untie(self) -> None:
+        """Before a merge into a weight another module shares (a tied embedding and head): merge into a copy of
+        its own, and turn the configs' tie_word_embeddings off so a saved merged model keeps them apart. The
+        shared tensor is kept, untouched, for unmerge to put back."""
+        if self.tied is not None and "shared" not in self.tied:
+            shared = self.base_layer.weight
+            self.tied["shared"] = shared
+            self.base_layer.weight = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+            for config in self.tied["configs"]:
+                config.tie_word_embeddings = False
+
+    def _retie(self) -> None:
+        """After the last unmerge: the shared tensor back (exactly the original), and the tie flags."""
+        if self.tied is not None and "shared" in self.tied and not self.merged_adapters:
+            self.base_layer.weight = self.tied.pop("shared")
+            for config in self.tied["configs"]:
+                config.tie_word_embeddings = True
 
     def _to_merge(self, adapter_names: Optional[Sequence[str]]) -> list[str]:
         names = adapter_names if adapter_names is not None else self.active_adapters
@@ -238,13 +258,15 @@ class LoraLayer(nn.Module):
 
     @torch.no_grad()
     def non_finite_merge(self, adapter_names: Optional[Sequence[str]] = None) -> Optional[str]:
-        """The first adapter whose merge would leave a non-finite weight (in W's dtype), else None. Tried on W
-        itself and put back bit for bit, so it costs one copy of this layer's weight."""
+        """The first adapter whose merge would leave a non-finite weight (in W's dtype), else None. Tried on a
+        dense copy of W (one layer's worth of memory); the layer is left exactly as it was, a 4-bit W too."""
         to_merge = self._to_merge(adapter_names)
         if not to_merge:
             return None
-        self._dense_base_weight()
-        kept, merged, state = self.base_layer.weight.detach().clone(), list(self.merged_adapters), dict(self._merge_state)
+        weight, merged, state, tied = self.base_layer.weight, list(self.merged_adapters), dict(self._merge_state), \
+            self.tied
+        trial = weight.get_original_weight() if is_quantized_weight(weight) else weight.detach().clone()
+        self.base_layer.weight, self.tied = nn.Parameter(trial, requires_grad=False), None
         try:
             for name in to_merge:
                 self.merge([name])
@@ -252,7 +274,7 @@ class LoraLayer(nn.Module):
                     return name
             return None
         finally:
-            self.base_layer.weight.copy_(kept)
+            self.base_layer.weight, self.tied = weight, tied
             self.merged_adapters[:], self._merge_state = merged, state
 
     @torch.no_grad()
@@ -262,6 +284,7 @@ class LoraLayer(nn.Module):
             name = self.merged_adapters.pop()
             restored = VARIANTS[self.variant[name]].unmerge(self, name, self.weight_matrix().float())
             self._write_weight(restored)
+        self._retie()
 
     @torch.no_grad()
     def unmerged_weight(self) -> torch.Tensor:

@@ -16,8 +16,7 @@ from torch import nn
 from ..config import LoraConfig
 from ..errors import AdapterError, ConfigError
 from .combine import COMBINATIONS, combine_layer, combined_rank
-from .inject import (ModulesToSave, adapter_modules, find_targets, inject_adapter, lora_layers, untie_shared_weights,
-                     unwrap)
+from .inject import ModulesToSave, adapter_modules, find_targets, inject_adapter, lora_layers, unwrap
 from .targets import default_targets
 
 
@@ -120,9 +119,8 @@ class LoraModel(nn.Module):
         """Fold the adapters into W. With safe_merge, every layer is checked first: a non-finite result anywhere
         raises, naming the layer, and no weight changes.
 
-        A base weight another module shares (an input embedding tied to the output head) is given a copy of its
-        own first, and the config's tie_word_embeddings is turned off: merging into the shared tensor would
-        change the other module too.
+        A base weight another module shares (a tied embedding and head) is merged into a copy of its own, so
+        the other module is left as it was (LoraLayer.merge).
         """
         layers = lora_layers(self.model)
         if safe_merge:
@@ -130,7 +128,6 @@ class LoraModel(nn.Module):
                 if bad := layer.non_finite_merge(adapter_names):
                     raise AdapterError(f"merging adapter {bad!r} into {name} gives non-finite weights; "
                                        "no layer was changed")
-        untie_shared_weights(self.model, [layer for _, layer in layers if layer._to_merge(adapter_names)])
         for _, layer in layers:
             layer.merge(adapter_names)
 
