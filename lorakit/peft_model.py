@@ -242,12 +242,20 @@ class PeftModel(nn.Module):
         wrapped = [m for m in layers if name in getattr(m, "r", {})]
         if save == "auto":
             save = bool(wrapped) or _vocabulary_resized(model)
+        if save and str(self.peft_config[name].init_lora_weights).startswith(("pissa", "olora")):
+            if save is True:  # (asked for by name: say why it is not done)
+                warnings.warn("save_embedding_layers: this PiSSA/OLoRA adapter is saved as plain LoRA for the "
+                              "original weights, which lorakit no longer holds (it trains on the residual); "
+                              "the embedding weights are left out")
+            return {}
         names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
         out = {}
         for layer in (wrapped or layers) if save else []:
             base = getattr(layer, "base_layer", layer)
             prefix = names[id(layer)] + (".base_layer." if base is not layer else ".")
             out.update({prefix + p: t for p, t in base.named_parameters(recurse=False)})
+            if getattr(layer, "merged_adapters", None):  # the weight as it was before the merges, not W + ΔW
+                out[prefix + "weight"] = layer.unmerged_weight().to(base.weight.dtype)
         return out
 
     def _trained_copies(self, name: str) -> list[str]:
@@ -400,10 +408,16 @@ def _vocabulary_resized(model: nn.Module) -> bool:
     import json
 
     config = getattr(model, "config", None)
-    path = Path(getattr(config, "_name_or_path", "") or "") / "config.json"
-    if config is None or not path.is_file():
+    source = getattr(config, "_name_or_path", "") or ""
+    path = Path(source) / "config.json"
+    if not source or not path.is_file():  # (a model built from a config has no source: not the current folder)
         return False
-    saved = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(saved, dict):
+        return False
     saved = saved.get("vocab_size", (saved.get("text_config") or {}).get("vocab_size"))
     current = getattr(config.get_text_config(), "vocab_size", None) if hasattr(config, "get_text_config") else None
     return saved is not None and current is not None and saved != current

@@ -225,3 +225,14 @@ def test_load_adapter_under_an_existing_name_replaces_its_weights_as_peft(tmp_pa
     model.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj"]))  # fingerprinted unmerged, too
     model.save_pretrained(tmp_path / "more", selected_adapters=["b"])
     PeftModel.from_pretrained(tiny_llama(), tmp_path / "more" / "b")
+
+
+def test_an_embedding_adapter_saved_while_merged_carries_the_unmerged_weight(tmp_path, monkeypatch):
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["embed_tokens"], init_lora_weights=False))
+    x = torch.randint(1, 128, (1, 5))
+    expected = model(input_ids=x).logits
+    model.merge_adapter()
+    monkeypatch.chdir(tmp_path)  # a stray ./config.json is not taken for the base's (a from-config model has none)
+    (tmp_path / "config.json").write_text("not json")
+    model.save_pretrained(tmp_path / "a")
+    torch.testing.assert_close(PeftModel.from_pretrained(tiny_llama(), tmp_path / "a")(input_ids=x).logits, expected)

@@ -50,6 +50,7 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
     from ..models import load_model
     from ..train import Trainer, seed_everything, write_resolved_config, write_summary
     from ..train.distributed import init_distributed, is_main_process
+    from ..train.report import SUMMARY_FILE
     from ..train.storage import keep_previous_run, prepare_run_dir
 
     for source in (config.data, config.eval_data):  # before the run folder and the model: a typo fails at once
@@ -63,7 +64,7 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
     # a fresh run keeps what an earlier one left; a resumed run's config.yaml is rewritten by the Trainer, once
     # the checkpoint is accepted
     if not config.resume and is_main_process():
-        kept = keep_previous_run(run_dir, run_products())
+        kept = keep_previous_run(run_dir, run_products(), results=("adapter", "checkpoints", SUMMARY_FILE))
         if kept is not None:
             print(f"{run_dir} held an earlier run: moved to {kept}/ (one earlier run is kept there; "
                   "--resume continues a run instead of starting over)")

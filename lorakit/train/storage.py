@@ -46,15 +46,17 @@ def prepare_run_dir(run_dir: Path | str) -> Path:
 PREVIOUS = "previous"
 
 
-def keep_previous_run(run_dir: Path | str, products: tuple[str, ...]) -> Path | None:
+def keep_previous_run(run_dir: Path | str, products: tuple[str, ...], results: tuple[str, ...]) -> Path | None:
     """Move what an earlier run left in `run_dir` (the entries named in `products`) into `run_dir/previous/`,
     replacing the one kept before; returns that folder, or None when there was nothing to keep. A fresh run
     into a used --out then loses nothing of the last run, and `lorakit train` run twice keeps one step back.
+    Only a run that got as far as one of its `results` (an adapter, a checkpoint) counts: a run that failed
+    at start-up leaves just its options, which are overwritten, not kept in place of the real earlier run.
     Other files (the user's data, say) stay where they are."""
     run_dir = Path(run_dir)
-    entries = [run_dir / name for name in products if (run_dir / name).exists()]
-    if not entries:
+    if not any((run_dir / name).exists() for name in results):
         return None
+    entries = [run_dir / name for name in products if (run_dir / name).exists()]
     previous = run_dir / PREVIOUS
     shutil.rmtree(previous, ignore_errors=True)
     previous.mkdir()
