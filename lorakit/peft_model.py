@@ -302,22 +302,37 @@ class PeftModel(nn.Module):
         config = _loadable_config(_with_task_type(LoraConfig.from_pretrained(model_id), meta), is_trainable)
         tensors = read_adapter_tensors(model_id, allow_pickle)
         _check_base(meta, self.base_model.model, str(model_id), ignore_base_mismatch, tensors)
-        if adapter_name not in self.peft_config:
+        existing = adapter_name in self.peft_config
+        if not existing:
             self.add_adapter(adapter_name, config)
-        elif any(adapter_name in layer.merged_adapters for _, layer in lora_layers(self.base_model.model)):
-            raise AdapterError(f"adapter {adapter_name!r} is merged into the base weights; unmerge it before "
-                               "loading new weights into it")  # (otherwise, as PEFT: the weights are replaced)
-        self._finish_load(adapter_name, tensors, config, meta, str(model_id), is_trainable)
+        else:  # as PEFT: the file's weights replace the adapter's, which must compute the same way
+            self._check_reload(adapter_name, config, str(model_id))
+        self._finish_load(adapter_name, tensors, config, meta, str(model_id),
+                          (is_trainable or None) if existing else is_trainable)
+
+    def _check_reload(self, name: str, config: LoraConfig, source: str) -> None:
+        if any(name in layer.merged_adapters for _, layer in lora_layers(self.base_model.model)):
+            raise AdapterError(f"adapter {name!r} is merged into the base weights; unmerge it before loading new "
+                               "weights into it")
+        have = self.peft_config[name]
+        fields = ("r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern")
+        differ = [f"{f} {getattr(have, f)!r} vs {getattr(config, f)!r}" for f in fields
+                  if getattr(have, f) != getattr(config, f)]
+        if differ:
+            raise AdapterError(f"adapter {source} cannot replace the weights of adapter {name!r}: they differ in "
+                               f"{', '.join(differ)}; load it under another name, or delete_adapter({name!r}) first")
 
     def _finish_load(self, name: str, tensors: dict, config: LoraConfig, meta: dict, source: str,
-                     is_trainable: bool) -> None:
+                     is_trainable: Optional[bool]) -> None:
+        """is_trainable None: the adapter existed, and whether it trains is left as it was (as PEFT)."""
         load_into(self.base_model.model, name, tensors, config.bias, source)
         if meta.get("base_fingerprint"):
             self.fingerprints[name] = meta["base_fingerprint"]
         self.adapter_metadata[name] = {k: v for k, v in meta.items()
                                        if k not in ("base_fingerprint", "versions", "format", "created", "adapter_name")}
-        self.base_model.set_requires_grad(name, is_trainable)  # active or not, as PEFT
-        if not is_trainable:
+        if is_trainable is not None:
+            self.base_model.set_requires_grad(name, is_trainable)  # active or not, as PEFT
+        if is_trainable is False:
             self.eval()
 
 

@@ -219,6 +219,14 @@ def test_load_adapter_under_an_existing_name_replaces_its_weights_as_peft(tmp_pa
     assert not torch.allclose(model(input_ids=x).logits, saved)
     model.load_adapter(tmp_path, "default")
     torch.testing.assert_close(model(input_ids=x).logits, saved)
+    kept = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["k_proj"])).save_pretrained(tmp_path / "k")
+    get_peft_model(tiny_llama(), LoraConfig(r=2, lora_alpha=64, target_modules=["q_proj"])).save_pretrained(tmp_path / "a")
+    with pytest.raises(AdapterError, match="does not fit this model"):  # other targets: checked before any copy
+        model.load_adapter(tmp_path / "k", "default")
+    with pytest.raises(AdapterError, match="differ in lora_alpha 8 vs 64"):
+        model.load_adapter(tmp_path / "a", "default")
+    assert all(torch.equal(p, kept[n]) for n, p in model.named_parameters() if "lora_" in n)
     model.merge_adapter()  # the base check sees the weights as they were before the merge
     with pytest.raises(AdapterError, match="unmerge it before loading"):
         model.load_adapter(tmp_path, "default")

@@ -87,29 +87,28 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_into(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor], bias: str, source: str) -> None:
-    """Copy saved tensors into the model's adapter `adapter_name`, checking every key and shape."""
+    """Copy saved tensors into the model's adapter `adapter_name`, every key and shape checked before anything is
+    copied (so a refused file leaves an existing adapter as it was)."""
     expected = adapter_state_dict(model, adapter_name, bias)
     base_params = dict(model.named_parameters(remove_duplicate=False))  # a tied head under its own name too
     missing = [k for k in expected if PREFIX + k not in tensors]
-    unexpected, wrong_shape = [], []
-    with torch.no_grad():
-        for key, value in tensors.items():
-            rel = key.removeprefix(PREFIX)
-            target = expected.get(rel)
-            if target is None and rel in base_params:  # PEFT saves full embeddings when it resized them
-                target = base_params[rel]
-            if target is None and ".modules_to_save." in rel:  # PEFT's bias="all" also saves a head copy's
-                target = expected.get(rel.replace(".modules_to_save.", ".", 1))  # bias under this name
-            if (target is not None and rel.endswith("lora_magnitude_vector") and target.shape != value.shape
-                    and target.numel() == value.numel()):  # a conv DoRA magnitude as earlier lorakit saved it, flat
-                value = value.reshape(target.shape)
-            if target is None:
-                unexpected.append(key)
-            elif tuple(target.shape) != tuple(value.shape):
-                wrong_shape.append(f"{key}: adapter {tuple(value.shape)} vs model {tuple(target.shape)}")
-            else:
-                with torch.no_grad():  # through the parameter: its version moves (layers key cached casts on it)
-                    target.copy_(value.to(target.dtype))
+    unexpected, wrong_shape, copies = [], [], []
+    for key, value in tensors.items():
+        rel = key.removeprefix(PREFIX)
+        target = expected.get(rel)
+        if target is None and rel in base_params:  # PEFT saves full embeddings when it resized them
+            target = base_params[rel]
+        if target is None and ".modules_to_save." in rel:  # PEFT's bias="all" also saves a head copy's
+            target = expected.get(rel.replace(".modules_to_save.", ".", 1))  # bias under this name
+        if (target is not None and rel.endswith("lora_magnitude_vector") and target.shape != value.shape
+                and target.numel() == value.numel()):  # a conv DoRA magnitude as earlier lorakit saved it, flat
+            value = value.reshape(target.shape)
+        if target is None:
+            unexpected.append(key)
+        elif tuple(target.shape) != tuple(value.shape):
+            wrong_shape.append(f"{key}: adapter {tuple(value.shape)} vs model {tuple(target.shape)}")
+        else:
+            copies.append((target, value))
     problems = []
     if wrong_shape:
         problems.append("shapes differ (the adapter was trained on a different base model?):\n    "
@@ -120,6 +119,9 @@ def load_into(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tens
         problems.append(f"{len(unexpected)} tensors name modules this model does not have, e.g. {unexpected[0]}")
     if problems:
         raise AdapterError(f"adapter {source} does not fit this model:\n  " + "\n  ".join(problems))
+    with torch.no_grad():  # through the parameter: its version moves (layers key cached casts on it)
+        for target, value in copies:
+            target.copy_(value.to(target.dtype))
 
 
 # ---------------------------------------------------------------------- fingerprint
