@@ -194,3 +194,18 @@ def test_adamw8bit_trains_checkpoints_and_resumes_exactly(tmp_path):
     expected, got = trainable_snapshot(straight_model), trainable_snapshot(resumed_model)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0)
+
+
+def test_a_dora_checkpoint_from_when_magnitudes_were_bare_parameters_still_fits():
+    from lorakit import LoraConfig, get_peft_model
+    from pathlib import Path
+
+    from lorakit.train.checkpoint import check_fits, with_current_names
+    from lorakit.train.optim import trainable_parameters
+    from tests.conftest import tiny_llama
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    old = {n.removesuffix(".weight") if "magnitude" in n else n: p.detach().clone() for n, p in trainable_parameters(model)}
+    with pytest.raises(CheckpointError, match="does not fit"):
+        check_fits(old, model, Path("step-10"))
+    check_fits(with_current_names(old, model), model, Path("step-10"))

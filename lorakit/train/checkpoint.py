@@ -329,6 +329,19 @@ def load_checkpoint(path: Path | str, model: nn.Module, optimizer: torch.optim.O
     return saved.state
 
 
+def with_current_names(saved: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable tensors a checkpoint holds under names lorakit has since changed, under today's: a DoRA
+    magnitude was a bare parameter `...lora_magnitude_vector.<adapter>`, now a module's `.weight`."""
+    params = dict(trainable_parameters(model))
+    out = {}
+    for name, tensor in saved.items():
+        new = name + ".weight"
+        if name not in params and ".lora_magnitude_vector." in name and new in params:
+            name, tensor = new, tensor.reshape(params[new].shape)
+        out[name] = tensor
+    return out
+
+
 def check_fits(saved: dict[str, torch.Tensor], model: nn.Module, path: Path) -> None:
     """Raise CheckpointError unless `saved` has exactly the model's trainable names and shapes."""
     params = dict(trainable_parameters(model))

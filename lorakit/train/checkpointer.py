@@ -19,7 +19,8 @@ from lorakit.train import fsdp
 from lorakit.train.checkpoint import (CheckpointError, TrainState, capture_rng, check_fits,
                                       checkpoint_dir, latest_good_checkpoint, load_trainable,
                                       read_checkpoint, restore_rank_rng, restore_training,
-                                      rng_payload, saved_config, training_state, write_checkpoint)
+                                      rng_payload, saved_config, training_state, with_current_names,
+                                      write_checkpoint)
 from lorakit.train.config import TrainConfig
 from lorakit.train.distributed import LocalGroup
 from lorakit.train.optim import trainable_parameters
@@ -83,6 +84,7 @@ class Checkpointer:
             raise problem if problem is not None else CheckpointError(
                 f"another process cannot read checkpoint {path}; with several nodes, --out must be "
                 "on a filesystem every node shares")
+        saved.params = with_current_names(saved.params, self.model)
         check_fits(saved.params, self.model, path)
         if self.sharded:
             if saved.training.get("layout") != "fsdp":
