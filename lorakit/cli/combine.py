@@ -3,6 +3,7 @@ folders (PEFT's add_weighted_adapter), written as a normal PEFT-format adapter."
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -59,26 +60,11 @@ def parse_sources(entries: list[str]) -> list[tuple[str, float]]:
 
 
 def check_combination(opts: CombineOptions, sources: list[tuple[str, float]]) -> None:
-    """What the adapter files alone can refuse, before the base model loads: an --out that would replace a
-    source, and unequal ranks for a method that adds factors."""
-    import json
-
-    problems = []
+    """What can be refused before the base model loads: an --out that would replace a source. (Unequal ranks
+    are the library's to judge, layer by layer; its message names the folders, see run_combine.)"""
     out = Path(opts.out).resolve()
-    for path, _ in sources:
-        src = Path(path).resolve()
-        if out == src or out in src.parents:
-            problems.append(f"--out {opts.out} would replace the source adapter {path}; write the combination "
-                            "to another folder")
-    if opts.method in ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"):
-        ranks = {}
-        for path, _ in sources:
-            config = json.loads((Path(path) / "adapter_config.json").read_text(encoding="utf-8"))
-            ranks[path] = sorted({config.get("r", 8), *(config.get("rank_pattern") or {}).values()})
-        if len({tuple(r) for r in ranks.values()}) > 1:
-            listed = ", ".join(f"{p}: r={'/'.join(map(str, r))}" for p, r in ranks.items())
-            problems.append(f"--method {opts.method} adds the adapters' factors, so their ranks must be equal ({listed}); "
-                            "use --method cat, svd or a *_svd method (ties_svd, dare_ties_svd ...)")
+    problems = [f"--out {opts.out} would replace the source adapter {path}; write the combination to another folder"
+                for path, _ in sources if out == Path(path).resolve() or out in Path(path).resolve().parents]
     if problems:
         raise ConfigError(problems, where="combine options")
 
@@ -125,8 +111,13 @@ def run_combine(opts: CombineOptions, sources: list[tuple[str, float]]) -> Path:
     for name, (path, _) in zip(names[1:], sources[1:]):
         model.load_adapter(path, adapter_name=name, ignore_base_mismatch=opts.ignore_base_mismatch)
     torch.manual_seed(opts.seed)
-    model.add_weighted_adapter(names, [w for _, w in sources], "default", combination_type=opts.method,
-                               density=opts.density, svd_rank=opts.svd_rank)
+    try:
+        model.add_weighted_adapter(names, [w for _, w in sources], "default", combination_type=opts.method,
+                                   density=opts.density, svd_rank=opts.svd_rank)
+    except ConfigError as e:  # the library knows the adapters as source0, source1 ...: name the folders
+        folders = {f"'{name}'": repr(path) for name, (path, _) in zip(names, sources)}
+        raise ConfigError([re.sub("|".join(map(re.escape, folders)), lambda m: folders[m.group(0)], p)
+                           for p in e.problems], where="combine options") from None
     model.adapter_metadata["default"].update(
         base_model=loaded.name, combination_type=opts.method,
         combined_from={str(Path(p).resolve()): w for p, w in sources},

@@ -89,7 +89,7 @@ def combined_rank(layer: LoraLayer, sources: Sequence[str], method: str, svd_ran
         return min(svd_rank or max(ranks.values()), *layer.weight_matrix().shape)
     if len(set(ranks.values())) > 1:
         raise ConfigError([f"combination_type={method!r} needs adapters of equal rank, got {ranks}; "
-                           "use 'cat' or 'svd'"])
+                           f"use 'cat', 'svd' or {method + '_svd'!r}"])
     return next(iter(ranks.values()))
 
 
