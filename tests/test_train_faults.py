@@ -232,7 +232,10 @@ def test_resume_with_only_the_run_folder_reads_its_options_and_a_refused_resume_
         main(["train", "--out", str(out), "--resume", "--r", "2"])
     assert "does not fit this model's trainable parameters" in capsys.readouterr().err
     assert (out / "config.yaml").read_text() == recorded
-    main(["train", "--out", str(out), "--resume", "--max-steps", "5"])  # model, data, seed ... from config.yaml
+    with open(out / "config.yaml", "a") as f:  # a key a later version dropped is left out, with a warning
+        f.write("retired_option: 1\n")
+    with pytest.warns(UserWarning, match="left out of .*retired_option: unknown option"):
+        main(["train", "--out", str(out), "--resume", "--max-steps", "5"])  # model, data, seed ... from config.yaml
     options = yaml.safe_load((out / "config.yaml").read_text())
     assert options["model"] == model and options["max_steps"] == 5
     steps = [e["step"] for e in read_metrics(out / "metrics.jsonl") if e["event"] == "train"]

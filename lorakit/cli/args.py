@@ -173,15 +173,23 @@ def read_yaml_options(path: str, cls: type, adapt: Optional[Callable[[dict[str, 
 
 def resumed_run_options(cls: type, given: dict[str, Any]) -> dict[str, Any]:
     """On --resume, the options the run folder's config.yaml recorded (the user's options override them), so
-    `lorakit train --out RUN --resume` continues the run as it was started."""
+    `lorakit train --out RUN --resume` continues the run as it was started. A recorded key this version does not
+    know is left out with a warning."""
+    import os
+    import warnings
+
     from ..train.report import CONFIG_FILE
 
-    path = Path(given.get("out") or "") / CONFIG_FILE
-    if not given.get("resume") or not given.get("out") or not path.is_file():
+    folder = getattr(cls, "named_run_dir", lambda out, name: None)(given.get("out"), given.get("name"))
+    if not given.get("resume") or folder is None or not (folder / CONFIG_FILE).is_file():
         return {}
-    recorded = load_yaml_config(str(path), cls)
+    path = folder / CONFIG_FILE
+    recorded, problems = read_yaml_options(str(path), cls)
+    if problems:
+        warnings.warn(f"--resume: left out of {path}: " + "; ".join(problems))
     recorded.pop("resume", None)
-    print(f"resuming with the options recorded in {path} (options given now override them)")
+    if os.environ.get("RANK", "0") == "0":  # (torchrun: once)
+        print(f"resuming with the options recorded in {path} (options given now override them)")
     return recorded
 
 

@@ -172,10 +172,12 @@ class TrainConfig:
 
     def run_dir(self, now: Optional[datetime] = None) -> Path:
         """The run folder: --out, else runs/<name>, else runs/<YYYYmmdd-HHMMSS>."""
-        if self.out:
-            return Path(self.out)
-        stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
-        return Path("runs") / (self.name or stamp)
+        return self.named_run_dir(self.out, self.name) or Path("runs") / (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+
+    @staticmethod
+    def named_run_dir(out: Optional[str], name: Optional[str]) -> Optional[Path]:
+        """The run folder --out or --name names, if either is given."""
+        return Path(out) if out else Path("runs") / name if name else None
 
 
 def _choice_problems(c: TrainConfig) -> list[str]:
