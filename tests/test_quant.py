@@ -53,6 +53,16 @@ def test_every_linear_but_the_head_becomes_nf4():
     assert all(not p.requires_grad for n, p in model.named_parameters() if is_quantized(p))
 
 
+def test_a_task_head_stays_dense_and_trains_as_a_copy():
+    """seq-cls / token-cls / qa QLoRA crashed: the new head was quantized, then copied for training."""
+    model = quantize_model(tiny_llama("seq_cls"), "nf4")
+    assert "score" not in quantized_layers(model) and len(quantized_layers(model)) == 2 * 7
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], task_type="SEQ_CLS"))
+    peft_model(_ids()).logits.sum().backward()
+    head = peft_model.base_model.model.score.modules_to_save["default"].weight
+    assert head.requires_grad and head.grad is not None
+
+
 def test_quantized_forward_is_close_to_full_precision():
     dense = tiny_llama()
     quantized = quantize_model(copy.deepcopy(dense), "nf4")

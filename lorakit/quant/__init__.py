@@ -170,10 +170,13 @@ def _check_no_lora(model: nn.Module) -> None:
 
 
 def _quantizable_linears(model: nn.Module, skip_modules: tuple[str, ...]) -> list[tuple[str, nn.Linear]]:
-    """(name, layer) for every dense nn.Linear except the output head and the names in skip_modules."""
+    """(name, layer) for every dense nn.Linear except the output head, a task head (trained in full, as a dense
+    copy) and the names in skip_modules."""
+    from ..config import TASK_HEADS
     from ..lora.targets import name_matches, output_head_names
 
-    heads = output_head_names(model) | {n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] == "lm_head"}
+    head_names = {"lm_head"} | {h for heads in TASK_HEADS.values() for h in heads if h != "fc"}  # (fc: also MLPs')
+    heads = output_head_names(model) | {n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in head_names}
     out = []
     for name, module in model.named_modules():
         if type(module) is not nn.Linear or name in heads or name_matches(list(skip_modules), name):
