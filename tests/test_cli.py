@@ -52,6 +52,7 @@ def test_train_writes_the_run_folder(run):
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
     meta = json.loads((run / "adapter" / "lorakit.json").read_text())
     assert meta["training"]["r"] == 4 and meta["data_fingerprint"].startswith("chat.jsonl:")
+    assert Path(meta["training"]["data"]).is_absolute()  # `lorakit eval --adapter` finds it from any folder
 
 
 def test_eval_shows_base_and_adapter(run, tiny_model_dir, capsys):
@@ -252,3 +253,11 @@ def test_missing_data_fails_before_the_run_folder_and_the_model(tmp_path, capsys
     err = capsys.readouterr().err
     assert "no such file or folder" in err and "relative path is read from the current folder" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_generate_refuses_no_new_tokens_before_loading_a_model():
+    from lorakit.cli.commands import GenerateOptions
+    from lorakit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--max-new-tokens must be at least 1, got 0"):
+        GenerateOptions(max_new_tokens=0).validate()

@@ -162,3 +162,14 @@ def test_lora_on_q_v_trains_generates_and_round_trips(tmp_path):
     model.save_pretrained(tmp_path / "adapter")
     loaded = PeftModel.from_pretrained(t5_for(tok), tmp_path / "adapter")
     assert generate_seq2seq(loaded, tok, sources(RECORDS), 6) == generate_seq2seq(model, tok, sources(RECORDS), 6)
+
+
+def test_a_saved_encoder_decoder_folder_loads_as_seq2seq_without_naming_the_task(tmp_path):
+    """`lorakit inspect FOLDER` (task None) on a T5 folder: the task comes from its config.json."""
+    from lorakit.models import load_model
+
+    tok = tiny_tokenizer()
+    t5_for(tok).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path), task=None)
+    assert loaded.task == "seq2seq" and type(loaded.model).__name__ == "T5ForConditionalGeneration"

@@ -100,6 +100,12 @@ class GenerateOptions(ModelOptions):
     chat: bool = True
     """Wrap each prompt as a user turn in the tokenizer's chat template."""
 
+    def validate(self) -> "GenerateOptions":
+        if self.max_new_tokens < 1:
+            raise ConfigError([f"--max-new-tokens must be at least 1, got {self.max_new_tokens}"],
+                              where="generate options")
+        return self
+
 
 def _generate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt(s) to complete")

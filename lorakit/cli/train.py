@@ -112,7 +112,8 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
     after = _score(model, tokenizer, data, run_dir, "after", config)
     adapter_dir = run_dir / "adapter"
     model.adapter_metadata["default"].update(
-        {"base_model": loaded.name, "training": config.to_dict(), "data_fingerprint": data["fingerprint"],
+        {"base_model": loaded.name, "training": _with_absolute_data_paths(config.to_dict()),
+         "data_fingerprint": data["fingerprint"],
          "metrics": {**_figures(before, after), "steps": result.steps},
          **({"labels": data["task"]["labels"]} if data["task"] and data["task"]["labels"] else {})})
     model.save_pretrained(adapter_dir)
@@ -128,6 +129,13 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
     write_summary(run_dir, figures)
     print(f"adapter: {adapter_dir} ({figures['adapter_bytes'] / 1e6:.1f} MB); summary: {run_dir / 'summary.json'}")
     return figures
+
+
+def _with_absolute_data_paths(options: dict[str, Any]) -> dict[str, Any]:
+    """The training options with --data / --eval-data as absolute paths where they are local files, so
+    `lorakit eval --adapter` finds them from any folder."""
+    return {**options, **{key: str(Path(options[key]).resolve()) for key in ("data", "eval_data")
+                          if options.get(key) and Path(options[key]).exists()}}
 
 
 def run_products() -> tuple[str, ...]:

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import re
+import struct
 import time
 from pathlib import Path
 from typing import Iterator
@@ -153,10 +154,11 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
     except ImportError as exc:
         raise ModelLoadError(f"reading GGUF files needs the `gguf` package ({exc}); "
                              "install it with: pip install gguf") from exc
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, struct.error) as exc:
         raise ModelLoadError(f"transformers could not read the GGUF file {gguf_path}: {exc}\n"
-                             "Only architectures transformers can dequantize are supported "
-                             "(llama, mistral, qwen2, phi3, gemma, ...).") from exc
+                             "The file may be damaged or incomplete (compare its size with the source's), or of "
+                             "an architecture transformers cannot dequantize (it reads llama, mistral, qwen2, "
+                             "phi3, gemma, ...).") from exc
     # The saved folder holds plain dequantized weights: it must not ask for GGUF again on load.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

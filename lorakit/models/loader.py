@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -265,6 +266,29 @@ def _load_from_source(source: ModelSource, task: str, dtype: torch.dtype,
                              f"{alternatives_text()}") from exc
 
 
+def _task_of_folder(source) -> str:
+    """A local folder's task from its config.json (an encoder-decoder: seq2seq; a saved task model: its task),
+    else causal-lm."""
+    import json
+
+    path = Path(source.location) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8")) if source.kind == "folder" and path.is_file() else {}
+    except (OSError, ValueError):
+        config = {}
+    if not isinstance(config, dict):
+        return "causal-lm"
+    if config.get("is_encoder_decoder"):
+        return "seq2seq"
+    suffixes = {"ForSequenceClassification": "seq-cls", "ForTokenClassification": "token-cls",
+                "ForQuestionAnswering": "qa"}
+    for architecture in config.get("architectures") or []:
+        for suffix, task in suffixes.items():
+            if str(architecture).endswith(suffix):
+                return task
+    return "causal-lm"
+
+
 def load_model(name_or_path: str | os.PathLike, task: str | None = "causal-lm", device: str = "auto",
                dtype: str = "auto", num_labels: int | None = None,
                id2label: Mapping[int, str] | None = None,
@@ -275,7 +299,7 @@ def load_model(name_or_path: str | os.PathLike, task: str | None = "causal-lm", 
         name_or_path: an embedded name (`smollm2-135m`, `minilm-l6`), a local transformers
             folder, a `.gguf` file (or a folder holding one), or a Hugging Face hub id.
         task: one of `TASKS` (PEFT TaskType values are accepted too); None means the embedded
-            model's default task, or causal-lm.
+            model's default task, or a local folder's own (its config.json), else causal-lm.
         device: "auto", "cpu", "cuda", "cuda:N" or "mps" (see `resolve_device`).
         dtype: "auto", "fp32", "bf16" or "fp16" (see `resolve_dtype`).
         num_labels: number of classes for seq-cls / token-cls (a new head is initialised).
@@ -296,7 +320,7 @@ def load_model(name_or_path: str | os.PathLike, task: str | None = "causal-lm", 
     torch_dtype = resolve_dtype(dtype, torch_device)
     source = resolve_source(name_or_path)
     if task is None:
-        task = source.embedded.default_task if source.embedded else "causal-lm"
+        task = source.embedded.default_task if source.embedded else _task_of_folder(source)
     labels = _label_config(task, num_labels, id2label)
     if source.embedded is not None and task not in source.embedded.tasks:
         raise ModelLoadError(f"{source.name!r} does not support task {task!r}; its tasks: "
