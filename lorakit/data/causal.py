@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 from lorakit.data.packing import IGNORE_INDEX, pack_examples
 from lorakit.data.records import RecordSet, Source
+from lorakit.data.tables import AS_CONLL
 from lorakit.errors import ConfigError, DataError
 
 CAUSAL_FORMATS = ("alpaca", "chat", "prompt_completion", "text")
@@ -250,9 +251,10 @@ def build_causal_examples(data: RecordSet, tokenizer, seq_len: int = 512,
     if seq_len < 2:
         raise ConfigError(f"seq_len must be at least 2, got {seq_len}", where="seq_len")
     if data.format not in CAUSAL_FORMATS:
+        conll = str(data.path).endswith((".txt", ".conll")) and data.format == "token_classification"
         raise DataError(f"format '{data.format}' is not for causal-LM training (it takes "
-                        f"{', '.join(CAUSAL_FORMATS)}); pick the task that fits the data",
-                        path=data.path)
+                        f"{', '.join(CAUSAL_FORMATS)}); pick the task that fits the data"
+                        + (f" {AS_CONLL}" if conll else ""), path=data.path)
     segments = [_segments_for(r, data.format, tokenizer, s)
                 for r, s in zip(data.records, data.sources)]
     flat = [text for segs in segments for text, _ in segs]

@@ -93,6 +93,10 @@ def read_parquet(path: Path) -> list[RawRow]:
     return [(row, Source(name, i + 1, "row")) for i, row in enumerate(records)]
 
 
+AS_CONLL = ("(.txt/.conll files are read as CoNLL: a token and its tag a line, a blank line between sentences; "
+            "for plain text to train on, write .jsonl lines {\"text\": ...})")
+
+
 def read_conll(path: Path) -> list[RawRow]:
     """Sentences of a CoNLL-style file: one token a line, columns split on whitespace, the first
     column the token, the last the tag; a blank line ends a sentence; `-DOCSTART-` lines are
@@ -110,14 +114,13 @@ def read_conll(path: Path) -> list[RawRow]:
                 tokens, tags = [], []
             continue
         if len(cells) < 2:
-            raise DataError("one column, but CoNLL lines need a token and a tag separated by "
-                            "whitespace (.txt/.conll files are read as CoNLL columns; for plain "
-                            "text use .jsonl with a \"text\" field)", path=name, line=number)
+            raise DataError(f"one column, but CoNLL lines need a token and a tag separated by whitespace {AS_CONLL}",
+                            path=name, line=number)
         if not columns:
             columns, columns_line = len(cells), number
         elif len(cells) != columns:
-            raise DataError(f"{len(cells)} columns, but line {columns_line} has {columns}: every "
-                            "line needs the same columns (token ... tag)", path=name, line=number)
+            raise DataError(f"{len(cells)} columns, but line {columns_line} has {columns}: every line needs the "
+                            f"same columns (token ... tag) {AS_CONLL}", path=name, line=number)
         if not tokens:
             start = number
         tokens.append(cells[0])
