@@ -253,7 +253,7 @@ def test_a_fresh_run_into_a_used_folder_keeps_the_earlier_run_in_previous(tiny_r
     assert (out / "mine.jsonl").is_file() and (out / "summary.json").is_file()
     assert json.loads((out / "previous" / "summary.json").read_text())["steps"] == 2
     second = (out / "adapter" / "adapter_model.safetensors").read_bytes()
-    for _ in range(2):  # runs failing at start-up leave only their options: the real earlier run stays kept
+    for _ in range(2):  # runs failing at start-up do not displace the real earlier run kept in previous/
         with pytest.raises(SystemExit):
             main([*fault_args(model + "-missing", data, out, max_steps=2)])
     assert (out / "previous" / "adapter" / "adapter_model.safetensors").read_bytes() == second

@@ -48,7 +48,7 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
     from ..data.readers import missing_source
     from ..fast import label_only_lm_loss, use_fast_kernels, use_packed_attention
     from ..models import load_model
-    from ..train import Trainer, seed_everything, write_resolved_config, write_summary
+    from ..train import Trainer, seed_everything, write_summary
     from ..train.distributed import init_distributed, is_main_process
     from ..train.report import SUMMARY_FILE
     from ..train.storage import keep_previous_run, prepare_run_dir
@@ -61,14 +61,13 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
     if not is_main_process():  # one copy of the run's messages (errors still reach stderr from every rank)
         sys.stdout = open(os.devnull, "w")
     run_dir = prepare_run_dir(config.run_dir())  # a clear error now if --out cannot be written
-    # a fresh run keeps what an earlier one left; a resumed run's config.yaml is rewritten by the Trainer, once
-    # the checkpoint is accepted
+    # a fresh run keeps what an earlier one left (config.yaml is written by the Trainer, once training starts:
+    # after the checkpoint is accepted, for a resumed run)
     if not config.resume and is_main_process():
         kept = keep_previous_run(run_dir, run_products(), results=("adapter", "checkpoints", SUMMARY_FILE))
         if kept is not None:
             print(f"{run_dir} held an earlier run: moved to {kept}/ (one earlier run is kept there; "
                   "--resume continues a run instead of starting over)")
-        write_resolved_config(run_dir, config)
     seed_everything(config.seed)
     print(f"lorakit train: model {config.model}, data {config.data or 'built-in demo (Marrowind Labs handbook)'}, "
           f"run folder {run_dir}")
