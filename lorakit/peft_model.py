@@ -22,7 +22,7 @@ from torch import nn
 from .config import TASK_HEADS, LoraConfig
 from .errors import AdapterError
 from .lora.files import (PREFIX, adapter_state_dict, fingerprint, fingerprint_mismatch, load_into, make_meta,
-                         read_adapter_tensors, read_meta, save_adapter)
+                         read_adapter_tensors, read_json_object, read_meta, save_adapter)
 from .lora.inject import ModulesToSave, find_targets, lora_layers
 from .lora.layer import BASE_ADAPTER, is_quantized_weight, route_rows
 from .lora.model import LoraModel, resolve_config
@@ -420,19 +420,11 @@ def _embedding_layer(model: nn.Module, side: str) -> Optional[nn.Module]:
 
 def _vocabulary_resized(model: nn.Module) -> bool:
     """Whether the model's vocabulary differs from that of the local checkpoint it was loaded from."""
-    import json
-
     config = getattr(model, "config", None)
     source = getattr(config, "_name_or_path", "") or ""
-    path = Path(source) / "config.json"
-    if not source or not path.is_file():  # (a model built from a config has no source: not the current folder)
+    if not source:  # a model built from a config has no source (and the current folder is not it)
         return False
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if not isinstance(saved, dict):
-        return False
+    saved = read_json_object(Path(source) / "config.json")
     saved = saved.get("vocab_size", (saved.get("text_config") or {}).get("vocab_size"))
     current = getattr(config.get_text_config(), "vocab_size", None) if hasattr(config, "get_text_config") else None
     return saved is not None and current is not None and saved != current

@@ -76,6 +76,16 @@ def read_adapter_tensors(directory: str | os.PathLike, allow_pickle: bool = Fals
     raise AdapterError(f"no {WEIGHTS_NAME} in {directory}: an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
 
 
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON file's object, or {} when the file is missing, unreadable, not JSON or not an object (for facts
+    that are only consulted, such as a base model's config.json)."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / META_NAME
     if not path.is_file():

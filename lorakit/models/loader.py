@@ -269,15 +269,9 @@ def _load_from_source(source: ModelSource, task: str, dtype: torch.dtype,
 def _task_of_folder(source) -> str:
     """A local folder's task from its config.json (an encoder-decoder: seq2seq; a saved task model: its task),
     else causal-lm."""
-    import json
+    from ..lora.files import read_json_object
 
-    path = Path(source.location) / "config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8")) if source.kind == "folder" and path.is_file() else {}
-    except (OSError, ValueError):
-        config = {}
-    if not isinstance(config, dict):
-        return "causal-lm"
+    config = read_json_object(Path(source.location) / "config.json") if source.kind == "folder" else {}
     if config.get("is_encoder_decoder"):
         return "seq2seq"
     suffixes = {"ForSequenceClassification": "seq-cls", "ForTokenClassification": "token-cls",

@@ -34,6 +34,7 @@ from torch import nn
 
 from lorakit.atomic import atomic_directory
 from lorakit.errors import LorakitError
+from lorakit.lora.files import read_json_object
 from lorakit.train.optim import trainable_parameters
 
 PARAMS_FILE = "trainable.safetensors"
@@ -225,10 +226,7 @@ CURVE_OPTIONS = ("model", "data", "task", "seed", "batch_size", "grad_accum", "s
 
 def saved_config(path: Path | str) -> dict[str, Any]:
     """The options the checkpoint's run recorded ({} if unreadable)."""
-    try:
-        return json.loads((Path(path) / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+    return read_json_object(Path(path) / CONFIG_FILE)
 
 
 def config_differences(path: Path | str, config: dict[str, Any]) -> list[str]:
