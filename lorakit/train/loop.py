@@ -237,27 +237,29 @@ class Trainer:
         if checkpoint is None:
             if self.config.resume is True and self.group.is_main:
                 warnings.warn(f"--resume: no checkpoint in {self.run_dir}; starting fresh", stacklevel=3)
-            self.group.on_main(lambda: write_resolved_config(self.run_dir, self.config), "writing config.yaml")
             runtime.seed_everything(self.config.seed + self.group.rank)  # own dropout masks per rank
-            self.group.on_main(lambda: (self._set_aside_after(0), self.metrics.truncate_after(0)),
-                               "preparing the run folder")
+            self.group.on_main(lambda: self._begin_record(0), "preparing the run folder")
             return None
         changed = config_differences(checkpoint, self.config.to_dict()) if self.group.is_main else []
         if changed:
             warnings.warn(f"resuming from {checkpoint} with changed options ({'; '.join(changed)}); "
                           "training continues but not on the exact same curve", stacklevel=3)
         self.state = self.checkpointer.load(checkpoint)
-        self.group.on_main(lambda: write_resolved_config(self.run_dir, self.config), "writing config.yaml")
         self._saved_step, self.last_checkpoint = self.state.step, checkpoint
-        self.group.on_main(lambda: (self._set_aside_after(self.state.step),
-                                    self.metrics.truncate_after(self.state.step)),
-                           "preparing the run folder")
+        self.group.on_main(lambda: self._begin_record(self.state.step), "preparing the run folder")
         self._emit({"event": "resume", "step": self.state.step, "checkpoint": str(checkpoint)})
         return self.state.step
 
     def _prepare_folder(self) -> None:
         prepare_run_dir(self.run_dir)
         clean_interrupted_writes(self.run_dir / "checkpoints")
+
+    def _begin_record(self, step: int) -> None:
+        """The run folder from `step` on (0: a fresh run): config.yaml written now that the run's start (or its
+        checkpoint) is accepted, later checkpoints set aside, later metric lines dropped."""
+        write_resolved_config(self.run_dir, self.config)
+        self._set_aside_after(step)
+        self.metrics.truncate_after(step)
 
     def _set_aside_after(self, step: int) -> None:
         moved = set_aside_later_checkpoints(self.run_dir, step)
