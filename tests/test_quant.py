@@ -366,15 +366,19 @@ def test_a_quantized_model_with_the_kernels_switched_in_pickles():
 
 
 def test_kernels_keep_a_model_picklable_when_attentions_hold_the_rotary_function():
-    """transformers 5.0 puts apply_rotary_pos_emb on every attention (`rotary_fn`); once the module's name
-    is the kernel wrapper, the original function no longer pickles by reference."""
+    """transformers 5.0-5.24 without `kernels` keep apply_rotary_pos_emb, a plain function, on every
+    attention (`rotary_fn`); once the module's name is the kernel wrapper, the original function no longer
+    pickles by reference, so the attentions get the wrapper too. (From 5.25 transformers needs `kernels`:
+    the next test; `make test-transformers V=5.0.0` runs this one.)"""
     from lorakit.fast import use_fast_kernels
     from lorakit.fast.kernels.patch import _wrap_rotary
     from transformers.models.llama import modeling_llama
 
-    model = tiny_llama()
     current = modeling_llama.apply_rotary_pos_emb
+    if isinstance(current, nn.Module):
+        pytest.skip("this transformers makes apply_rotary_pos_emb a `kernels` function module (the next test)")
     original = getattr(current, "lorakit_original", current)
+    model = tiny_llama()
     attentions = [m for m in model.modules() if type(m).__name__ == "LlamaAttention"]
     for attention in attentions:
         attention.rotary_fn = original  # as transformers 5.0's use_kernelized_func does at init
@@ -382,3 +386,42 @@ def test_kernels_keep_a_model_picklable_when_attentions_hold_the_rotary_function
     assert all(a.rotary_fn is modeling_llama.apply_rotary_pos_emb for a in attentions)
     assert _wrap_rotary(original).__qualname__ == original.__qualname__
     _assert_pickles(model)
+
+
+def test_kernels_keep_a_model_picklable_when_rotary_is_a_kernels_function_module(monkeypatch):
+    """transformers with the `kernels` package (a dependency from 5.25) makes apply_rotary_pos_emb a function
+    module and gives each attention a private copy, which unpickling rebuilds from the type of the module's
+    global of that name: the global must stay that object, and the fast rotary goes into its forward."""
+    kernels_layer = pytest.importorskip("kernels._internals.layer.layer", reason="the `kernels` package is not installed")
+    from lorakit.fast import use_fast_kernels
+    from lorakit.fast.kernels import patch
+    from transformers.models.llama import modeling_llama
+
+    function_module = kernels_layer._create_func_module(_plain_rotary)()
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", function_module)
+    model = tiny_llama()
+    for attention in (m for m in model.modules() if type(m).__name__ == "LlamaAttention"):
+        attention.__dict__.setdefault("_kernel_funcs", {})["apply_rotary_pos_emb"] = type(function_module)()
+    reference = model(_ids()).logits
+    calls = []
+    monkeypatch.setattr(patch, "rotary_torch", lambda *a: calls.append(1) or _plain_rotary(*a))
+    assert "rotary" in use_fast_kernels(model)
+    assert modeling_llama.apply_rotary_pos_emb is function_module
+    assert torch.allclose(model(_ids()).logits, reference, atol=1e-6)
+    assert len(calls) == model.config.num_hidden_layers  # the attentions' calls reached the fast rotary
+    monkeypatch.setattr(patch, "rotary_torch", _plain_rotary)  # the lambda above does not pickle
+    _assert_pickles(model)
+
+
+def _plain_rotary(q, k, cos, sin, unsqueeze_dim=1):
+    """transformers' rotary embedding, written out (a module-level function kernels can wrap)."""
+    def rotate_half(x):
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+_plain_rotary.__module__ = "transformers.models.llama.modeling_llama"
+_plain_rotary.__name__ = "apply_rotary_pos_emb"

@@ -87,6 +87,12 @@ def adapter_difference(a: Path, b: Path) -> float:
 # --- forked children ------------------------------------------------------------------------
 
 def _child(args: Sequence[str], log: str) -> None:
+    # A fork copies tqdm's global write lock as it was: held, for good, if another thread of the parent
+    # (tqdm's monitor, a loader's progress bar) had it at that instant. The child starts with fresh ones.
+    from tqdm import std as tqdm_std
+
+    tqdm_std.TqdmDefaultWriteLock.th_lock = tqdm_std.TRLock()
+    tqdm_std.tqdm.set_lock(tqdm_std.TqdmDefaultWriteLock())
     with open(log, "a", encoding="utf-8") as f:
         os.dup2(f.fileno(), 1), os.dup2(f.fileno(), 2)
         sys.stdout = sys.stderr = f

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -105,17 +105,31 @@ def register_ragged_attention() -> None:
 
 
 @torch.no_grad()
-def batch_invariant_multiple(features: int, dtype: torch.dtype, device: torch.device,
-                             max_rows: int = 32) -> int:
-    """The smallest row count P such that, in batches of a multiple of P rows, a matmul computes each
-    row bit-for-bit the same wherever it sits. Probed on random data shaped like the model's layers."""
+def batch_invariant_multiple(weights: Iterable[torch.Tensor], max_rows: int = 32,
+                             probed: Optional[dict] = None) -> int:
+    """The smallest row count P such that, in batches of a multiple of P rows, a matmul with each of
+    `weights` computes each row bit-for-bit the same wherever it sits. Probed once per distinct shape,
+    dtype and device, with the weight itself and random rows: the BLAS picks its kernel by all three
+    matmul sizes, so a square probe of the hidden size says nothing of a (hidden, intermediate) one.
+    `probed` keeps the answers between calls (the kernel depends on the sizes, not on the values)."""
+    found = {} if probed is None else probed
+    wanted = set()
+    for weight in weights:
+        key = (tuple(weight.shape), weight.dtype, weight.device)
+        wanted.add(key)
+        if key not in found:
+            found[key] = _row_multiple(weight, max_rows)
+    return max((found[k] for k in wanted), default=1)  # powers of two: the largest is a multiple of every other
+
+
+def _row_multiple(weight: torch.Tensor, max_rows: int) -> int:
     gen = torch.Generator(device="cpu").manual_seed(0)
-    weight = torch.randn(features, features, generator=gen).to(device, dtype)
-    x = torch.randn(max_rows, features, generator=gen).to(device, dtype)
-    reference = F.linear(x, weight)  # (max_rows, features)
-    for multiple in (1, 2, 4, 8, 16):
-        sizes = range(multiple, max_rows + 1, multiple)
-        if all(torch.equal(F.linear(x[:m], weight), reference[:m]) for m in sizes) and \
-                all(torch.equal(F.linear(x[i:i + multiple], weight)[0], reference[i]) for i in range(0, 8)):
-            return multiple
+    x = torch.randn(max_rows, weight.shape[1], generator=gen).to(weight.device, weight.dtype)
+    with torch.no_grad():
+        reference = F.linear(x, weight)  # (max_rows, out)
+        for multiple in (1, 2, 4, 8, 16):
+            sizes = range(multiple, max_rows + 1, multiple)
+            if all(torch.equal(F.linear(x[:m], weight), reference[:m]) for m in sizes) and \
+                    all(torch.equal(F.linear(x[i:i + multiple], weight)[0], reference[i]) for i in range(0, 8)):
+                return multiple
     return max_rows

@@ -94,7 +94,14 @@ class Engine:
         inner.eval()
         weight = inner.get_input_embeddings().weight  # (vocab, hidden)
         self.device, self.dtype, self.vocab_size = weight.device, weight.dtype, weight.shape[0]
-        self.row_multiple = batch_invariant_multiple(weight.shape[1], self.dtype, self.device)
+        self._probed: dict = {}
+        self._probe_row_multiple()
+
+    def _probe_row_multiple(self) -> None:
+        """Rows per decode batch come in multiples of this, probed on every matrix a decode step multiplies
+        by: again after each command, since a new adapter brings factors of new shapes."""
+        self.row_multiple = batch_invariant_multiple(
+            (p for p in self.model.parameters() if p.dim() == 2 and p.is_floating_point()), probed=self._probed)
 
     def start(self) -> "Engine":
         if self._thread is None:
@@ -173,6 +180,8 @@ class Engine:
                     self._admitted.append(self._waiting.popleft())
             for fn, future in commands:
                 _run_command(fn, future)
+            if commands:
+                self._probe_row_multiple()
             with torch.no_grad():
                 for seq in list(self._admitted):
                     self._guarded([seq], self._prefill)

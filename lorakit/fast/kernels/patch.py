@@ -95,18 +95,51 @@ def _grouped_outputs(owner: nn.Module, projections: tuple, x: torch.Tensor) -> d
     return dict(zip(members, outputs))
 
 
+def _fast_rotary(q, k, cos, sin, *args, unsqueeze_dim=1, **kwargs):
+    """The kernel's rotary (Triton where it runs, its arithmetic in torch ops elsewhere), or None where
+    transformers' own function should run: other arguments, other shapes, or while torch.compile traces."""
+    if args or kwargs or unsqueeze_dim != 1 or not rotary_supported(q, k, cos, sin):
+        return None
+    if triton_runs(q):
+        return rotary(q, k, cos, sin)
+    if not torch.compiler.is_compiling():  # traced, its writes into halves of one output come out
+        return rotary_torch(q, k, cos, sin)  # wrong; the compiler fuses transformers' function anyway
+    return None
+
+
 def _wrap_rotary(original):
+    """For a modeling module whose apply_rotary_pos_emb is a plain function: a function in its place."""
     @functools.wraps(original)  # its module and name: pickled by reference, it resolves to the module's name
-    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
-        if unsqueeze_dim == 1 and rotary_supported(q, k, cos, sin):
-            if triton_runs(q):
-                return rotary(q, k, cos, sin)
-            if not torch.compiler.is_compiling():  # traced, its writes into halves of one output come out
-                return rotary_torch(q, k, cos, sin)  # wrong; the compiler fuses transformers' function anyway
-        return original(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+    def apply_rotary_pos_emb(*args, **kwargs):
+        out = _fast_rotary(*args, **kwargs)
+        return original(*args, **kwargs) if out is None else out
 
     apply_rotary_pos_emb.lorakit_original = original
     return apply_rotary_pos_emb
+
+
+def _rotary_module_forward(self: nn.Module, *args, **kwargs):
+    """For a modeling module whose apply_rotary_pos_emb is the `kernels` package's function module
+    (transformers with `kernels` installed): the forward of that same object. The object itself stays the
+    module's global, because kernels rebuilds each attention's private copy of it, when a model is
+    unpickled, from the type of the global of that name; its own forward still routes to a model's hub
+    kernel where the fast rotary does not apply."""
+    out = _fast_rotary(*args, **kwargs)
+    return type(self).forward(self, *args, **kwargs) if out is None else out
+
+
+def _switch_rotary(modeling) -> bool:
+    """Route `modeling.apply_rotary_pos_emb` through the fast rotary, once; False where it has none."""
+    current = getattr(modeling, "apply_rotary_pos_emb", None)
+    if current is None:
+        return False
+    if isinstance(current, nn.Module):
+        if "_lorakit_rotary" not in current.__dict__:
+            current.__dict__["_lorakit_rotary"] = True
+            current.forward = functools.partial(_rotary_module_forward, current)  # a partial pickles
+    elif not hasattr(current, "lorakit_original"):
+        modeling.apply_rotary_pos_emb = _wrap_rotary(current)
+    return True
 
 
 def use_fast_kernels(model: nn.Module) -> list[str]:
@@ -121,9 +154,8 @@ def use_fast_kernels(model: nn.Module) -> list[str]:
     if model_type not in FAMILIES:
         return []
     modeling = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    rotary_switched = _switch_rotary(modeling)
     current = getattr(modeling, "apply_rotary_pos_emb", None)
-    if current is not None and not hasattr(current, "lorakit_original"):
-        modeling.apply_rotary_pos_emb = current = _wrap_rotary(current)
     original_rotary = getattr(current, "lorakit_original", None)
     norms = mlps = attentions = 0
     for module in base.modules():
@@ -142,4 +174,4 @@ def use_fast_kernels(model: nn.Module) -> list[str]:
             # longer pickles by its module's name, the wrapper does
             module.rotary_fn = current
     switched = [f"rms_norm x{norms}", f"silu_mul x{mlps}", f"qkv_group x{attentions}"]
-    return switched + (["rotary"] if current is not None else [])
+    return switched + (["rotary"] if rotary_switched else [])
