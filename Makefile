@@ -35,7 +35,8 @@ lock:
 	@test -x .venv-lock/bin/pip-compile || { $(PY) -m venv .venv-lock && .venv-lock/bin/pip install -q pip==$(PIP_VERSION) pip-tools==$(PIP_TOOLS_VERSION); }
 	.venv-lock/bin/pip-compile -q --generate-hashes --allow-unsafe --strip-extras --extra test \
 		--no-emit-index-url --no-emit-find-links $(if $(UPGRADE),--upgrade) \
-		--constraint requirements/constraints.txt -o $(LOCK) pyproject.toml
+		--constraint requirements/constraints.txt -o $(LOCK) pyproject.toml \
+		|| { echo "make lock: the pins in $(LOCK) cannot all be kept with this pyproject.toml: run make lock UPGRADE=1"; exit 1; }
 	.venv-lock/bin/python tools/lock.py stamp
 	.venv-lock/bin/python tools/lock.py models
 

@@ -104,7 +104,7 @@ def load_test(app, total: int = 200, concurrency: int = 16, max_tokens: int = 8)
     """`total` requests (mixed adapters, some streamed) at `concurrency` against a real uvicorn server."""
     import httpx
 
-    from lorakit.serve.app import serve_in_background
+    from lorakit.serve.server import serve_in_background
 
     def one(i: int):
         body = {"model": f"a{i % ADAPTERS}" if i % 4 else "base", "prompt": QUESTIONS[i % len(QUESTIONS)],

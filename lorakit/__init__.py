@@ -4,6 +4,10 @@
 """
 __version__ = "0.1.0"
 
+from .import_noise import silence_import_noise
+
+silence_import_noise()  # before anything imports transformers (and through it torchao)
+
 from .config import LoraConfig, TaskType
 from .errors import AdapterError, ConfigError, DataError, LorakitError, ModelLoadError, TargetError
 from .lora.layer import BASE_ADAPTER

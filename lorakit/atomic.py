@@ -6,12 +6,21 @@ never a torn write, even after kill -9 or power loss.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from lorakit.errors import DiskFullError
+
+DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+               errno.EIO: "an input/output error (a failing disk?)", errno.EFBIG: "the file is too large"}
+LOW_SPACE = 1 << 20
+"""Free bytes below which a write that failed with a library's own error (safetensors' "os error 28",
+torch's "basic_ios::clear") is taken for a full disk."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -34,11 +43,47 @@ def _usual_mode(path: str | os.PathLike, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
+def disk_error(err: BaseException, path: Path, written: int = 0) -> DiskFullError | None:
+    """A DiskFullError for `err` if it is a full (or failing) disk under `path`, else None. Call it before
+    the partial file is removed: its size is part of what the write needed."""
+    folder = path if path.is_dir() else path.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    reason = DISK_ERRNOS.get(getattr(err, "errno", None))
+    if reason is None and not isinstance(err, (OSError, KeyboardInterrupt, SystemExit)) and \
+            free is not None and free < LOW_SPACE:
+        reason = "the disk is full"
+    if reason is None:
+        return None
+    free_text = f"{free / 1e6:.1f} MB free" if free is not None else "free space unknown"
+    needed = f"; it needed more than the {written / 1e6:.1f} MB it had written" if written else ""
+    return DiskFullError(errno.ENOSPC, f"could not write {path}: {reason} ({free_text} in {folder}{needed}). "
+                                       "Nothing was lost: the file is as it was and the last good checkpoint is "
+                                       "kept. Free space (or choose another --out), then continue with --resume")
+
+
+def _size(path: str | os.PathLike) -> int:
+    try:
+        return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) if Path(path).is_dir() \
+            else os.path.getsize(path)
+    except OSError:
+        return 0
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)` to produce the file, then move it to `path` atomically."""
+    """Call `write(tmp_path)` to produce the file, then move it to `path` atomically.
+
+    Raises:
+        DiskFullError: the file system is full (or over quota, or failing); nothing is left behind.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise disk_error(err, path) or err
     os.close(fd)
     try:
         write(tmp)
@@ -46,9 +91,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
             os.fsync(f.fileno())
         _usual_mode(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        full = disk_error(err, path, _size(tmp))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if full is not None:
+            raise full from err
         raise
     _fsync_dir(path.parent)
 
@@ -73,7 +121,10 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as err:
+        raise disk_error(err, path.parent) or err
     try:
         yield tmp
         _usual_mode(tmp, directory=True)
@@ -91,6 +142,21 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as err:
+        full = disk_error(err, path.parent, _size(tmp))
         shutil.rmtree(tmp, ignore_errors=True)
+        if full is not None:
+            raise full from err
         raise
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files and folders (`.NAME.XXXX.tmp`) that writes in `folder` left when their
+    process was killed mid-write; returns what was removed. Only for a folder no other process writes to."""
+    removed = []
+    folder = Path(folder)
+    if folder.is_dir():
+        for p in folder.glob(".*.tmp"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed

@@ -33,3 +33,9 @@ class DataError(LorakitError, ValueError):
 
 class ModelLoadError(LorakitError):
     """A model name or path cannot be loaded (offline, missing, unsupported)."""
+
+
+class DiskFullError(LorakitError, OSError):
+    """A write failed because its file system is full (or over quota, or failing): one message naming the
+    folder, its free space and what the write needed, instead of a library's traceback. An OSError too, so
+    code that tolerates a failed write (a plot on the way out of a crash) still does."""

@@ -102,7 +102,7 @@ def test_adapters_change_the_text_and_models_lists_them(client):
 def test_concurrent_mixed_requests_equal_each_alone(served):
     """The acceptance check: on a real uvicorn server, 18 concurrent requests across two adapters and the
     base return exactly the greedy text each returns when sent alone."""
-    from lorakit.serve.app import serve_in_background
+    from lorakit.serve.server import serve_in_background
 
     app = build(served)
     jobs = [(MODELS[i % 3], PROMPTS[i % len(PROMPTS)]) for i in range(18)]
@@ -223,7 +223,7 @@ def test_api_key_and_concurrency_limit(served):
 
 
 def test_load_test_200_requests_at_concurrency_16_no_errors_none_lost(served):
-    from lorakit.serve.app import serve_in_background
+    from lorakit.serve.server import serve_in_background
 
     app = build(served)
     with serve_in_background(app) as url, httpx.Client(base_url=url, timeout=60,
@@ -251,7 +251,8 @@ def test_lorakit_serve_command_in_a_subprocess(served):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "lorakit", "serve", "--model", str(base), "--adapter", f"legal={paths['legal']}",
-           "--port", str(port), "--device", "cpu", "--api-key", "k3y"]
+           "--port", str(port), "--device", "cpu", "--api-key", "k3y", "--stall-timeout", "120",
+           "--shutdown-timeout", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
@@ -270,13 +271,20 @@ def test_lorakit_serve_command_in_a_subprocess(served):
         r = httpx.post(f"{url}/v1/completions", headers=auth, timeout=60,
                        json={"model": "legal", "prompt": PROMPTS[0], **GREEDY})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        with socket.create_connection(("127.0.0.1", port)) as stalled:  # a request that never finishes arriving
+            stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 99\r\n\r\n{")
+            time.sleep(0.2)
+            start = time.monotonic()
+            proc.terminate()  # SIGTERM: --shutdown-timeout 1 bounds the wait for it (--stall-timeout is 120 s)
+            proc.wait(timeout=30)
+            assert time.monotonic() - start < 15
     finally:
         proc.terminate()
         proc.wait(timeout=30)
 
 
 def test_a_client_leaving_mid_stream_cancels_its_generation(served):
-    from lorakit.serve.app import serve_in_background
+    from lorakit.serve.server import serve_in_background
 
     app = build(served, max_tokens=200)
     engine = app.state.engine

@@ -208,3 +208,36 @@ def test_group_by_length_keeps_every_example_and_groups_similar_lengths():
     padded = lambda o: sum(max(lengths[i] for i in o[k:k + 4]) * 4 for k in range(0, 400, 4))  # noqa: E731
     assert padded(grouped) < 0.75 * padded(order)
     assert grouped == group_by_length(order, lengths, batch_size=4, mega_batches=10)  # deterministic
+
+
+class _ConstantClassifier(torch.nn.Module):
+    """Logits that favour `favoured` for every example (a collapsed classifier), or the class of the first token
+    when `favoured` is None."""
+
+    def __init__(self, favoured, num_labels: int = 2):
+        super().__init__()
+        self.favoured, self.num_labels = favoured, num_labels
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask=None, labels=None, token_type_ids=None):
+        from types import SimpleNamespace
+
+        picked = torch.full((len(input_ids),), self.favoured) if self.favoured is not None else \
+            input_ids[:, 1] % self.num_labels
+        logits = torch.nn.functional.one_hot(picked, self.num_labels).float() * 3 + self.anchor  # (batch, labels)
+        return SimpleNamespace(logits=logits, loss=torch.nn.functional.cross_entropy(logits, labels))
+
+
+def test_a_classifier_predicting_one_class_everywhere_is_warned_about(tmp_path):
+    tok = bert_tokenizer(tmp_path)
+    records = [{"text": text, "label": label} for text, label in
+               [("good film", 1), ("bad film", 0), ("great movie", 1), ("awful plot", 0), ("good plot", 1)]]
+    evaluate = recipe_for("seq-cls").evaluate
+    with pytest.warns(UserWarning, match=r"predicts 'pos' for all 5 examples, so accuracy 0\.600"):
+        scores = evaluate(_ConstantClassifier(1), tok, records, 16, 2, ["neg", "pos"])
+    assert scores["accuracy"] == pytest.approx(0.6)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a model that predicts both classes gets no warning
+        evaluate(_ConstantClassifier(None), tok, records, 16, 2, ["neg", "pos"])

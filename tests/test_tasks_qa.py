@@ -314,3 +314,31 @@ def test_real_squad_v2_spans_and_oracle_scores():
     scores = squad_scores(records, best_answers(records, features, starts, ends))
     assert scores["exact_match"] == 100 and scores["f1"] == 100
     assert "has_ans_f1" in scores and "no_ans_f1" in scores
+
+
+class _AlwaysNoAnswer(torch.nn.Module):
+    """A QA model whose start and end logits point at [CLS] ("no answer") for every question."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **batch):
+        out = self.model(**batch)
+        out.start_logits[:, 0] += 100.0
+        out.end_logits[:, 0] += 100.0
+        return out
+
+
+def test_no_answer_everywhere_is_reported_per_kind_and_warned_about():
+    # 7 of 10 questions unanswerable: "no answer" everywhere scores EM 70 while answering nothing
+    tok = bert_tokenizer()
+    model = _AlwaysNoAnswer(tiny_bert_qa(len(tok), seed=3))
+    records = [squad(CONTEXT, "Who was their leader?", "Rollo", f"a{i}") for i in range(3)] + \
+        [squad(CONTEXT, "When did the vikings come?", None, f"b{i}") for i in range(7)]
+    with pytest.warns(UserWarning, match=r"\"no answer\" to all 10 questions, so exact match 70\.0.*"
+                                         r"has-answer EM 0\.0, no-answer EM 100\.0"):
+        scores = evaluate_qa(model, tok, records, 64, 4)
+    assert scores["exact_match"] == pytest.approx(70.0)
+    assert scores["has_ans_exact_match"] == 0.0 and scores["no_ans_exact_match"] == 100.0
+    assert scores["no_answer_rate"] == 100.0

@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,23 +124,35 @@ def print_rank_report(report: dict[str, Any]) -> None:
 
 
 def plot_spectra(spectra, path: str | os.PathLike, title: str = "") -> Path:
-    """Normalized singular values (σ_i / σ_1, log scale) and cumulative energy, one column per layer type."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Write `spectra_figure` as a PNG (atomically)."""
     from ..atomic import atomic_write
+
+    fig = spectra_figure(spectra, title)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    return Path(path)
+
+
+def spectra_figure(spectra, title: str = ""):
+    """Normalized singular values (σ_i / σ_1, log scale) and cumulative energy, one column per layer type;
+    each line coloured by its layer number, which the colorbar names."""
+    # The Agg canvas drawn directly: no display needed, and pyplot's global backend is left alone.
+    from matplotlib import cm, colors, ticker
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     kinds: dict[str, list] = {}
     for s in spectra:
         kinds.setdefault(s.kind, []).append(s)
-    fig, axes = plt.subplots(2, len(kinds), figsize=(3.2 * len(kinds) + 1, 6), squeeze=False)
+    depth = {s.module: _layer_index(s.module, i) for i, s in enumerate(spectra)}
+    norm = colors.Normalize(min(depth.values()), max(max(depth.values()), min(depth.values()) + 1))
+    mapping = cm.ScalarMappable(norm=norm, cmap="viridis")  # early layers dark
+    fig = Figure(figsize=(3.2 * len(kinds) + 2, 6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, len(kinds), squeeze=False)
     for col, (kind, group) in enumerate(kinds.items()):
         top, bottom = axes[0][col], axes[1][col]
-        colors = plt.cm.viridis([i / max(1, len(group) - 1) for i in range(len(group))])  # early layers dark
-        for s, color in zip(group, colors):
-            sv = s.singular_values
+        for s in group:
+            sv, color = s.singular_values, mapping.to_rgba(depth[s.module])
             if float(sv[0]) <= 0:
                 continue  # a zero update has no spectrum
             index = range(1, sv.numel() + 1)
@@ -153,11 +166,18 @@ def plot_spectra(spectra, path: str | os.PathLike, title: str = "") -> Path:
         bottom.set_xlabel("singular value index i")
     axes[0][0].set_ylabel("σ_i / σ_1")
     axes[1][0].set_ylabel("cumulative energy (0.9 / 0.95 / 0.99)")
-    fig.suptitle(title or "LoRA update spectra (colour: layer depth)")
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
-    return Path(path)
+    fig.suptitle(title or "LoRA update spectra")
+    colorbar = fig.colorbar(mapping, ax=axes.ravel().tolist(), fraction=0.04, pad=0.02)
+    colorbar.set_label("layer (colour of each line)")
+    colorbar.locator = ticker.MaxNLocator(integer=True)
+    colorbar.update_ticks()
+    return fig
+
+
+def _layer_index(module: str, position: int) -> int:
+    """The layer number in a module name (model.layers.11.self_attn.q_proj -> 11); else its position."""
+    numbers = re.findall(r"\.(\d+)(?:\.|$)", module)
+    return int(numbers[0]) if numbers else position
 
 
 def write_rank_report(adapter_dir: str | os.PathLike, run_dir: str | os.PathLike) -> Path:

@@ -88,7 +88,7 @@ def _converter(hint: Any) -> tuple[Callable[[str], Any], Optional[list]]:
 
 
 # Second spellings: PEFT's names, and a way past torchrun, whose own parser takes `--r` for `--rdzv-*`.
-ALIASES = {"r": ["--lora-r"], "alpha": ["--lora-alpha"], "dropout": ["--lora-dropout"]}
+ALIASES = {"r": ["--lora-r"], "alpha": ["--lora-alpha"], "dropout": ["--lora-dropout"], "project": ["--experiment"]}
 
 
 def add_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
@@ -181,9 +181,11 @@ def resumed_run_options(cls: type, given: dict[str, Any]) -> dict[str, Any]:
     from ..train.report import CONFIG_FILE
 
     folder = getattr(cls, "named_run_dir", lambda out, name: None)(given.get("out"), given.get("name"))
-    if not given.get("resume") or folder is None or not (folder / CONFIG_FILE).is_file():
+    if not given.get("resume") or folder is None:
         return {}
     path = folder / CONFIG_FILE
+    if not path.is_file():
+        return _options_without_config_yaml(cls, given, folder)
     recorded, problems = read_yaml_options(str(path), cls)
     if problems:
         warnings.warn(f"--resume: left out of {path}: " + "; ".join(problems))
@@ -191,6 +193,31 @@ def resumed_run_options(cls: type, given: dict[str, Any]) -> dict[str, Any]:
     if os.environ.get("RANK", "0") == "0":  # (torchrun: once)
         print(f"resuming with the options recorded in {path} (options given now override them)")
     return recorded
+
+
+JOB_OPTIONS = ("model", "data", "task", "config")
+"""Options that say which job a run is: a --resume that finds no recorded options needs one of them."""
+
+
+def _options_without_config_yaml(cls: type, given: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """--resume on a folder with no config.yaml: the options its newest intact checkpoint recorded, if it has
+    one; else nothing to resume from, which is an error unless the options given say which job to start
+    (the checkpoint-every-step kill loop starts each session with --resume and its full options)."""
+    from ..train.checkpoint import latest_good_checkpoint, saved_config
+
+    checkpoint = latest_good_checkpoint(folder) if folder.is_dir() else None
+    if checkpoint is not None:
+        known = {f.name for f in dataclasses.fields(cls)}
+        recorded = {k: v for k, v in saved_config(checkpoint).items() if k in known and k != "resume"}
+        print(f"resuming with the options recorded in {checkpoint} ({folder / 'config.yaml'} is missing; "
+              "options given now override them)")
+        return recorded
+    if any(given.get(name) is not None for name in JOB_OPTIONS):
+        return {}
+    state = "has no config.yaml and no checkpoint" if folder.is_dir() else "does not exist"
+    raise ConfigError([f"{folder} {state}, so there is no run to resume (a run stopped in its first "
+                       "seconds leaves nothing). Start it again with its options: lorakit train --model ... "
+                       f"--data ... --out {folder}"], where="--resume")
 
 
 def build_config(cls: type, args: argparse.Namespace, skip: tuple[str, ...] = (),

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -126,30 +125,13 @@ def _generate(args: argparse.Namespace) -> None:
         print(f">>> {prompt}\n{text}\n")
 
 
-@command("chat", "chat with a base model plus adapter(s) in the terminal (/exit or Ctrl-D to leave)")(
+@command("chat", "chat with a base model plus adapter(s) in the terminal: line editing and history, "
+         "/help lists the commands, /exit or Ctrl-D leaves")(
     lambda p: add_options(p, GenerateOptions, skip=("prompt", "chat")))
 def _chat(args: argparse.Namespace) -> None:
-    from ..data import format_prompt
-    from ..evaluate import generate_texts
+    from .chat import chat
 
-    opts = build_config(GenerateOptions, args, skip=("prompt", "chat"))
-    model, tokenizer = load_with_adapters(opts, task="causal-lm")
-    history: list[dict] = []
-    print("lorakit chat: type a message; /reset clears the history, /exit leaves.")
-    for line in sys.stdin:
-        text = line.strip()
-        if text in ("/exit", "/quit"):
-            break
-        if text == "/reset":
-            history = []
-            continue
-        if not text:
-            continue
-        history.append({"role": "user", "content": text})
-        prompt = format_prompt(history, tokenizer)
-        reply = generate_texts(model, tokenizer, [prompt], opts.max_new_tokens)[0]
-        history.append({"role": "assistant", "content": reply})
-        print(f"assistant: {reply}", flush=True)
+    chat(build_config(GenerateOptions, args, skip=("prompt", "chat")))
 
 
 # ---------------------------------------------------------------------- merge

@@ -72,7 +72,7 @@ def run_eval(opts: "EvalOptions") -> dict[str, dict[str, float]]:
         recipe = recipe_for(task)
         score = lambda m: recipe.evaluate(m, tokenizer, records, opts.seq_len, opts.batch_size,  # noqa: E731
                                           labels or recipe.label_names(records))
-    print(f"scoring {task} on {what}" + (f" ({len(records)} records)" if records is not None else ""))
+    print(f"scoring {task} on {what}" + (f" ({len(records):,} records)" if records is not None else ""))
     results = {}
     if opts.adapter:
         with model.disable_adapter():

@@ -9,7 +9,7 @@ from ..errors import LorakitError
 from .args import add_options, build_config
 
 # The modules that define subcommands besides train (each registers itself with @command).
-COMMAND_MODULES = ("commands", "evaluate", "adapters", "estimate", "serve", "combine")
+COMMAND_MODULES = ("commands", "evaluate", "adapters", "estimate", "serve", "combine", "runs")
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {}
 
 
@@ -44,12 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     for module in COMMAND_MODULES:  # each registers its subcommands with @command
         importlib.import_module(f"{__package__}.{module}")
 
+    # allow_abbrev=False everywhere: `--max-step` must be an error, not `--max-steps` (and a prefix accepted
+    # today would become ambiguous, and break a user's command, when a longer option is added)
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning: train, evaluate, generate, "
-                                     "merge and inspect. `lorakit COMMAND --help` lists a command's options.")
+                                     "merge and inspect. `lorakit COMMAND --help` lists a command's options.",
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, configure, _) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter if False else argparse.HelpFormatter)
+        p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         p.add_argument("--config", metavar="FILE.yaml", help="read options from a YAML file; "
                        "command-line options override it")
         configure(p)
@@ -58,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _quiet_import_noise() -> None:
     """transformers imports torchao when it is installed (lorakit's QLoRA extra), and torchao logs about
-    CUDA-only kernels it cannot load and enum registrations; none of it concerns a lorakit user."""
+    CUDA-only kernels it cannot load and enum registrations; none of it concerns a lorakit user. (`import lorakit`
+    drops those known messages for library users, lorakit.import_noise; the command line hides the rest of
+    these two loggers' warnings too.)"""
     import logging
 
     for name in ("torchao", "torch.utils._pytree"):
@@ -77,11 +81,40 @@ def _one_line_warnings() -> None:
     warnings.formatwarning = format_warning
 
 
+def parse_command_line(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """Parse `argv`; a mistyped command gets "did you mean", and an unknown option is reported with the usage of
+    the command it was given to (argparse reports it with the top-level usage, which lists no options)."""
+    import difflib
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1, cutoff=0.6)
+        parser.error(f"unknown command {argv[0]!r}" + (f"; did you mean {close[0]}?" if close else "")
+                     + f" (commands: {', '.join(COMMANDS)})")
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command_parser = _subparsers(parser).get(args.command, parser)
+        options = [s for action in command_parser._actions for s in action.option_strings]
+        hints = [close[0] for arg in unknown if arg.startswith("--")
+                 for close in [difflib.get_close_matches(arg.split("=", 1)[0], options, n=1, cutoff=0.7)] if close]
+        command_parser.error(f"unrecognized arguments: {' '.join(unknown)}"
+                             + (f"; did you mean {', '.join(hints)}?" if hints else "")
+                             + f" (`lorakit {args.command} --help` lists the options)" * bool(args.command))
+    return args
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     _quiet_import_noise()
     _one_line_warnings()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, argv)
     if not args.command:
         parser.print_help()
         sys.exit(2)

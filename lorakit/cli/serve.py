@@ -44,11 +44,18 @@ class ServeOptions:
     """Largest request body accepted, in bytes."""
     ignore_base_mismatch: bool = False
     """Load adapters even when their base-model fingerprint differs (experts only)."""
+    stall_timeout: float = 30.0
+    """Seconds a connection may stall before it is closed: a request that stops arriving (a client gone
+    half-way), or a response the client stops reading."""
+    shutdown_timeout: float = 30.0
+    """On SIGTERM or Ctrl-C, seconds to let requests in flight finish; then they are cancelled and the server exits."""
 
     def validate(self) -> "ServeOptions":
         problems = [f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
                     for name in ("max_batch", "max_tokens", "max_prompt_tokens", "max_concurrent", "max_body_bytes")
                     if getattr(self, name) < 1]
+        problems += [f"--{name.replace('_', '-')} must be above 0 seconds, got {getattr(self, name)}"
+                     for name in ("stall_timeout", "shutdown_timeout") if not getattr(self, name) > 0]
         if not 0 < self.port < 65536:
             problems.append(f"--port must be 1-65535, got {self.port}")
         if self.adapters_dir is not None and not Path(self.adapters_dir).is_dir():
@@ -67,7 +74,7 @@ class ServeOptions:
 
 def named_adapters(entries: list[str]) -> dict[str, str]:
     """NAME=FOLDER entries (or bare FOLDERs, named after the folder) as {name: folder}."""
-    from ..serve.adapters import NAME_PATTERN
+    from ..serve.adapters import name_problem
 
     out: dict[str, str] = {}
     for entry in entries:
@@ -81,9 +88,10 @@ def named_adapters(entries: list[str]) -> dict[str, str]:
         if name == "base":
             raise ConfigError([f"--adapter {entry}: 'base' names the base model in requests; give the adapter "
                                "another name as NAME=FOLDER"])
-        if not NAME_PATTERN.match(name):
-            raise ConfigError([f"--adapter {entry}: {name!r} cannot name an adapter: a name is 1-64 letters, "
-                               "digits, '.', '_' or '-', starting with a letter or digit (give one as NAME=FOLDER)"])
+        problem = name_problem(name)
+        if problem:
+            raise ConfigError([f"--adapter {entry}: {name!r} cannot name an adapter: {problem} (give a name as "
+                               "NAME=FOLDER)"])
         out[name] = path
     return out
 
@@ -95,6 +103,7 @@ def _serve(args: argparse.Namespace) -> None:
 
     from ..serve.app import build_app
     from ..serve.protocol import Limits
+    from ..serve.server import server_config
 
     opts = build_config(ServeOptions, args)
     limits = Limits(max_tokens=opts.max_tokens, max_prompt_tokens=opts.max_prompt_tokens,
@@ -104,4 +113,4 @@ def _serve(args: argparse.Namespace) -> None:
                     opts.ignore_base_mismatch)
     print(f"lorakit serve: {opts.model} with adapters {sorted(named_adapters(opts.adapter)) or 'none'} on "
           f"http://{opts.host}:{opts.port}/v1", flush=True)
-    uvicorn.run(app, host=opts.host, port=opts.port, log_level="warning")
+    uvicorn.Server(server_config(app, opts.host, opts.port, opts.stall_timeout, opts.shutdown_timeout)).run()

@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ..atomic import atomic_write_json
 from ..train.config import TrainConfig
@@ -22,16 +22,20 @@ from .train_data import (calibration_batches, causal_data, causal_records, label
 # The demo's settings, measured on a 2-core CPU (docs/BENCHMARKS.md): short answers need few tokens, and
 # three epochs at a higher learning rate teach 38 facts in about four minutes; r=8 keeps the adapter < 10 MB.
 DEMO_DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 16, "epochs": 3.0, "lr": 2e-3, "batch_size": 8, "seq_len": 128,
-                                 "packing": False, "warmup_ratio": 0.05, "eval_every": 0, "save_every": 25,
-                                 "log_every": 5}
+                                 "packing": False, "warmup_ratio": 0.05, "eval_every": 0, "save_every": 25}
 # Encoder tasks: sentences are short and the data sets large, so bigger batches grouped by length, and
 # a learning rate for one epoch over tens of thousands of examples (docs/BENCHMARKS.md, SST-2/CoNLL).
 _ENCODER_DEFAULTS: dict[str, Any] = {"r": 4, "alpha": 8, "lr": 2e-3, "batch_size": 32, "seq_len": 128,
                                      "group_by_length": True, "warmup_ratio": 0.06, "lr_schedule": "linear",
-                                     "dropout": 0.1, "eval_every": 0, "save_every": 500, "log_every": 25}
+                                     "dropout": 0.1, "eval_every": 0, "save_every": 500}
+# (no log_every: by default a run logs about 50 points over its length, lorakit.train.metrics.log_interval)
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {"seq-cls": {**_ENCODER_DEFAULTS, "lr": 1e-3, "batch_size": 16},
                                             "token-cls": _ENCODER_DEFAULTS,
-                                            "qa": {**_ENCODER_DEFAULTS, "seq_len": 384, "batch_size": 16}}
+                                            "qa": {**_ENCODER_DEFAULTS, "seq_len": 384, "batch_size": 4,
+                                                   "grad_accum": 4}}
+# QA: 16 rows of 384 tokens per optimizer step, in micro-batches of 4 (the same step: lorakit's accumulation
+# averages over all 16): at 384 tokens the attention-dropout path keeps every layer's attention probabilities,
+# so 16 at once peaked at 5.3 GB RSS on minilm-l6 against 2.1 GB in fours (docs/BENCHMARKS.md)
 
 
 SCORES_FILE = "scores_{}.json"  # before / after training
@@ -44,62 +48,21 @@ def run_defaults(data_given: bool, task: str) -> dict[str, Any]:
 
 def run_train(config: TrainConfig) -> dict[str, Any]:
     """Run one training job end to end; returns the summary figures (also written to summary.json)."""
-    from .. import LoraConfig, get_peft_model
-    from ..data.readers import missing_source
-    from ..fast import label_only_lm_loss, use_fast_kernels, use_packed_attention
-    from ..models import load_model
-    from ..train import Trainer, seed_everything, write_summary
-    from ..train.distributed import init_distributed, is_main_process
-    from ..train.report import SUMMARY_FILE
-    from ..train.storage import keep_previous_run, prepare_run_dir
+    from ..train import write_summary
+    from ..train.trackers import finish_trackers
+    from ..train.distributed import is_main_process
+    from ..train.storage import new_folders, prepare_run_dir, remove_new_folders
 
-    for source in (config.data, config.eval_data):  # before the run folder and the model: a typo fails at once
-        error = missing_source(source) if source else None
-        if error is not None:
-            raise error
-    config = init_distributed(config)  # under torchrun: join the process group, use this rank's device
-    if not is_main_process():  # one copy of the run's messages (errors still reach stderr from every rank)
-        sys.stdout = open(os.devnull, "w")
+    config = _check_sources_and_join(config)
+    created = new_folders(config.run_dir())
     run_dir = prepare_run_dir(config.run_dir())  # a clear error now if --out cannot be written
-    # a fresh run keeps what an earlier one left (config.yaml is written by the Trainer, once training starts:
-    # after the checkpoint is accepted, for a resumed run)
-    if not config.resume and is_main_process():
-        kept = keep_previous_run(run_dir, run_products(), results=("adapter", "checkpoints", SUMMARY_FILE))
-        if kept is not None:
-            print(f"{run_dir} held an earlier run: moved to {kept}/ (one earlier run is kept there; "
-                  "--resume continues a run instead of starting over)")
-    seed_everything(config.seed)
-    print(f"lorakit train: model {config.model}, data {config.data or 'built-in demo (Marrowind Labs handbook)'}, "
-          f"run folder {run_dir}")
-    task = read_task_records(config)  # None for causal-lm; labels are needed to build the model's head
-    loaded = load_model(config.model, task=config.task, device=config.device, dtype=config.dtype,
-                        **(label_arguments(task) if task else {}))
-    model, tokenizer = loaded.model, loaded.tokenizer
-    records = None  # a causal-LM run's (train, val) records, once read
-    if config.quantize:  # QLoRA: the frozen base weights in 4-bit before LoRA wraps them
-        from ..quant import quantize_model
-
-        records = causal_records(config) if config.quantize_calibration > 0 and not task else None
-        calibration = calibration_batches(config, tokenizer, loaded.device, records[0]) if records else None
-        started = time.perf_counter()
-        model = quantize_model(model, config.quantize, calibration=calibration)
-        q = model.lorakit_quantization
-        print(f"QLoRA: {len(q['quantized'])} linear layers in NF4 ({q['dense_bytes'] / 1e6:.0f} MB -> "
-              f"{q['quantized_bytes'] / 1e6:.0f} MB), compute in {q['compute_dtype']}, rounding: {q['rounding']}, "
-              f"{time.perf_counter() - started:.0f} s")
-    lora = LoraConfig(**{**config.lora_kwargs(), "target_modules": _targets(config, model)})
-    model = get_peft_model(model, lora)
-    use_fast_kernels(model)  # Triton RMSNorm / SwiGLU / rotary on CUDA tensors; the same code as before elsewhere
-    loss_fn = None if task else label_only_lm_loss(model)
-    # packed examples attend within themselves, and a batch of packed rows is one row with no padding
-    padding_free = bool(config.packing and not task and use_packed_attention(model))
-    data = task_data(task, config, tokenizer) if task else \
-        causal_data(config, tokenizer, loaded.dtype, distill=loss_fn is not None, flatten=padding_free,
-                    records=records)
-    model.print_trainable_parameters()
-    before = _score(model, tokenizer, data, run_dir, "before", config)
-    trainer = Trainer(model, data["train"], data["collate"], config, run_dir, eval_data=data["val"],
-                      loss_fn=loss_fn)
+    try:  # a failed start leaves no folder behind (one that existed keeps what it held)
+        records = _start_record(config, run_dir)
+        trainer, model, tokenizer, loaded, data, before = _start_training(config, run_dir, records)
+    except BaseException:
+        if is_main_process():
+            remove_new_folders(created)
+        raise
     result = trainer.fit()
     if result.interrupted:
         launcher = "torchrun ... -m lorakit train" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "lorakit train"
@@ -108,7 +71,7 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
         raise SystemExit(130)
     if not is_main_process():  # torchrun: rank 0 scores the trained model and writes adapter + summary
         return result.summary_figures()
-    after = _score(model, tokenizer, data, run_dir, "after", config)
+    after = _score(model, tokenizer, data, run_dir, "after", config, evaluated=result.final_eval)
     adapter_dir = run_dir / "adapter"
     model.adapter_metadata["default"].update(
         {"base_model": loaded.name, "training": _with_absolute_data_paths(config.to_dict()),
@@ -126,8 +89,112 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
     elif data["task"] is not None:
         _print_task_table(figures, config.task)
     write_summary(run_dir, figures)
+    finish_trackers(trainer.callbacks, result.steps, after, figures, adapter_dir,
+                    [run_dir / "loss.png", run_dir / "rank_spectrum.png", run_dir / "summary.json"])
     print(f"adapter: {adapter_dir} ({figures['adapter_bytes'] / 1e6:.1f} MB); summary: {run_dir / 'summary.json'}")
     return figures
+
+
+def _check_sources_and_join(config: TrainConfig) -> TrainConfig:
+    """Fail at once on a missing --data / --eval-data (before any folder or model); under torchrun join the
+    process group, and let only rank 0 print the run's messages (errors still reach stderr from every rank)."""
+    from ..data.readers import missing_source
+    from ..train.distributed import init_distributed, is_main_process
+
+    for source in (config.data, config.eval_data):
+        error = missing_source(source) if source else None
+        if error is not None:
+            raise error
+    config = init_distributed(config)  # under torchrun: join the process group, use this rank's device
+    if not is_main_process():
+        sys.stdout = open(os.devnull, "w")
+    return config
+
+
+def _start_record(config: TrainConfig, run_dir: Path) -> Optional[tuple[Any, Any]]:
+    """Set the run folder up for this run and read the training data, before any model loads: a data error
+    costs seconds, not a model load. Returns a causal-LM run's (train, val) records (None for a task run,
+    whose records `read_task_records` reads). A fresh run first keeps an earlier one (moved to previous/),
+    then records its options in config.yaml at once, so a run killed at any moment can be resumed."""
+    from ..train.distributed import is_main_process
+    from ..train.report import CONFIG_FILE, SUMMARY_FILE, write_resolved_config
+    from ..atomic import remove_stale_temporaries
+    from ..train.storage import keep_previous_run
+
+    if is_main_process():
+        for folder in (run_dir, run_dir / "adapter"):  # what a write killed mid-way left (checkpoints: the Trainer)
+            remove_stale_temporaries(folder)
+        if not config.resume:
+            kept = keep_previous_run(run_dir, run_products(), results=("adapter", "checkpoints", SUMMARY_FILE))
+            if kept is not None:
+                print(f"{run_dir} held an earlier run: moved to {kept}/ (one earlier run is kept there; "
+                      "--resume continues a run instead of starting over)")
+        if not config.resume or not (run_dir / CONFIG_FILE).is_file():  # a resumed run's is rewritten once its
+            write_resolved_config(run_dir, config)                       # checkpoint is accepted (the Trainer)
+    print(f"lorakit train: model {config.model}, data {config.data or 'built-in demo (Marrowind Labs handbook)'}, "
+          f"run folder {run_dir}")
+    return None if config.task != "causal-lm" else causal_records(config)
+
+
+def _start_training(config: TrainConfig, run_dir: Path, records):
+    """Load the model, add LoRA, build the data and score the model before training; the Trainer ready to fit."""
+    from .. import LoraConfig, get_peft_model
+    from ..fast import label_only_lm_loss, use_fast_kernels, use_packed_attention
+    from ..models import load_model
+    from ..train import Trainer, seed_everything
+    from ..train.trackers import open_trackers
+
+    seed_everything(config.seed)
+    _threads_for_a_busy_cpu(config)
+    task = read_task_records(config)  # None for causal-lm; labels are needed to build the model's head
+    loaded = load_model(config.model, task=config.task, device=config.device, dtype=config.dtype,
+                        **(label_arguments(task) if task else {}))
+    model, tokenizer = loaded.model, loaded.tokenizer
+    if config.quantize:  # QLoRA: the frozen base weights in 4-bit before LoRA wraps them
+        model = _quantize(config, model, tokenizer, loaded.device, records)
+    lora = LoraConfig(**{**config.lora_kwargs(), "target_modules": _targets(config, model)})
+    model = get_peft_model(model, lora)
+    use_fast_kernels(model)  # Triton RMSNorm / SwiGLU / rotary on CUDA tensors; the same code as before elsewhere
+    loss_fn = None if task else label_only_lm_loss(model)
+    # packed examples attend within themselves, and a batch of packed rows is one row with no padding
+    padding_free = bool(config.packing and not task and use_packed_attention(model))
+    data = task_data(task, config, tokenizer) if task else \
+        causal_data(config, tokenizer, loaded.dtype, distill=loss_fn is not None, flatten=padding_free,
+                    records=records)
+    model.print_trainable_parameters()
+    before = _score(model, tokenizer, data, run_dir, "before", config)
+    trackers = open_trackers(config, run_dir, before)  # --report-to: rank 0's trackers get every logged step
+    trainer = Trainer(model, data["train"], data["collate"], config, run_dir, eval_data=data["val"],
+                      loss_fn=loss_fn, callbacks=[trackers], evaluate_fn=_evaluate_fn(model, tokenizer, data, config))
+    return trainer, model, tokenizer, loaded, data, before
+
+
+def _threads_for_a_busy_cpu(config: TrainConfig) -> None:
+    """On a CPU other work is using, fewer torch threads (see runtime.cpu_threads_for_load), said at start."""
+    import torch
+
+    from ..train.runtime import cpu_threads_for_load
+
+    if config.device not in ("cpu", "auto") or (config.device == "auto" and torch.cuda.is_available()):
+        return
+    threads, reason = cpu_threads_for_load()
+    if reason is not None:
+        torch.set_num_threads(threads)
+        print(reason)
+
+
+def _quantize(config: TrainConfig, model, tokenizer, device, records):
+    from ..quant import quantize_model
+
+    use = records if config.quantize_calibration > 0 and records is not None else None
+    calibration = calibration_batches(config, tokenizer, device, use[0]) if use else None
+    started = time.perf_counter()
+    model = quantize_model(model, config.quantize, calibration=calibration)
+    q = model.lorakit_quantization
+    print(f"QLoRA: {len(q['quantized'])} linear layers in NF4 ({q['dense_bytes'] / 1e6:.0f} MB -> "
+          f"{q['quantized_bytes'] / 1e6:.0f} MB), compute in {q['compute_dtype']}, rounding: {q['rounding']}, "
+          f"{time.perf_counter() - started:.0f} s")
+    return model
 
 
 def _with_absolute_data_paths(options: dict[str, Any]) -> dict[str, Any]:
@@ -141,10 +208,11 @@ def run_products() -> tuple[str, ...]:
     """The names `lorakit train` writes into a run folder (a fresh run moves an earlier run's to previous/)."""
     from ..train.loop import METRICS_FILE
     from ..train.report import CONFIG_FILE, PLOT_FILE, SUMMARY_FILE
+    from ..train.trackers import TRACKER_PRODUCTS
     from .adapters import PLOT_NAME, REPORT_NAME
 
     return ("adapter", "checkpoints", CONFIG_FILE, SUMMARY_FILE, METRICS_FILE, PLOT_FILE, SCORES_FILE.format("before"),
-            SCORES_FILE.format("after"), REPORT_NAME, PLOT_NAME)
+            SCORES_FILE.format("after"), REPORT_NAME, PLOT_NAME, *TRACKER_PRODUCTS)
 
 
 def _targets(config: TrainConfig, model) -> Any:
@@ -170,8 +238,26 @@ def _targets(config: TrainConfig, model) -> Any:
     return targets
 
 
-def _score(model, tokenizer, data: dict, run_dir: Path, when: str, config: TrainConfig) -> dict[str, Any]:
-    """Scores before or after training; 'before' is cached in the run folder so a resumed run reuses it."""
+def _task_scores(model, tokenizer, data: dict, config: TrainConfig) -> dict[str, float]:
+    """A task run's metrics on its evaluation records, eval_loss among them (the recipe's one pass)."""
+    task = data["task"]
+    metrics = task["recipe"].evaluate(model, tokenizer, task["eval"], config.seq_len, config.batch_size * 4,
+                                      task["labels"])
+    return {name if name.startswith("eval_") else f"eval_{name}": value for name, value in metrics.items()}
+
+
+def _evaluate_fn(model, tokenizer, data: dict, config: TrainConfig):
+    """What the Trainer's evaluations compute: a task's own metrics (so the curve, the trackers and the final
+    scores share one pass), else None (the Trainer's mean loss). One process only: the recipes are not sharded."""
+    if data["task"] is None or not len(data["task"]["eval"]) or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return None
+    return lambda: _task_scores(model, tokenizer, data, config)
+
+
+def _score(model, tokenizer, data: dict, run_dir: Path, when: str, config: TrainConfig,
+           evaluated: Optional[dict] = None) -> dict[str, Any]:
+    """Scores before or after training; 'before' is cached in the run folder so a resumed run reuses it.
+    `evaluated`: the figures the Trainer's final evaluation already computed on the same data (not redone)."""
     from ..data import answer_is_correct
     from ..evaluate import eval_loss, score_demo
     from ..train.batching import loss_unit_counter
@@ -180,17 +266,16 @@ def _score(model, tokenizer, data: dict, run_dir: Path, when: str, config: Train
     if when == "before" and config.resume and cache.is_file():
         return json.loads(cache.read_text())
     start = time.perf_counter()
-    scores: dict[str, Any] = {}
-    if data["task"] is not None and len(data["task"]["eval"]):  # the recipes report eval_loss from the same pass
-        task = data["task"]
-        metrics = task["recipe"].evaluate(model, tokenizer, task["eval"], config.seq_len, config.batch_size * 4,
-                                          task["labels"])
-        scores.update({name if name.startswith("eval_") else f"eval_{name}": value for name, value in metrics.items()})
+    scores: dict[str, Any] = {k: v for k, v in (evaluated or {}).items()
+                              if k.startswith("eval_") and k not in ("eval_perplexity", "eval_tokens")}
+    if data["task"] is not None and len(data["task"]["eval"]) and not scores:
+        scores.update(_task_scores(model, tokenizer, data, config))  # the recipes report eval_loss from that pass
     if data["val"] and "eval_loss" not in scores:
         scores["eval_loss"] = eval_loss(model, data["val"], data["collate"], config.batch_size,
-                                        count_units=loss_unit_counter(config.task))["loss"]
+                                        count_units=loss_unit_counter(config.task),
+                                        progress=f"evaluating {when} training")["loss"]
     if data["demo"] is not None:
-        demo = score_demo(model, tokenizer, data["demo"], answer_is_correct)
+        demo = score_demo(model, tokenizer, data["demo"], answer_is_correct, progress=f"scoring {when} training")
         scores.update(asdict(demo))
     print(f"scored the model {when} training in {time.perf_counter() - start:.0f}s: "
           + ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, float)))

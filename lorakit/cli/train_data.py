@@ -47,13 +47,18 @@ def read_task_records(config: TrainConfig) -> Optional[dict[str, Any]]:
     records = read_records(config.data)
     check_format(recipe, records)
     labels = recipe.label_names(records)
+    if config.task == "seq-cls" and labels is not None and len(labels) < 2:
+        from ..errors import DataError
+
+        raise DataError(f"every record has the label {labels[0]!r}: a classifier learns to tell two or more "
+                        "classes apart; add records of the other classes", path=config.data)
     if config.eval_data:
         train, evaluation = records, read_records(config.eval_data, labels=labels)
         check_format(recipe, evaluation)
     else:
         train, evaluation = train_val_split(records, val_fraction=VAL_FRACTION, seed=config.seed)
-    print(f"training data: {len(train)} {records.format} records from {config.data}; evaluation: "
-          f"{len(evaluation)} records" + (f"; labels: {', '.join(labels[:12])}" if labels else ""))
+    print(f"training data: {len(train):,} {records.format} records from {config.data}; evaluation: "
+          f"{len(evaluation):,} records" + (f"; labels: {', '.join(labels[:12])}" if labels else ""))
     return {"recipe": recipe, "train": train, "eval": evaluation, "labels": labels}
 
 

@@ -14,6 +14,8 @@ Normalized records (what `RecordSet.records` holds) per format:
 
 from __future__ import annotations
 
+import difflib
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -214,6 +216,11 @@ FORMATS: tuple[FormatSpec, ...] = (
 
 FORMAT_NAMES = tuple(dict.fromkeys(spec.name for spec in FORMATS))
 
+OPTIONAL_FIELDS = {"alpaca": ("input",), "squad": ("id", "title", "is_impossible", "plausible_answers"),
+                   "classification": ("text", "sentence"), "token_classification": ("tags", "ner_tags")}
+"""Fields a format reads besides its required ones (a field close to one of these, or to a required one,
+but not it, is a typo the reader warns about)."""
+
 
 def detect_format(row: dict, src: Source) -> FormatSpec:
     """The first format in `FORMATS` whose required fields `row` has.
@@ -259,15 +266,54 @@ def normalize_rows(rows: list[RawRow], path: str, labels: list[str] | None = Non
     if not rows:
         raise DataError("no records found: the data is empty", path=path)
     first_spec = detect_format(*rows[0])
-    records, sources = [], []
+    records, sources, misspelled = [], [], {}
     for row, src in rows:
         spec = detect_format(row, src)
         if spec.name != first_spec.name:
             raise _mixed_formats(row, src, spec, first_spec, rows[0][1])
         for record in spec.normalize(row, src):
+            _check_characters(record, src)
             records.append(record)
             sources.append(src)
+        _find_misspelled(row, src, spec, misspelled)
+    for field, (meant, src) in misspelled.items():
+        warnings.warn(f"{src}: field {field!r} is ignored ({first_spec.name} reads "
+                      f"{', '.join(_known_fields(first_spec))}): did you mean {meant!r}? Rename it, or drop it")
     names = None
     if first_spec.label_field:
         names = assign_label_ids(records, sources, first_spec.label_field, labels)
     return RecordSet(first_spec.name, records, sources, names, path)
+
+
+def _known_fields(spec: FormatSpec) -> list[str]:
+    return list(dict.fromkeys([n for names in spec.required for n in names] + list(OPTIONAL_FIELDS.get(spec.name, ()))))
+
+
+def _find_misspelled(row: dict, src: Source, spec: FormatSpec, found: dict) -> None:
+    """Record (first place only) each field of `row` the format ignores that is a near-spelling of one it reads."""
+    known = _known_fields(spec)
+    for field in row:
+        if isinstance(field, str) and field not in known and field not in found:
+            close = difflib.get_close_matches(field, known, n=1, cutoff=0.75)
+            if close:
+                found[field] = (close[0], src)
+
+
+def _check_characters(value: object, src: Source, where: str = "") -> None:
+    """Text the tokenizer cannot take is a data error at its record: a lone UTF-16 surrogate (a broken
+    `\\ud800` escape; it has no UTF-8 form) or a NUL character (a binary or truncated export)."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise src.error(f"field {where or 'text'} holds a NUL character (at character {value.index(chr(0))}): "
+                            "the file looks binary or cut; remove the character or the record")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise src.error(f"field {where or 'text'} holds a lone surrogate {value[err.start]!a} at character "
+                            f"{err.start} (a broken \\uXXXX escape, half of a UTF-16 pair): fix or remove it") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_characters(item, src, f"{where}.{key}" if where else repr(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_characters(item, src, f"{where}[{i}]")

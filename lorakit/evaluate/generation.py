@@ -5,6 +5,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from lorakit.progress import progress_bar
+
 
 def chat_prompts(tokenizer, questions: Sequence[str], system: Optional[str] = None) -> list[str]:
     """Each question as a one-turn chat, rendered exactly as training renders prompts (chat template,
@@ -17,14 +19,16 @@ def chat_prompts(tokenizer, questions: Sequence[str], system: Optional[str] = No
 
 @torch.no_grad()
 def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48, batch_size: int = 16,
-                   adapter_names: Optional[Sequence[str]] = None) -> list[str]:
-    """Greedy continuations of `prompts` (left-padded batches), decoded without special tokens."""
+                   adapter_names: Optional[Sequence[str]] = None, progress: Optional[str] = None) -> list[str]:
+    """Greedy continuations of `prompts` (left-padded batches), decoded without special tokens; `progress`:
+    a progress bar's label (None: no bar)."""
     was_training = model.training
     model.eval()
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
     texts: list[str] = []
+    bar = progress_bar(len(prompts), progress, unit="prompt")
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start:start + batch_size])
@@ -36,7 +40,9 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
                                  pad_token_id=tokenizer.pad_token_id, **extra)
             new = out[:, enc["input_ids"].shape[1]:]  # (batch, new_tokens)
             texts.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
+            bar.update(len(chunk))
     finally:
+        bar.close()
         tokenizer.padding_side = side
         model.train(was_training)
     return texts

@@ -166,10 +166,17 @@ def read_adapter(directory: str | os.PathLike,
     return config_dict, read_adapter_tensors(directory, allow_pickle)
 
 
+def model_order(module: str) -> list[Any]:
+    """Sort key putting modules in model order: numbers compared as numbers (layers 2 before 10; a safetensors
+    file stores its keys as text, 0, 1, 10, 11, ..., 2)."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", module)]
+
+
 def adapter_spectra(config: LoraConfig, tensors: dict[str, torch.Tensor]) -> list[LayerSpectrum]:
-    """One LayerSpectrum per adapted layer, in file order. Raises AdapterError when r disagrees with the file."""
+    """One LayerSpectrum per adapted layer, in model order (`model_order`). Raises AdapterError when r disagrees
+    with the file."""
     spectra = []
-    for module, (key_a, key_b) in lora_pairs(tensors).items():
+    for module, (key_a, key_b) in sorted(lora_pairs(tensors).items(), key=lambda item: model_order(item[0])):
         A, B = tensors[key_a], tensors[key_b]
         if A.shape[0] != config.rank_for(module):
             raise AdapterError(f"{key_a} has rank {A.shape[0]} but adapter_config.json gives {module} "

@@ -7,22 +7,44 @@ import asyncio
 import contextlib
 import hmac
 import json
-from typing import Any, AsyncIterator, Iterator, Optional
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
+from . import schema
 from .adapters import AdapterRegistry
-from .engine import Engine, RequestHandle
-from .protocol import (ApiError, Limits, ParsedRequest, TextAssembler, check_lengths, chunk, full_response, new_id,
-                       parse_chat, parse_completion, usage)
+from .engine import SHUTTING_DOWN, Engine, RequestHandle
+from .protocol import (ApiError, Limits, ParsedRequest, TextAssembler, check_json, check_lengths, chunk,
+                       full_response, new_id, parse_chat, parse_completion, usage)
+from .server import serve_in_background  # noqa: F401  (its former home: scripts import it from here)
+
+T = TypeVar("T")
+
+
+@dataclass
+class _Server:
+    """What the request handlers share."""
+
+    engine: Engine
+    registry: AdapterRegistry
+    limits: Limits
+    tokenizing: ThreadPoolExecutor  # one thread: tokenizing and chat templates stay off the event loop
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizing, fn, *args)
 
 
 def create_app(engine: Engine, registry: AdapterRegistry, limits: Limits, base_name: str,
                api_key: Optional[str] = None) -> FastAPI:
-    """The FastAPI application; the engine thread is started and stopped with it."""
+    """The FastAPI application; the engine thread is started and stopped with it. With an API key, every
+    route but /health asks for it, the OpenAPI schema included (and the /docs pages, which cannot send it,
+    are off)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -30,7 +52,10 @@ def create_app(engine: Engine, registry: AdapterRegistry, limits: Limits, base_n
         yield
         engine.stop()
 
-    app = FastAPI(title="lorakit serve", lifespan=lifespan)
+    docs = api_key is None
+    app = FastAPI(title="lorakit serve", lifespan=lifespan, openapi_url="/openapi.json" if docs else None,
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None)
+    server = _Server(engine, registry, limits, ThreadPoolExecutor(1, thread_name_prefix="lorakit-tokenize"))
     app.state.engine, app.state.registry, app.state.limits = engine, registry, limits
     _add_error_handlers(app)
 
@@ -42,24 +67,24 @@ def create_app(engine: Engine, registry: AdapterRegistry, limits: Limits, base_n
             raise ApiError(401, "missing or incorrect API key: send 'Authorization: Bearer KEY'", None,
                            "invalid_api_key")
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)], responses=schema.errors())
 
     @v1.get("/models")
     async def models() -> dict:
         return registry.listing(base_name)
 
-    @v1.post("/completions")
+    @v1.post("/completions", openapi_extra=schema.body(schema.COMPLETION, "OpenAI's completion request"))
     async def completions(request: Request):
         parsed = parse_completion(await read_json(request, limits), limits)
-        return await _generate(engine, registry, limits, parsed, chat=False)
+        return await _generate(server, request, parsed, chat=False)
 
-    @v1.post("/chat/completions")
+    @v1.post("/chat/completions", openapi_extra=schema.body(schema.CHAT, "OpenAI's chat completion request"))
     async def chat_completions(request: Request):
         parsed, messages = parse_chat(await read_json(request, limits), limits)
-        parsed.prompt_text = render_chat(engine.tokenizer, messages)
-        return await _generate(engine, registry, limits, parsed, chat=True)
+        parsed.prompt_text = await server.off_loop(render_chat, engine.tokenizer, messages)
+        return await _generate(server, request, parsed, chat=True)
 
-    @v1.post("/adapters")
+    @v1.post("/adapters", openapi_extra=schema.body(schema.LOAD_ADAPTER, "an adapter folder to load, and its name"))
     async def load_adapter(request: Request) -> dict:
         body = await read_json(request, limits)
         if not isinstance(body, dict):
@@ -74,47 +99,70 @@ def create_app(engine: Engine, registry: AdapterRegistry, limits: Limits, base_n
     async def health() -> dict:
         return {"status": "ok", "in_flight": engine.load()}
 
+    if not docs:
+        @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(authorize)])
+        async def openapi() -> dict:
+            return app.openapi()
+
     app.include_router(v1)
     return app
+
+
+class _ErrorResponse(JSONResponse):
+    """OpenAI's error body, as ASCII JSON: a message that quotes the client's text stays valid whatever it holds."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return _ErrorResponse(exc.body(), status_code=exc.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         err = ApiError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
-        return JSONResponse(err.body(), status_code=exc.status_code)
+        return _ErrorResponse(err.body(), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(ApiError(400, str(exc.errors())).body(), status_code=400)
+        problems = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in exc.errors())
+        return _ErrorResponse(ApiError(400, problems or "invalid request").body(), status_code=400)
 
     @app.exception_handler(Exception)
     async def server_error(_request: Request, exc: Exception) -> JSONResponse:
-        err = ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type_="server_error")
-        return JSONResponse(err.body(), status_code=500)
+        # The exception's text may name files on the server: it goes to the server's log (uvicorn logs it), not here.
+        err = ApiError(500, f"internal error ({type(exc).__name__}); the server's log has the details",
+                       type_="server_error")
+        return _ErrorResponse(err.body(), status_code=500)
 
 
 async def read_json(request: Request, limits: Limits) -> Any:
-    """The body as JSON, refused (413) past the size limit before it is all read, 400 if not JSON."""
+    """The body as JSON, refused (413) past the size limit before it is all read, 400 if not JSON (or nested
+    too deep, or holding lone surrogates: see `check_json`)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limits.max_body_bytes:
         raise ApiError(413, f"request body of {declared} bytes is over the limit of {limits.max_body_bytes}",
                        code="request_too_large")
     parts, size = [], 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limits.max_body_bytes:
-            raise ApiError(413, f"request body is over the limit of {limits.max_body_bytes} bytes",
-                           code="request_too_large")
-        parts.append(part)
     try:
-        return json.loads(b"".join(parts))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        async for part in request.stream():
+            size += len(part)
+            if size > limits.max_body_bytes:
+                raise ApiError(413, f"request body is over the limit of {limits.max_body_bytes} bytes",
+                               code="request_too_large")
+            parts.append(part)
+    except ClientDisconnect:
+        raise ApiError(400, "the client left before sending the whole request body") from None
+    try:
+        body = json.loads(b"".join(parts))
+    except RecursionError:
+        raise ApiError(400, "the request body nests too deeply", code="invalid_json") from None
+    except ValueError as e:  # not JSON, not UTF-8, an integer of thousands of digits ...
         raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    check_json(body)
+    return body
 
 
 def render_chat(tokenizer, messages: list[dict[str, str]]) -> str:
@@ -137,9 +185,10 @@ def _prompt_ids(engine: Engine, parsed: ParsedRequest, chat: bool) -> list[int]:
     return engine.tokenizer(parsed.prompt_text, add_special_tokens=not chat)["input_ids"]
 
 
-async def _generate(engine: Engine, registry: AdapterRegistry, limits: Limits, parsed: ParsedRequest, chat: bool):
-    adapter = registry.resolve(parsed.model)
-    ids = _prompt_ids(engine, parsed, chat)
+async def _generate(server: _Server, request: Request, parsed: ParsedRequest, chat: bool):
+    engine, limits = server.engine, server.limits
+    adapter = server.registry.resolve(parsed.model)
+    ids = await server.off_loop(_prompt_ids, engine, parsed, chat)
     check_lengths(len(ids), parsed.params, limits)
     if engine.load() >= limits.max_concurrent:
         raise ApiError(429, f"the server is at its limit of {limits.max_concurrent} concurrent requests; retry "
@@ -150,16 +199,41 @@ async def _generate(engine: Engine, registry: AdapterRegistry, limits: Limits, p
                            lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)))
     rid = new_id(chat)
     text = TextAssembler(engine.tokenizer, parsed.stop)
-    if parsed.stream:
+    if parsed.stream:  # (StreamingResponse stops the stream, and so the generation, when the client leaves)
         return StreamingResponse(_stream(chat, rid, parsed, len(ids), events, handle, text),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     try:
-        pieces, finish = [], "length"
-        async for piece, finish in _pieces(events, handle, text):
-            pieces.append(piece)
+        done = await _unless_client_leaves(request, _collect(events, handle, text))
     finally:
         handle.cancel()  # no-op when finished; stops the work if the client went away
-    return full_response(chat, rid, parsed.model, "".join(pieces), finish, usage(len(ids), len(text.ids)))
+    if done is None:
+        return Response(status_code=499)  # nobody is there to read it (nginx's "client closed request")
+    completion, finish = done
+    return full_response(chat, rid, parsed.model, completion, finish, usage(len(ids), len(text.ids)))
+
+
+async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> Optional[T]:
+    """`work`'s result, or None (and `work` cancelled) if the client disconnects first."""
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    job, watch = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({job, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not job.done():
+            job.cancel()
+    return job.result() if job.done() and not job.cancelled() else None
+
+
+async def _collect(events: asyncio.Queue, handle: RequestHandle, text: TextAssembler) -> tuple[str, str]:
+    """(the whole completion, its finish reason)."""
+    pieces, finish = [], "length"
+    async for piece, finish in _pieces(events, handle, text):
+        pieces.append(piece)
+    return "".join(pieces), finish
 
 
 async def _pieces(events: asyncio.Queue, handle: RequestHandle, text: TextAssembler) -> AsyncIterator[tuple[str, str]]:
@@ -177,6 +251,8 @@ async def _pieces(events: asyncio.Queue, handle: RequestHandle, text: TextAssemb
         elif kind == "done":
             yield text.finish(), value
             return
+        elif value == SHUTTING_DOWN:
+            raise ApiError(503, value, code="server_shutting_down", type_="server_error")
         else:
             raise ApiError(500, str(value), code="generation_failed", type_="server_error")
 
@@ -226,27 +302,3 @@ def build_app(model: str, adapters: dict[str, str], adapters_dir: Optional[str] 
     for name, path in adapters.items():
         registry.load_blocking(name, path)
     return create_app(engine, registry, limits, loaded.name, api_key)
-
-
-@contextlib.contextmanager
-def serve_in_background(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
-    """Run `app` under uvicorn on a thread (port 0 = any free port); yields its base URL, stops on exit."""
-    import threading
-    import time
-
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="lorakit-uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the server did not start")
-        time.sleep(0.02)
-    bound = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://{host}:{bound}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)

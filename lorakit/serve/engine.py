@@ -29,6 +29,9 @@ from .attention import (ATTENTION_NAME, STEP_ROWS, SequenceKV, StepRows, batch_i
                         register_ragged_attention)
 
 
+SHUTTING_DOWN = "the server is shutting down"  # the error every unfinished request gets when the engine stops
+
+
 @dataclass
 class SamplingParams:
     """How one request picks tokens. temperature 0 = greedy (exact and batch-independent)."""
@@ -192,7 +195,7 @@ class Engine:
                     self._guarded(list(self._running), self._decode)
         for seq in self._requests():
             with contextlib.suppress(Exception):  # the client's event loop may be gone already
-                seq.emit("error", "the server is shutting down")
+                seq.emit("error", SHUTTING_DOWN)
 
     def _guarded(self, seqs: list[Sequence], step: Callable[[list[Sequence]], None]) -> None:
         """Run a step; if it fails, fail its requests (with the reason) and keep serving the others."""
@@ -263,7 +266,11 @@ def _pick(logits: torch.Tensor, params: SamplingParams, generator: Optional[torc
     """Greedy (argmax, first of ties) or temperature + nucleus sampling for one row of logits (vocab,)."""
     if params.temperature <= 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits / params.temperature, dim=-1).cpu()
+    # On the CPU in float64 (any positive JSON temperature stays positive there; MPS has no float64), shifted
+    # so the largest logit is 0: a temperature as small as 1e-300 then gives 0 and -inf (greedy, in effect)
+    # where float32 would divide by a zero and give NaN.
+    logits = logits.cpu().double()
+    probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)
     if params.top_p < 1:
         sorted_probs, order = probs.sort(descending=True)
         keep = sorted_probs.cumsum(0) - sorted_probs < params.top_p  # the smallest set reaching top_p

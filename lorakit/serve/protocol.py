@@ -51,11 +51,52 @@ class ParsedRequest:
     include_usage: bool
 
 
-# Fields we know but do not implement: refused unless left at their neutral value.
-_UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "top_logprobs": None,
-                "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "suffix": None,
-                "tools": None, "tool_choice": None, "response_format": None}
+# Fields we know but do not implement: refused unless absent, null or at their neutral value (n=0 is refused:
+# OpenAI refuses it too, it is not "one choice").
+_UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "logprobs": False, "top_logprobs": None,
+                "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "suffix": "",
+                "tools": [], "tool_choice": None, "response_format": None}
 _ROLES = ("system", "developer", "user", "assistant")
+MAX_JSON_DEPTH = 32  # OpenAI's bodies nest 4 deep; deeper is refused before anything walks it recursively
+
+
+def _neutral(value: Any, neutral: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(neutral, bool) or isinstance(value, bool):
+        return value is neutral
+    if isinstance(neutral, int):
+        return type(value) in (int, float) and value == neutral and (neutral == 0 or type(value) is int)
+    return type(value) is type(neutral) and value == neutral
+
+
+def check_json(body: Any) -> None:
+    """Refuse what the JSON parser lets through but nothing after it should see: nesting deeper than
+    MAX_JSON_DEPTH and strings holding lone surrogates ("\\ud800"), which are not Unicode text (the tokenizer
+    and the UTF-8 encoder both fail on them). Iterative, so a deep body cannot exhaust the stack here."""
+    stack = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            _check_text(value)
+        elif isinstance(value, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise ApiError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    _check_text(key)
+                    stack.append((item, depth + 1))
+            else:
+                stack.extend((item, depth + 1) for item in value)
+
+
+def _check_text(text: str) -> None:
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, "the request body holds a lone UTF-16 surrogate (such as \\ud800), which is not "
+                           "valid Unicode text", code="invalid_json") from None
 
 
 def _number(body: dict, name: str, default: float, low: float, high: float, integer: bool = False) -> Any:
@@ -78,8 +119,9 @@ def _common(body: Any, limits: Limits, default_max_tokens: int) -> tuple[str, Sa
     if not isinstance(model, str) or not model:
         raise ApiError(400, "model is required: 'base' or the name of a served adapter (GET /v1/models)", "model")
     for name, neutral in _UNSUPPORTED.items():
-        if body.get(name) not in (None, neutral, False, {}, []):
-            raise ApiError(400, f"{name}={body[name]!r} is not supported by lorakit serve", name, "unsupported")
+        if not _neutral(body.get(name), neutral):
+            shown = repr(body[name]) if len(repr(body[name])) <= 60 else "this value"
+            raise ApiError(400, f"{name}={shown} is not supported by lorakit serve", name, "unsupported")
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _number(body, key, min(default_max_tokens, limits.max_tokens), 1, limits.max_tokens, integer=True)
     params = SamplingParams(max_tokens=max_tokens,

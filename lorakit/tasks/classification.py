@@ -7,6 +7,7 @@ the macro average over the classes, as scikit-learn's `f1_score(average="macro")
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional, Sequence
 
 import torch
@@ -137,7 +138,22 @@ def evaluate(model, tokenizer, records: Records, seq_len: int, batch_size: int,
     examples = encode(records, tokenizer, seq_len, labels)
     logits, loss = predict(model, tokenizer, examples, batch_size)
     pred = [int(row.argmax()) for row in logits]
-    return {**accuracy_f1([ex["labels"] for ex in examples], pred, len(labels)), "eval_loss": loss}
+    scores = accuracy_f1([ex["labels"] for ex in examples], pred, len(labels))
+    warn_if_one_class(pred, labels, {**scores, "eval_loss": loss})
+    return {**scores, "eval_loss": loss}
+
+
+def warn_if_one_class(pred: Sequence[int], labels: Sequence[str], scores: dict[str, float]) -> None:
+    """Warn when the model predicts the same class for every example: accuracy is then that class's share of
+    the data (the majority-class baseline at best), which reads like skill and is none."""
+    if len(pred) < 2 or len(labels) < 2 or len(set(pred)) > 1:
+        return
+    warnings.warn(f"seq-cls: the model predicts {labels[pred[0]]!r} for all {len(pred):,} examples, so accuracy "
+                  f"{scores['accuracy']:.3f} and F1 {scores['f1']:.3f} only measure how common that class is "
+                  f"(eval loss {scores.get('eval_loss', float('nan')):.4f}). Expected of an untrained "
+                  "head; after training, train longer (--epochs, --max-steps) "
+                  "or with another --lr, and check that the training labels are not nearly all one class",
+                  stacklevel=3)
 
 
 RECIPE = TaskRecipe(name="seq-cls", formats=("classification",), label_names=label_names, encode=encode,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import re
 import string
+import warnings
 from typing import Any, Optional, Sequence
 
 import torch
@@ -327,8 +328,9 @@ def evaluate_qa(model, tokenizer, records: Any, seq_len: int, batch_size: int = 
             unanswerable questions (SQuAD v2), no otherwise (SQuAD v1.1).
 
     Returns:
-        `exact_match`, `f1`, `has_ans_*` / `no_ans_*` breakdowns, and `eval_loss` (the span
-        loss averaged over features).
+        `exact_match`, `f1`, `has_ans_*` / `no_ans_*` breakdowns, `no_answer_rate` (the percentage
+        of questions answered "no answer", when that answer is allowed) and `eval_loss` (the span
+        loss averaged over features). Warns when every answer is "no answer".
     """
     check_format(RECIPE, records)
     rows = _rows(records)
@@ -338,7 +340,26 @@ def evaluate_qa(model, tokenizer, records: Any, seq_len: int, batch_size: int = 
     starts, ends, loss = span_logits(model, tokenizer, features, batch_size)
     predictions = best_answers(rows, features, starts, ends, n_best=n_best,
                                max_answer_len=max_answer_len, allow_unanswerable=allow_unanswerable)
-    return {**squad_scores(rows, predictions), "eval_loss": loss}
+    scores = squad_scores(rows, predictions)
+    if allow_unanswerable:
+        scores["no_answer_rate"] = _percent([not p for p in predictions])
+    warn_if_no_answer_everywhere(predictions, {**scores, "eval_loss": loss})
+    return {**scores, "eval_loss": loss}
+
+
+def warn_if_no_answer_everywhere(predictions: Sequence[str], scores: dict[str, float]) -> None:
+    """Warn when the model answers "no answer" to every question: exact match and F1 then only count the
+    unanswerable questions (70 when 7 of 10 are), which reads like skill and is none."""
+    if len(predictions) < 2 or any(predictions):
+        return
+    parts = [f"{name} {scores[key]:.1f}" for name, key in (("has-answer EM", "has_ans_exact_match"),
+                                                          ("no-answer EM", "no_ans_exact_match")) if key in scores]
+    warnings.warn(f"qa: the model answers \"no answer\" to all {len(predictions):,} questions, so exact match "
+                  f"{scores['exact_match']:.1f} and F1 {scores['f1']:.1f} only count the unanswerable ones "
+                  f"({', '.join(parts)}; eval loss {scores.get('eval_loss', float('nan')):.4f}). "
+                  "Expected of an untrained head; after training, train longer "
+                  "(--epochs, --max-steps) or with a higher --lr, and check --seq-len keeps the answers "
+                  "(384 is usual)", stacklevel=3)
 
 
 # --- helpers and the recipe -----------------------------------------------------------------

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Union
 
 from lorakit.errors import ConfigError
+from lorakit.train.trackers import tracker_problems
 
 TASKS = ("causal-lm", "seq-cls", "token-cls", "qa", "seq2seq")
 # PEFT's TaskType value for each --task
@@ -126,8 +127,9 @@ class TrainConfig:
     resume: Union[bool, str] = False
     """Continue from a checkpoint: true = the latest good one in the run folder; or a checkpoint
     or run folder path."""
-    log_every: int = 10
-    """Write the training loss to metrics.jsonl every N optimizer steps."""
+    log_every: Optional[int] = None
+    """Write the training loss to metrics.jsonl every N optimizer steps; None = about 50 points over the run
+    (every 1 to 25 steps), so that a short run still draws a curve."""
     eval_every: int = 100
     """Score --eval-data every N optimizer steps (and always at the end); 0 = only at the end."""
     save_every: int = 100
@@ -141,11 +143,21 @@ class TrainConfig:
     rank_report: bool = False
     """At the end, write the adapter's singular-value spectra (rank_spectrum.png, rank_report.json) and
     the rank that keeps 99% of the update's energy into the run folder (see `lorakit rank`)."""
+    report_to: Union[str, list[str], None] = None
+    """Experiment trackers that get every logged step (the step numbers of metrics.jsonl), the options and,
+    at the end, the adapter: any of tensorboard, wandb, mlflow, trackio, comma-separated; none = only the run
+    folder. Each is an extra (pip install 'lorakit[wandb]' ...); W&B runs offline unless WANDB_MODE is set,
+    MLflow writes <run>/mlruns unless MLFLOW_TRACKING_URI is set."""
+    run_name: Optional[str] = None
+    """The run's name in the trackers; None = --name, else the run folder's name."""
+    project: Optional[str] = None
+    """The W&B / trackio project and the MLflow experiment (also --experiment); None = lorakit."""
 
     def validate(self) -> "TrainConfig":
         """Check every field; raise one `ConfigError` listing all problems. Returns self."""
         problems = _choice_problems(self) + _number_problems(self) + _target_problems(self.targets)
         problems += _combination_problems(self)
+        problems += tracker_problems(self.report_to)
         if problems:
             raise ConfigError(problems, where="train config")
         return self
@@ -217,7 +229,6 @@ def _number_problems(c: TrainConfig) -> list[str]:
         ("lr", c.lr, lambda v: v > 0, "> 0"),
         ("warmup_ratio", c.warmup_ratio, lambda v: 0 <= v <= 1, "in [0, 1]"),
         ("weight_decay", c.weight_decay, lambda v: v >= 0, ">= 0"),
-        ("log_every", c.log_every, lambda v: v >= 1, ">= 1"),
         ("eval_every", c.eval_every, lambda v: v >= 0, ">= 0"),
         ("save_every", c.save_every, lambda v: v >= 0, ">= 0"),
         ("keep_checkpoints", c.keep_checkpoints, lambda v: v >= 1, ">= 1"),
@@ -225,7 +236,8 @@ def _number_problems(c: TrainConfig) -> list[str]:
     ]
     optional = [("warmup_steps", c.warmup_steps, lambda v: v >= 0, ">= 0 or None"),
                 ("max_grad_norm", c.max_grad_norm, lambda v: v >= 0, ">= 0 or None"),
-                ("lora_plus_ratio", c.lora_plus_ratio, lambda v: v > 0, "> 0 or None")]
+                ("lora_plus_ratio", c.lora_plus_ratio, lambda v: v > 0, "> 0 or None"),
+                ("log_every", c.log_every, lambda v: v >= 1, ">= 1 or None")]
     rules += [rule for rule in optional if rule[1] is not None]
     integers = {"max_steps", "batch_size", "grad_accum", "seq_len", "r", "log_every", "eval_every",
                 "save_every", "keep_checkpoints", "warmup_steps", "seed"}

@@ -42,8 +42,10 @@ from lorakit.train.checkpoint import (TrainState, clean_interrupted_writes, conf
 from lorakit.train.checkpointer import Checkpointer
 from lorakit.train.config import TrainConfig
 from lorakit.train.interrupt import StopFlag, stop_on_signals
-from lorakit.train.metrics import MetricsLog
+from lorakit.train.metrics import MetricsLog, log_interval
 from lorakit.train.optim import build_optimizer, build_scheduler, trainable_parameters
+from lorakit.progress import progress_bar
+from lorakit.train.divergence import DivergenceWatch
 from lorakit.train.report import PLOT_FILE, plot_metrics, write_resolved_config
 from lorakit.train.storage import RunFolderError, describe, prepare_run_dir
 
@@ -80,12 +82,16 @@ class TrainResult:
     interrupted: bool
     resumed_from_step: Optional[int]
     last_checkpoint: Optional[str]
+    final_eval: Optional[dict] = None
+    """Every figure of the evaluation at the last step (None when it did not run there): callers reuse it
+    instead of evaluating the same data again."""
 
     def summary_figures(self) -> dict[str, Any]:
         keys = ("train_seconds", "train_tokens", "train_label_tokens", "tokens_per_second",
                 "steps", "epochs", "final_loss", "final_eval_loss", "final_eval_perplexity",
                 "skipped_batches", "interrupted")
-        return {k: v for k, v in asdict(self).items() if k in keys}
+        return {k: v for k, v in asdict(self).items()
+                if k in keys and not (k == "final_eval_perplexity" and v is None)}  # (none for classifiers)
 
 
 @dataclass
@@ -112,6 +118,8 @@ class Trainer:
         progress: show a tqdm bar (loss, tokens/s, ETA).
         loss_fn: `loss_fn(model, batch) -> loss`; default `model(**batch).loss` (e.g. lorakit.fast's
             label-only LM loss, which gives the same value faster).
+        evaluate_fn: `evaluate_fn() -> {"eval_loss": ..., other eval_* figures}` in place of `evaluate()`
+            (e.g. a task's own metrics, computed in the same pass as its loss).
     """
 
     def __init__(self, model: nn.Module, train_data: Sequence[Any],
@@ -119,7 +127,8 @@ class Trainer:
                  run_dir: Optional[Path | str] = None, eval_data: Optional[Sequence[Any]] = None,
                  *, count_loss_units: Optional[batching.LossUnitCounter] = None,
                  callbacks: Sequence[Callback] = (), progress: bool = True,
-                 loss_fn: Optional[Callable[[nn.Module, dict], torch.Tensor]] = None):
+                 loss_fn: Optional[Callable[[nn.Module, dict], torch.Tensor]] = None,
+                 evaluate_fn: Optional[Callable[[], dict[str, float]]] = None):
         self.config = copy.deepcopy(config).validate()
         if len(train_data) == 0:
             raise ValueError("the training data is empty")
@@ -129,6 +138,7 @@ class Trainer:
         self.count_loss_units = count_loss_units or batching.loss_unit_counter(self.config.task)
         self.callbacks, self.progress = list(callbacks), progress
         self.loss_fn = loss_fn or (lambda model, batch: model(**batch).loss)
+        self.evaluate_fn = evaluate_fn
         self.device = runtime.model_device(model)
         if self.device.type == "cpu":  # freed activations stay in the process: no page faults every step
             keep_freed_memory()
@@ -141,8 +151,12 @@ class Trainer:
         by_epochs = c.max_steps == -1
         self.total_steps = math.ceil(c.epochs * self.steps_per_epoch) if by_epochs else c.max_steps
         self.max_epochs = math.ceil(c.epochs) if by_epochs else None
+        self.log_every = log_interval(c.log_every, self.total_steps)
         self.loss_module, self.sharded = self._prepare_model()
         self.params = [p for _, p in trainable_parameters(model)]  # (FSDP: this rank's shards)
+        # finite divergence; the weight-norm sign only where this process holds whole tensors
+        self._divergence = DivergenceWatch([] if self.sharded else self.params)
+        self._divergence_reported = False
         self.optimizer = build_optimizer(model, c)
         self.scheduler = build_scheduler(self.optimizer, c, self.total_steps)
         self.grad_scaler = runtime.grad_scaler(self.device, self.amp_dtype)
@@ -194,10 +208,12 @@ class Trainer:
             order = sorted(range(len(data)), key=lambda i: len(data[i]["input_ids"]))
         except (TypeError, KeyError, IndexError):  # examples of another form: as they come
             order = list(range(len(data)))
+        label = "evaluating" if self.progress and self.group.is_main else None
         try:
-            with torch.no_grad():
+            with torch.no_grad(), progress_bar(len(data), label, unit="example", leave=False) as bar:
                 for start in range(0, len(data), size):
                     batch = self.collate_fn([data[i] for i in order[start:start + size]])
+                    bar.update(len(order[start:start + size]))
                     n = self.count_loss_units(batch)
                     if n == 0:
                         continue
@@ -208,6 +224,8 @@ class Trainer:
         finally:
             self.model.train(was_training)
         eval_loss = loss_sum / units if units else float("nan")
+        if self.config.task not in ("causal-lm", "seq2seq"):  # a loss per example or tag has no perplexity
+            return {"eval_loss": eval_loss, "eval_tokens": units}
         return {"eval_loss": eval_loss, "eval_perplexity": _perplexity(eval_loss), "eval_tokens": units}
 
     # --- start and finish ---------------------------------------------------------------------
@@ -294,7 +312,8 @@ class Trainer:
             final_eval_perplexity=last_eval.get("eval_perplexity"),
             skipped_batches=s.skipped_batches, interrupted=interrupted,
             resumed_from_step=resumed_from,
-            last_checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None)
+            last_checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
+            final_eval=dict(last_eval) if last_eval.get("step") == s.step else None)
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -365,7 +384,8 @@ class Trainer:
         self._tick()
         bar.update(1)
         bar.set_postfix(loss=f"{outcome.loss:.4f}", tok_s=f"{self._session_rate():.0f}")
-        if s.step % c.log_every == 0 or s.step == self.total_steps:
+        self._check_divergence(outcome)
+        if s.step % self.log_every == 0 or s.step == self.total_steps:
             self._log_train(outcome)
         if self.eval_data is not None and c.eval_every and s.step % c.eval_every == 0:
             self._log_eval()
@@ -459,6 +479,24 @@ class Trainer:
             f"training stopped and {where}. Lower --lr, check the data, resume with --resume, "
             "or pass --nan-policy skip to drop such batches.")
 
+    def _check_divergence(self, outcome: _StepOutcome) -> None:
+        """Apply nan_policy to a run that diverged with finite numbers (lorakit.train.divergence): "stop"
+        raises as for a NaN (after logging this step, so the curve shows it); "skip" warns once and goes on."""
+        reason = self._divergence.observe(self.state.step, outcome.loss, outcome.grad_norm)
+        if reason is None or self._divergence_reported:
+            return
+        self._divergence_reported = True
+        self._emit({"event": "diverged", "step": self.state.step, "reason": reason,
+                    "policy": self.config.nan_policy})
+        if self.config.nan_policy == "skip":
+            warnings.warn(f"{reason}. Training goes on (--nan-policy skip); lower --lr and start again.", stacklevel=2)
+            return
+        self._log_train(outcome)
+        good = latest_good_checkpoint(self.run_dir)
+        where = f"the last good checkpoint is {good}" if good else "no checkpoint was written yet"
+        raise NonFiniteLossError(f"{reason}. Training stopped; {where}. Lower --lr (or raise --warmup-steps) "
+                                 "and start again, or pass --nan-policy skip to only warn.")
+
     # --- logging, evaluation, checkpoints -----------------------------------------------------
 
     def _log_train(self, outcome: _StepOutcome) -> None:
@@ -475,8 +513,11 @@ class Trainer:
 
     def _log_eval(self) -> None:
         started = time.perf_counter()
-        figures = self.evaluate()
+        figures = self.evaluate_fn() if self.evaluate_fn is not None else self.evaluate()
         self._eval_seconds += time.perf_counter() - started
+        bar = getattr(self, "_bar", None)
+        if bar is not None and not bar.disable:
+            bar.start_t += time.perf_counter() - started
         self.state.last_eval = {**figures, "step": self.state.step}
         self._emit({"event": "eval", "step": self.state.step, "epoch": self._epoch_float(), **figures})
 
@@ -501,9 +542,11 @@ class Trainer:
     # --- small helpers ------------------------------------------------------------------------
 
     def _progress_bar(self) -> tqdm:
-        return tqdm(total=self.total_steps, initial=self.state.step,
-                    disable=not self.progress or not self.group.is_main,
-                    unit="step", desc="train", dynamic_ncols=True)
+        """The training bar. Its ETA is the mean step rate of this session (see lorakit.progress), with the
+        time spent evaluating taken out (_log_eval moves its start), so an evaluation does not swing it."""
+        self._bar = progress_bar(self.total_steps, "train" if self.progress and self.group.is_main else None,
+                                 unit="step", initial=self.state.step)
+        return self._bar
 
     def _clock(self) -> float:
         """Seconds on a clock that stands still while the trainer evaluates (training time only)."""

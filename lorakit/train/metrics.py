@@ -9,9 +9,22 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 from lorakit.atomic import atomic_write_text
+
+LOG_POINTS = 50
+"""About how many train lines a run logs when --log-every is not given."""
+MAX_LOG_INTERVAL = 25
+"""... and at most this many steps apart (a long run keeps a detailed curve)."""
+
+
+def log_interval(log_every: Optional[int], total_steps: int) -> int:
+    """Steps between train lines: `log_every`, or without it about LOG_POINTS over the run (1 to
+    MAX_LOG_INTERVAL steps apart), so a 30-step run logs every step and a 4-step run still has its points."""
+    if log_every is not None:
+        return log_every
+    return max(1, min(MAX_LOG_INTERVAL, round(total_steps / LOG_POINTS)))
 
 
 def json_safe(value: Any) -> Any:

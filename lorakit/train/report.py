@@ -16,47 +16,79 @@ CONFIG_FILE = "config.yaml"
 PLOT_FILE = "loss.png"
 
 
-def plot_metrics(metrics_path: Path | str, png_path: Path | str) -> Path | None:
-    """Draw train loss and eval loss against steps, lr on a second axis; write a PNG atomically.
+def plot_metrics(metrics_path: Path | str, png_path: Path | str, title: str | None = None) -> Path | None:
+    """Draw `metrics_figure` of the metrics file and write it as a PNG atomically. The title names the run:
+    `title`, else the run folder's name with the model, task and data its config.yaml records.
 
     Returns the PNG path, or None when there is nothing to plot yet.
     """
-    # The Agg canvas drawn directly: no display needed, and pyplot's global backend is left alone.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    events = read_metrics(metrics_path)
-    train = [(e["step"], e["loss"], e.get("lr")) for e in events
-             if e.get("event") == "train" and e.get("loss") is not None]
-    evals = [(e["step"], e["eval_loss"]) for e in events
-             if e.get("event") == "eval" and e.get("eval_loss") is not None]
-    if not train and not evals:
+    fig = metrics_figure(read_metrics(metrics_path), title or run_title(Path(png_path).parent))
+    if fig is None:
         return None
-    fig = Figure(figsize=(8, 4.5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    if train:
-        ax.plot([s for s, _, _ in train], [l for _, l, _ in train], label="train loss", color="C0")
-    if evals:
-        ax.plot([s for s, _ in evals], [l for _, l in evals], "o-", label="eval loss", color="C1")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    lines, labels = ax.get_legend_handles_labels()
-    lrs = [(s, lr) for s, _, lr in train if lr is not None]
-    if lrs:
-        ax_lr = ax.twinx()
-        ax_lr.plot([s for s, _ in lrs], [lr for _, lr in lrs], "--", color="C2", label="lr")
-        ax_lr.set_ylabel("learning rate")
-        more_lines, more_labels = ax_lr.get_legend_handles_labels()
-        lines, labels = lines + more_lines, labels + more_labels
-    ax.legend(lines, labels, loc="upper right")
-    ax.set_title("lorakit training")
-    fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     png_path = Path(png_path)
     atomic_write(png_path, lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
     return png_path
+
+
+def metrics_figure(events: list[dict[str, Any]], title: str):
+    """A matplotlib Figure: train and eval loss against steps in the top panel, the learning rate in its own
+    panel below (on one axis with the loss, its line hid the loss curve), every point marked (a short run has
+    few). None when there is no loss to draw."""
+    # The Agg canvas drawn directly: no display needed, and pyplot's global backend is left alone.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    train = [(e["step"], e["loss"]) for e in events if e.get("event") == "train" and e.get("loss") is not None]
+    evals = [(e["step"], e["eval_loss"]) for e in events
+             if e.get("event") == "eval" and e.get("eval_loss") is not None]
+    lrs = [(e["step"], e["lr"]) for e in events if e.get("event") == "train" and e.get("lr") is not None]
+    if not train and not evals:
+        return None
+    fig = Figure(figsize=(8, 6), dpi=100)
+    FigureCanvasAgg(fig)
+    loss_ax, lr_ax = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    if train:
+        loss_ax.plot(*zip(*train), marker="o", markersize=_marker_size(len(train)), lw=1.2, color="C0",
+                     label=f"train loss ({len(train)} points)")
+    if evals:
+        loss_ax.plot(*zip(*evals), marker="s", markersize=5, lw=1.2, color="C1", label="eval loss")
+    loss_ax.set_ylabel("loss")
+    loss_ax.grid(alpha=0.3)
+    loss_ax.legend(loc="upper right")
+    if lrs:
+        lr_ax.plot(*zip(*lrs), marker=".", markersize=_marker_size(len(lrs)), lw=1, color="C2")
+    lr_ax.set_ylabel("learning rate")
+    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    lr_ax.grid(alpha=0.3)
+    lr_ax.set_xlabel("optimizer step")
+    lr_ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers (a 4-step run: 1, 2, 3, 4)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _marker_size(points: int) -> float:
+    """Big markers when there are few points (each one matters), small ones when the line is dense."""
+    return 5.0 if points <= 30 else 3.0 if points <= 200 else 0.0
+
+
+def run_title(run_dir: Path) -> str:
+    """'lorakit run NAME: model M, task T, data D' from the run folder and its config.yaml (what it records)."""
+    parts = []
+    try:
+        recorded = yaml.safe_load((run_dir / CONFIG_FILE).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        recorded = {}
+    if isinstance(recorded, dict):
+        for key in ("model", "task", "data"):
+            if recorded.get(key):
+                parts.append(f"{key} {Path(str(recorded[key])).name if key == 'data' else recorded[key]}")
+    if isinstance(recorded, dict) and not recorded.get("data") and recorded:
+        parts.append("built-in demo data")
+    return f"lorakit run {run_dir.resolve().name}" + (": " + ", ".join(parts) if parts else "")
 
 
 def write_resolved_config(run_dir: Path | str, config: Any) -> Path:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import warnings
 from typing import ContextManager, Optional
@@ -84,3 +85,31 @@ def enable_gradient_checkpointing(model: nn.Module) -> bool:
     if frozen and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     return True
+
+
+def cpu_threads_for_load(cores: Optional[int] = None, load: Optional[float] = None) -> tuple[int, Optional[str]]:
+    """(torch threads to use on the CPU, a line saying why, or None when all cores are free).
+
+    Torch's CPU threads spin at every barrier: on cores that other processes also want (a load average
+    above what is free), they wait on each other far more than they compute (10x slower and worse on two
+    busy cores). So take one thread per core the load leaves free, at least one. The user's own choice
+    (OMP_NUM_THREADS, or torch.set_num_threads called before) is left alone."""
+    if "OMP_NUM_THREADS" in os.environ or torch.get_num_threads() != _default_threads():
+        return torch.get_num_threads(), None
+    cores = cores or _default_threads()
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except OSError:
+            return torch.get_num_threads(), None
+    free = max(1, int(cores - load + 0.5))
+    if free >= min(cores, torch.get_num_threads()):
+        return torch.get_num_threads(), None
+    return free, (f"the CPU is busy (load {load:.1f} on {cores} cores): training on {free} thread"
+                  f"{'s' if free > 1 else ''} so they do not fight the other work for cores "
+                  "(OMP_NUM_THREADS=N chooses)")
+
+
+def _default_threads() -> int:
+    """What torch picks when nobody chose: one thread per core it may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -43,6 +43,29 @@ def prepare_run_dir(run_dir: Path | str) -> Path:
     return run_dir
 
 
+def new_folders(run_dir: Path | str) -> list[Path]:
+    """The folders that creating `run_dir` would make (it and its missing parents), innermost first."""
+    missing = []
+    for folder in (Path(run_dir).absolute(), *Path(run_dir).absolute().parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing
+
+
+def remove_new_folders(folders: list[Path]) -> None:
+    """Undo `prepare_run_dir` for a run that failed to start: remove the folders `new_folders` listed before
+    it (this process made them, so all they hold is this run's), innermost first; a parent only if empty."""
+    for i, folder in enumerate(folders):
+        if i == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            try:
+                folder.rmdir()
+            except OSError:  # something else was put there meanwhile: leave it
+                return
+
+
 PREVIOUS = "previous"
 
 
