@@ -128,7 +128,7 @@ def test_a_busy_cpu_gets_one_thread_per_free_core(monkeypatch, cores, load, thre
     if threads is None:
         assert chosen == cores and reason is None
     else:
-        assert chosen == threads and f"load {load:.1f} on {cores} cores" in reason
+        assert chosen == threads and f"using {load:.1f} of {cores} cores" in reason
 
 
 def test_a_thread_count_the_user_chose_is_kept(monkeypatch):
@@ -136,3 +136,30 @@ def test_a_thread_count_the_user_chose_is_kept(monkeypatch):
 
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert runtime.cpu_threads_for_load(cores=2, load=5.0)[1] is None
+
+
+def test_cores_in_use_sees_a_spinning_process():
+    import multiprocessing
+
+    from lorakit.train import runtime
+
+    idle = runtime._cores_in_use()
+    if idle is None:
+        pytest.skip("/proc/stat cannot be read here")
+    stop = multiprocessing.get_context("fork").Event()
+    spinner = multiprocessing.get_context("fork").Process(target=_spin, args=(stop,))
+    spinner.start()
+    try:
+        import time
+
+        time.sleep(0.3)
+        busy = runtime._cores_in_use()
+    finally:
+        stop.set()
+        spinner.join(5)
+    assert busy >= 0.7  # one core's worth, whatever else runs beside the test
+
+
+def _spin(stop) -> None:
+    while not stop.is_set():
+        pass

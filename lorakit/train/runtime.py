@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import time
 import warnings
 from typing import ContextManager, Optional
 
@@ -90,24 +91,44 @@ def enable_gradient_checkpointing(model: nn.Module) -> bool:
 def cpu_threads_for_load(cores: Optional[int] = None, load: Optional[float] = None) -> tuple[int, Optional[str]]:
     """(torch threads to use on the CPU, a line saying why, or None when all cores are free).
 
-    Torch's CPU threads spin at every barrier: on cores that other processes also want (a load average
-    above what is free), they wait on each other far more than they compute (10x slower and worse on two
-    busy cores). So take one thread per core the load leaves free, at least one. The user's own choice
-    (OMP_NUM_THREADS, or torch.set_num_threads called before) is left alone."""
+    Torch's CPU threads spin at every barrier: on cores that other processes also want, they wait on each
+    other far more than they compute (10x slower and worse on two busy cores). So take one thread per core
+    the other work leaves free, at least one. `load`: cores in use by other work; default measured now (the
+    CPU time all processes took over a quarter second: the load average lags a minute behind, and would still
+    count a run that just ended). The user's own choice (OMP_NUM_THREADS, or torch.set_num_threads called
+    before) is left alone."""
     if "OMP_NUM_THREADS" in os.environ or torch.get_num_threads() != _default_threads():
         return torch.get_num_threads(), None
     cores = cores or _default_threads()
     if load is None:
-        try:
-            load = os.getloadavg()[0]
-        except OSError:
+        load = _cores_in_use()
+        if load is None:
             return torch.get_num_threads(), None
     free = max(1, int(cores - load + 0.5))
     if free >= min(cores, torch.get_num_threads()):
         return torch.get_num_threads(), None
-    return free, (f"the CPU is busy (load {load:.1f} on {cores} cores): training on {free} thread"
-                  f"{'s' if free > 1 else ''} so they do not fight the other work for cores "
-                  "(OMP_NUM_THREADS=N chooses)")
+    return free, (f"the CPU is busy (other work is using {load:.1f} of {cores} cores): training on {free} "
+                  f"thread{'s' if free > 1 else ''} so they do not fight it for cores (OMP_NUM_THREADS=N chooses)")
+
+
+def _cores_in_use(seconds: float = 0.25) -> Optional[float]:
+    """How many cores' worth of CPU time the machine's processes took over `seconds` (Linux /proc/stat),
+    None where that cannot be read. Scaled to the cores this process may use."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+        return sum(values[:8]) - idle, sum(values[:8])
+
+    try:
+        busy0, total0 = sample()
+        time.sleep(seconds)
+        busy1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (busy1 - busy0) / (total1 - total0) * (os.cpu_count() or 1)
 
 
 def _default_threads() -> int:
