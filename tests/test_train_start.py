@@ -163,3 +163,44 @@ def test_cores_in_use_sees_a_spinning_process():
 def _spin(stop) -> None:
     while not stop.is_set():
         pass
+
+
+def test_resume_without_a_run_folder_is_an_error_not_a_new_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert _exit_code(["train", "--resume"]) == 2
+    assert "--resume continues the run in a folder: name it with --out" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_progress_bars_follow_tqdm_disable():
+    """(tqdm reads TQDM_* variables when it is imported: a fresh process.)"""
+    import os
+    import subprocess
+    import sys
+
+    code = "from lorakit.progress import progress_bar\nwith progress_bar(3, 'scoring') as bar: bar.update(3)"
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stderr
+    hidden = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "TQDM_DISABLE": "1"}).stderr
+    assert "scoring" in shown and "scoring" not in hidden
+
+
+def test_a_task_recipe_shows_a_bar_under_a_phase_and_none_outside(capsys):
+    """Scoring a task (the recipes' batch loops) shows a bar when its caller names the phase."""
+    import torch
+
+    from lorakit.progress import phase
+    from lorakit.tasks.classification import predict
+    from tests.test_data_helpers import tiny_tokenizer
+
+    class Classifier(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, labels=None):
+            logits = torch.zeros(input_ids.shape[0], 2)
+            return type("Out", (), {"logits": logits, "loss": torch.tensor(0.5)})()
+
+    examples = [{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1], "labels": 0} for _ in range(5)]
+    predict(Classifier(), tiny_tokenizer(), examples, 2)
+    assert "scoring before training" not in capsys.readouterr().err
+    with phase("scoring before training"):
+        predict(Classifier(), tiny_tokenizer(), examples, 2)
+    assert "scoring before training" in capsys.readouterr().err

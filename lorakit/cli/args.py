@@ -181,7 +181,12 @@ def resumed_run_options(cls: type, given: dict[str, Any]) -> dict[str, Any]:
     from ..train.report import CONFIG_FILE
 
     folder = getattr(cls, "named_run_dir", lambda out, name: None)(given.get("out"), given.get("name"))
-    if not given.get("resume") or folder is None:
+    if not given.get("resume"):
+        return {}
+    if folder is None and given.get("resume") is True and "out" in {f.name for f in dataclasses.fields(cls)}:
+        raise ConfigError(["--resume continues the run in a folder: name it with --out RUN (or --name NAME for "
+                           "runs/NAME); without one, a new run would start in runs/<date-time>"], where="--resume")
+    if folder is None:
         return {}
     path = folder / CONFIG_FILE
     if not path.is_file():

@@ -49,6 +49,7 @@ def _causal_scorer(records, tokenizer, opts: "EvalOptions") -> Callable[[Any], d
 def run_eval(opts: "EvalOptions") -> dict[str, dict[str, float]]:
     """Score base and base + adapter with the task's metrics; print them side by side."""
     from ..lora.files import read_meta
+    from ..progress import phase
     from ..train import seed_everything
 
     meta = read_meta(opts.adapter[0]) if opts.adapter else {}
@@ -75,9 +76,10 @@ def run_eval(opts: "EvalOptions") -> dict[str, dict[str, float]]:
     print(f"scoring {task} on {what}" + (f" ({len(records):,} records)" if records is not None else ""))
     results = {}
     if opts.adapter:
-        with model.disable_adapter():
+        with model.disable_adapter(), phase("scoring the base model"):
             results["base"] = score(model)
-    results["base + adapter" if opts.adapter else "base"] = score(model)
+    with phase("scoring base + adapter" if opts.adapter else "scoring the base model"):
+        results["base + adapter" if opts.adapter else "base"] = score(model)
     columns = list(results)
     print(f"{'metric':<20}" + "".join(f"{c:>18}" for c in columns))
     for metric in results[columns[0]]:

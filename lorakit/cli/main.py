@@ -76,9 +76,19 @@ def _one_line_warnings() -> None:
 
     def format_warning(message, category, filename, lineno, line=None) -> str:
         kind = "warning" if category is UserWarning else category.__name__
-        return f"{kind}: {message}\n"
+        return f"{_off_the_bar()}{kind}: {message}\n"
 
     warnings.formatwarning = format_warning
+
+
+def _off_the_bar() -> str:
+    """What puts a message on a line of its own while a progress bar is drawn on stderr: in a terminal, back to
+    the bar's line start and clear it (the bar redraws below at its next update); elsewhere a new line."""
+    from tqdm import tqdm
+
+    if not getattr(tqdm, "_instances", None):
+        return ""
+    return "\r\x1b[K" if sys.stderr.isatty() else "\n"
 
 
 def parse_command_line(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:

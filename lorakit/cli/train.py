@@ -260,6 +260,7 @@ def _score(model, tokenizer, data: dict, run_dir: Path, when: str, config: Train
     `evaluated`: the figures the Trainer's final evaluation already computed on the same data (not redone)."""
     from ..data import answer_is_correct
     from ..evaluate import eval_loss, score_demo
+    from ..progress import phase
     from ..train.batching import loss_unit_counter
 
     cache = run_dir / SCORES_FILE.format(when)
@@ -269,7 +270,8 @@ def _score(model, tokenizer, data: dict, run_dir: Path, when: str, config: Train
     scores: dict[str, Any] = {k: v for k, v in (evaluated or {}).items()
                               if k.startswith("eval_") and k not in ("eval_perplexity", "eval_tokens")}
     if data["task"] is not None and len(data["task"]["eval"]) and not scores:
-        scores.update(_task_scores(model, tokenizer, data, config))  # the recipes report eval_loss from that pass
+        with phase(f"scoring {when} training"):  # the recipes report eval_loss from that pass
+            scores.update(_task_scores(model, tokenizer, data, config))
     if data["val"] and "eval_loss" not in scores:
         scores["eval_loss"] = eval_loss(model, data["val"], data["collate"], config.batch_size,
                                         count_units=loss_unit_counter(config.task),

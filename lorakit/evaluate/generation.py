@@ -5,7 +5,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from lorakit.progress import progress_bar
+from lorakit.progress import phase_bar, progress_bar
 
 
 def chat_prompts(tokenizer, questions: Sequence[str], system: Optional[str] = None) -> list[str]:
@@ -28,7 +28,7 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
     texts: list[str] = []
-    bar = progress_bar(len(prompts), progress, unit="prompt")
+    bar = progress_bar(len(prompts), progress, unit="prompt") if progress else phase_bar(len(prompts), unit="prompt")
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start:start + batch_size])

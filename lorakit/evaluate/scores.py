@@ -8,7 +8,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from lorakit.evaluate.generation import chat_prompts, generate_texts
-from lorakit.progress import progress_bar
+from lorakit.progress import phase_bar, progress_bar
 
 
 @torch.no_grad()
@@ -24,7 +24,7 @@ def eval_loss(model, examples: Sequence[dict], collate: Callable[[list], dict], 
     model.eval()
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
-    with progress_bar(len(examples), progress, unit="example") as bar:
+    with (progress_bar(len(examples), progress, unit="example") if progress else phase_bar(len(examples))) as bar:
         for start in range(0, len(examples), batch_size):
             batch = {k: v.to(device) for k, v in collate(list(examples[start:start + batch_size])).items()}
             bar.update(min(batch_size, len(examples) - start))

@@ -13,6 +13,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from lorakit.errors import DataError
+from lorakit.progress import phase_bar
 from lorakit.tasks import Records, TaskRecipe, check_format
 
 
@@ -98,10 +99,12 @@ def predict(model, tokenizer, examples: list[dict], batch_size: int,
     total, units = 0.0, 0
     was_training = model.training
     model.eval()
+    bar = phase_bar(len(order))
     try:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             batch = pad_batch([examples[i] for i in chunk], tokenizer, label_pad)
+            bar.update(len(chunk))
             result = model(**to_device(batch, device))
             n = int((batch["labels"] != label_pad).sum()) if label_pad is not None else len(chunk)
             total, units = total + float(result.loss) * n, units + n
@@ -109,6 +112,7 @@ def predict(model, tokenizer, examples: list[dict], batch_size: int,
             for row, i in enumerate(chunk):
                 out[i] = logits[row]
     finally:
+        bar.close()
         model.train(was_training)
     return out, total / max(units, 1)  # type: ignore[return-value]
 

@@ -26,6 +26,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from lorakit.errors import ConfigError
+from lorakit.progress import phase_bar
 from lorakit.tasks import TaskRecipe, check_format
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -174,9 +175,11 @@ def span_logits(model, tokenizer, features: list[dict], batch_size: int
     model.eval()
     device = next(model.parameters()).device
     starts, ends, loss_sum = [], [], 0.0
+    bar = phase_bar(len(features), unit="window")
     try:
         for first in range(0, len(features), batch_size):
             chunk = features[first:first + batch_size]
+            bar.update(len(chunk))
             batch = {k: v.to(device) for k, v in collate_qa(chunk, tokenizer).items()}
             out = model(**batch)
             loss_sum += float(out.loss) * len(chunk) if out.loss is not None else float("nan")
@@ -185,6 +188,7 @@ def span_logits(model, tokenizer, features: list[dict], batch_size: int
                 starts.append(out.start_logits[row, :n].float().cpu())  # (n,)
                 ends.append(out.end_logits[row, :n].float().cpu())  # (n,)
     finally:
+        bar.close()
         model.train(was_training)
     return starts, ends, loss_sum / max(len(features), 1)
 

@@ -30,6 +30,7 @@ import torch
 
 from lorakit.errors import DataError
 from lorakit.tasks import TaskRecipe, check_format
+from lorakit.progress import phase_bar
 from lorakit.tasks.qa import exact_match, normalize_answer, token_f1
 
 IGNORE_INDEX = -100
@@ -147,15 +148,18 @@ def generate_seq2seq(model, tokenizer, sources: Sequence[str], max_new_tokens: i
     tokenizer.padding_side = "right"  # encoder inputs: absolute positions (BART) start at 0
     device = next(model.parameters()).device
     outputs: list[str] = []
+    bar = phase_bar(len(sources))
     try:
         for first in range(0, len(sources), batch_size):
             chunk = list(sources[first:first + batch_size])
+            bar.update(len(chunk))
             enc = tokenizer(chunk, padding=True, truncation=max_source_len is not None,
                             max_length=max_source_len, return_tensors="pt").to(device)
             ids = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                                  max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
             outputs.extend(t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True))
     finally:
+        bar.close()
         tokenizer.padding_side = side
         model.train(was_training)
     return outputs
@@ -199,14 +203,17 @@ def target_loss(model, tokenizer, examples: list[dict], batch_size: int) -> floa
     model.eval()
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
+    bar = phase_bar(len(examples))
     try:
         for first in range(0, len(examples), batch_size):
+            bar.update(len(examples[first:first + batch_size]))
             batch = {k: v.to(device) for k, v in collate_seq2seq(examples[first:first + batch_size],
                                                                  tokenizer).items()}
             n = int((batch["labels"] != IGNORE_INDEX).sum())
             total += float(model(**batch).loss) * n
             tokens += n
     finally:
+        bar.close()
         model.train(was_training)
     return total / tokens if tokens else float("nan")
 

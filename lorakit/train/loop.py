@@ -44,7 +44,7 @@ from lorakit.train.config import TrainConfig
 from lorakit.train.interrupt import StopFlag, stop_on_signals
 from lorakit.train.metrics import MetricsLog, log_interval
 from lorakit.train.optim import build_optimizer, build_scheduler, trainable_parameters
-from lorakit.progress import progress_bar
+from lorakit.progress import phase, progress_bar
 from lorakit.train.divergence import DivergenceWatch
 from lorakit.train.report import PLOT_FILE, plot_metrics, write_resolved_config
 from lorakit.train.storage import RunFolderError, describe, prepare_run_dir
@@ -513,7 +513,8 @@ class Trainer:
 
     def _log_eval(self) -> None:
         started = time.perf_counter()
-        figures = self.evaluate_fn() if self.evaluate_fn is not None else self.evaluate()
+        with phase("evaluating" if self.progress and self.group.is_main else None):
+            figures = self.evaluate_fn() if self.evaluate_fn is not None else self.evaluate()
         self._eval_seconds += time.perf_counter() - started
         bar = getattr(self, "_bar", None)
         if bar is not None and not bar.disable:
