@@ -204,3 +204,17 @@ def test_a_task_recipe_shows_a_bar_under_a_phase_and_none_outside(capsys):
     with phase("scoring before training"):
         predict(Classifier(), tiny_tokenizer(), examples, 2)
     assert "scoring before training" in capsys.readouterr().err
+
+
+def test_temporaries_left_by_a_killed_write_are_removed_at_the_next_start(tiny, tmp_path, one_torch_thread):
+    """A kill -9 in the middle of the adapter's (or any run file's) atomic write leaves `.NAME.XXXX.tmp`;
+    the next start of that run removes them."""
+    model, data = tiny
+    out = tmp_path / "run"
+    main(_args(model, data, out, "--save-every", "1", "--max-steps", "2"))
+    stale = [out / "adapter" / ".adapter_model.safetensors.k1ll3d.tmp", out / ".summary.json.x9y8z7.tmp"]
+    for path in stale:
+        path.write_bytes(b"")
+    main(["train", "--out", str(out), "--resume", "--max-steps", "3"])
+    assert not any(p.exists() for p in stale)
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()

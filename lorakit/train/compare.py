@@ -111,6 +111,7 @@ def plot_comparison(runs: Sequence[RunRecord], png_path: Path | str) -> Optional
     axes, the legend naming what differs; written atomically. None when no run has a loss yet."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     differing = differing_options(runs)
     curves = [(run, _series(run, "train", "loss"), _series(run, "eval", "eval_loss")) for run in runs]
@@ -120,14 +121,18 @@ def plot_comparison(runs: Sequence[RunRecord], png_path: Path | str) -> Optional
     fig = Figure(figsize=(12 if has_eval else 8, 4.5), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2, sharex=True) if has_eval else [fig.add_subplot(1, 1, 1)]
+    markers = "osD^v<>ph*"  # runs whose curves coincide (the same first steps) stay visible by their markers
     for index, (run, train, evals) in enumerate(curves):
         label, color = run_label(run, differing), f"C{index % 10}"
+        style = {"label": label, "color": color, "marker": markers[index % len(markers)], "markersize": 8 - index % 4,
+                 "markerfacecolor": "none" if index % 2 else color}
         if train:
-            axes[0].plot(*zip(*train), label=label, color=color)
+            axes[0].plot(*zip(*train), **style)
         if has_eval and evals:
-            axes[1].plot(*zip(*evals), "o-", label=label, color=color)
+            axes[1].plot(*zip(*evals), **style)
     titles = ["train loss", "eval loss"]
     for ax, title in zip(axes, titles):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(title)
         ax.set_title(title)
