@@ -11,9 +11,9 @@ silence_import_noise()  # before anything imports transformers (and through it t
 from .config import LoraConfig, TaskType
 from .errors import AdapterError, ConfigError, DataError, LorakitError, ModelLoadError, TargetError
 from .lora.layer import BASE_ADAPTER
+from .lora.low_level import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from .lora.status import get_layer_status, get_model_status
-from .peft_model import (PeftModel, get_peft_model, get_peft_model_state_dict, inject_adapter_in_model,
-                         set_peft_model_state_dict)
+from .peft_model import PeftModel, get_peft_model
 
 __all__ = ["LoraConfig", "TaskType", "get_peft_model", "PeftModel", "BASE_ADAPTER", "get_layer_status",
            "get_model_status", "get_peft_model_state_dict", "set_peft_model_state_dict",

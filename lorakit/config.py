@@ -34,6 +34,15 @@ class TaskType(str, enum.Enum):
         return self.value
 
 
+class PeftType(str, enum.Enum):
+    """The adapter method, as PEFT's enum of that name (lorakit computes LoRA only); equal to its string."""
+
+    LORA = "LORA"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 # Task heads that are new (randomly initialised) for a task, so they must train and be saved (as PEFT does).
 TASK_HEADS: dict[TaskType, list[str]] = {
     TaskType.SEQ_CLS: ["classifier", "score"],
@@ -90,12 +99,14 @@ class LoraConfig:
     """Where the base model came from (informational)."""
     revision: Optional[str] = None
     """Base model revision (informational)."""
-    peft_type: str = "LORA"
-    """Always 'LORA'; present so PEFT recognises the file."""
+    peft_type: PeftType = PeftType.LORA
+    """Always PeftType.LORA (== "LORA"); present so PEFT recognises the file."""
 
     def __post_init__(self) -> None:
         if isinstance(self.task_type, str) and self.task_type in TaskType.__members__:
             self.task_type = TaskType(self.task_type)
+        if self.peft_type in PeftType.__members__:
+            self.peft_type = PeftType(self.peft_type)
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         self.validate()
@@ -145,6 +156,7 @@ class LoraConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["task_type"] = self.task_type.value if isinstance(self.task_type, TaskType) else self.task_type
+        d["peft_type"] = str(self.peft_type)
         if isinstance(d["target_modules"], (set, tuple)):
             d["target_modules"] = sorted(d["target_modules"])
         return d

@@ -19,12 +19,13 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .config import TASK_HEADS, LoraConfig
-from .errors import AdapterError
+from .config import TASK_HEADS, LoraConfig, PeftType
+from .errors import AdapterError, ConfigError
 from .lora.files import (PREFIX, adapter_state_dict, fingerprint, fingerprint_mismatch, load_into, make_meta,
                          read_adapter_tensors, read_json_object, read_meta, save_adapter)
 from .lora.inject import ModulesToSave, find_targets, lora_layers
 from .lora.layer import BASE_ADAPTER, is_quantized_weight, route_rows
+from .lora.layer_names import PEFT_PREFIX
 from .lora.model import LoraModel, resolve_config
 from .lora.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 
@@ -59,16 +60,23 @@ class _ModelSignature:
 class PeftModel(nn.Module):
     """A model with LoRA adapters. Attributes and methods of the wrapped model pass through."""
 
+    prefix = PEFT_PREFIX
+
     def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
-                 adapter_dtype: Optional[torch.dtype] = None):
+                 adapter_dtype: Optional[torch.dtype] = None, autocast_adapter_dtype: Optional[bool] = None,
+                 low_cpu_mem_usage: bool = False):
+        """autocast_adapter_dtype: as PEFT's, True upcasts fp16/bf16 adapter weights to fp32 and False keeps the base
+        layers' dtype; None (lorakit's default, a documented difference) keeps the base's dtype too.
+        low_cpu_mem_usage is accepted and has no effect (the weights are created on the base's device)."""
         super().__init__()
         fp = _fingerprint_before(model, peft_config)
         self.base_model = LoraModel(model, peft_config, adapter_name)
         self.adapter_dtype = adapter_dtype
+        self._adapters_disabled = 0  # nesting depth of disable_adapter() blocks
         self.task_type = self.base_model.peft_config[adapter_name].task_type  # the model's task, for later adapters
         self.fingerprints: dict[str, dict] = {adapter_name: fp}
         self.adapter_metadata: dict[str, dict[str, Any]] = {adapter_name: {}}
-        self._cast_adapter(adapter_name)
+        self._cast_adapter(adapter_name, autocast_adapter_dtype)
 
     def __getattr__(self, name: str):
         try:
@@ -98,8 +106,13 @@ class PeftModel(nn.Module):
         return self.peft_config[active[0]]
 
     @property
-    def peft_type(self) -> str:
+    def peft_type(self) -> PeftType:
         return self.active_peft_config.peft_type
+
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        """False inside `disable_adapter()` (while adapters are active), as PEFT's property of that name."""
+        return not self._adapters_disabled or not self.active_adapters
 
     @property
     def base_model_torch_dtype(self) -> Optional[torch.dtype]:
@@ -123,12 +136,17 @@ class PeftModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
 
-    def _cast_adapter(self, name: str) -> None:
-        if self.adapter_dtype is None:
+    def _cast_adapter(self, name: str, autocast_adapter_dtype: Optional[bool] = None) -> None:
+        """adapter_dtype (lorakit's) casts every adapter weight; else autocast_adapter_dtype=True upcasts the
+        fp16/bf16 ones to fp32 (PEFT's rule)."""
+        if self.adapter_dtype is None and not autocast_adapter_dtype:
             return
         for _, layer in lora_layers(self.base_model.model):
             for p in layer._adapter_parameters(name):
-                p.data = p.data.to(self.adapter_dtype)
+                if self.adapter_dtype is not None:
+                    p.data = p.data.to(self.adapter_dtype)
+                elif p.dtype in (torch.float16, torch.bfloat16):
+                    p.data = p.data.float()
 
     # ------------------------------------------------------------------ forward / generate
     def _routing(self, adapter_names: Optional[Sequence[str]]):
@@ -162,16 +180,18 @@ class PeftModel(nn.Module):
               f"trainable%: {100 * trainable / total:.4f}")
 
     # ------------------------------------------------------------------ adapters
-    def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: Optional[bool] = None) -> None:
         """Add a new, freshly initialised adapter (not activated: call set_adapter). On a task model a config
-        without task_type takes the model's, so this adapter trains its own copy of the head too, as in PEFT."""
+        without task_type takes the model's, so this adapter trains its own copy of the head too, as in PEFT.
+        autocast_adapter_dtype and low_cpu_mem_usage: as in PeftModel()."""
         if peft_config.task_type is None and self.task_type in TASK_HEADS:
             peft_config = peft_config.copy(task_type=self.task_type)
         fp = _fingerprint_before(self.base_model.model, peft_config)
         self.base_model.inject_adapter(peft_config, adapter_name)  # inactive and frozen
         self.fingerprints[adapter_name] = fp
         self.adapter_metadata[adapter_name] = {}
-        self._cast_adapter(adapter_name)
+        self._cast_adapter(adapter_name, autocast_adapter_dtype)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.base_model.delete_adapter(adapter_name)
@@ -185,8 +205,15 @@ class PeftModel(nn.Module):
     def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
         self.base_model.set_requires_grad(adapter_names, requires_grad)
 
+    @contextlib.contextmanager
     def disable_adapter(self):
-        return self.base_model.disable_adapter()
+        """Within this block the model is the base model, and no adapter parameter requires grad (as PEFT)."""
+        self._adapters_disabled += 1
+        try:
+            with self.base_model.disable_adapter():
+                yield
+        finally:
+            self._adapters_disabled -= 1
 
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
                              combination_type: str = "svd", **kwargs) -> None:
@@ -284,31 +311,39 @@ class PeftModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: Union[str, os.PathLike], adapter_name: str = "default",
                         is_trainable: bool = False, config: Optional[LoraConfig] = None,
-                        allow_pickle: bool = False, ignore_base_mismatch: bool = False, **_ignored) -> "PeftModel":
-        """Load a saved adapter (lorakit's or PEFT's) onto a fresh base model."""
+                        autocast_adapter_dtype: Optional[bool] = None, allow_pickle: bool = False,
+                        ignore_base_mismatch: bool = False, **_ignored) -> "PeftModel":
+        """Load a saved adapter (lorakit's or PEFT's) onto a fresh base model; `config`, when given, is used in
+        place of the folder's adapter_config.json (as PEFT). autocast_adapter_dtype: as in PeftModel()."""
+        if config is not None and not isinstance(config, LoraConfig):
+            raise ValueError(f"The input config must be a PeftConfig, got {config.__class__}")
         meta = read_meta(model_id)
         config = _loadable_config(config or _with_task_type(LoraConfig.from_pretrained(model_id), meta), is_trainable)
         tensors = read_adapter_tensors(model_id, allow_pickle)
         _check_base(meta, model, str(model_id), ignore_base_mismatch, tensors)
-        peft_model = cls(model, config, adapter_name)
+        peft_model = cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         peft_model._finish_load(adapter_name, tensors, config, meta, str(model_id), is_trainable)
         return peft_model
 
     def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False,
-                     allow_pickle: bool = False, ignore_base_mismatch: bool = False, **_ignored) -> None:
+                     torch_device: Optional[str] = None, autocast_adapter_dtype: Optional[bool] = None,
+                     allow_pickle: bool = False, ignore_base_mismatch: bool = False,
+                     **_ignored) -> nn.modules.module._IncompatibleKeys:
         """Load a saved adapter into this model under `adapter_name` (not activated); an existing adapter of that
-        name gets the file's weights, as in PEFT."""
+        name gets the file's weights, as in PEFT. Returns PEFT's load result: every key is checked (a missing or
+        unknown tensor raises AdapterError), so its missing_keys and unexpected_keys are empty."""
         meta = read_meta(model_id)
         config = _loadable_config(_with_task_type(LoraConfig.from_pretrained(model_id), meta), is_trainable)
         tensors = read_adapter_tensors(model_id, allow_pickle)
         _check_base(meta, self.base_model.model, str(model_id), ignore_base_mismatch, tensors)
         existing = adapter_name in self.peft_config
         if not existing:
-            self.add_adapter(adapter_name, config)
+            self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
         else:  # as PEFT: the file's weights replace the adapter's, which must compute the same way
             self._check_reload(adapter_name, config, str(model_id))
         self._finish_load(adapter_name, tensors, config, meta, str(model_id),
                           (is_trainable or None) if existing else is_trainable)
+        return nn.modules.module._IncompatibleKeys(missing_keys=[], unexpected_keys=[])
 
     def _check_reload(self, name: str, config: LoraConfig, source: str) -> None:
         if any(name in layer.merged_adapters for _, layer in lora_layers(self.base_model.model)):
@@ -336,44 +371,33 @@ class PeftModel(nn.Module):
             self.eval()
 
 
-def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
-                   adapter_dtype: Optional[torch.dtype] = None, **_ignored) -> PeftModel:
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", mixed: bool = False,
+                   autocast_adapter_dtype: Optional[bool] = None, revision: Optional[str] = None,
+                   low_cpu_mem_usage: bool = False, *, adapter_dtype: Optional[torch.dtype] = None) -> PeftModel:
     """Inject LoRA into `model` (in place) and wrap it. Only adapter parameters (and modules_to_save) train.
+    PEFT's signature: an unknown keyword argument is a TypeError.
 
     Args:
         model: any torch model; transformers models get per-architecture default targets.
         peft_config: the LoraConfig (copied, never modified).
         adapter_name: name of this first adapter.
-        adapter_dtype: dtype for adapter weights; None follows the base weights' dtype.
+        mixed: PEFT's PeftMixedModel of several adapter types; lorakit has LoRA only, so True is refused.
+        autocast_adapter_dtype: True upcasts fp16/bf16 adapter weights to fp32 (PEFT's default); False, or None
+            (lorakit's default), keeps the base weights' dtype.
+        revision: recorded in the config as the base model's revision.
+        low_cpu_mem_usage: accepted; the adapter weights are created in full either way.
+        adapter_dtype: lorakit's: one dtype for every adapter weight; wins over autocast_adapter_dtype.
+
+    Raises:
+        ConfigError: mixed=True.
     """
-    return PeftModel(model, peft_config, adapter_name, adapter_dtype=adapter_dtype)
-
-
-def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_name: str = "default",
-                            **_ignored) -> nn.Module:
-    """LoRA layers put into `model` in place, with no PeftModel around it (PEFT's low-level API): only the
-    adapter's parameters train. Save it with get_peft_model_state_dict's keys through a PeftModel instead."""
-    return LoraModel(model, peft_config, adapter_name).model
-
-
-def get_peft_model_state_dict(model: PeftModel, state_dict: Optional[dict] = None,
-                              adapter_name: str = "default", **_ignored) -> dict[str, torch.Tensor]:
-    """One adapter's tensors under the keys of its adapter_model.safetensors (PEFT's function; `state_dict`
-    is ignored: the tensors are read from the model)."""
-    model.base_model.known_adapters(adapter_name)
-    tensors = adapter_state_dict(model.base_model.model, adapter_name, model.peft_config[adapter_name].bias)
-    return {PREFIX + key: value for key, value in tensors.items()}
-
-
-def set_peft_model_state_dict(model: PeftModel, peft_model_state_dict: dict[str, torch.Tensor],
-                              adapter_name: str = "default", **_ignored):
-    """Copy tensors keyed as in adapter_model.safetensors into adapter `adapter_name` (PEFT's function). Every
-    key and shape is checked: a missing, unknown or misshapen tensor raises AdapterError naming it, so the
-    returned missing/unexpected key lists are empty."""
-    model.base_model.known_adapters(adapter_name)
-    load_into(model.base_model.model, adapter_name, peft_model_state_dict, model.peft_config[adapter_name].bias,
-              "state dict")
-    return nn.modules.module._IncompatibleKeys(missing_keys=[], unexpected_keys=[])
+    if mixed:
+        raise ConfigError(["mixed=True builds PEFT's PeftMixedModel of several adapter types; lorakit has LoRA "
+                           "adapters only: leave mixed unset"], where="get_peft_model")
+    if revision is not None:
+        peft_config = peft_config.copy(revision=revision)
+    return PeftModel(model, peft_config, adapter_name, adapter_dtype=adapter_dtype,
+                     autocast_adapter_dtype=autocast_adapter_dtype)
 
 
 def _fingerprint_before(model: nn.Module, config: LoraConfig) -> dict:

@@ -18,6 +18,9 @@ from .targets import (closest_names, default_targets, is_conv1d_gpt2, layer_inde
 class ModulesToSave(nn.Module):
     """A module trained in full: the frozen original plus one trainable copy per adapter."""
 
+    adapter_layer_names = ("modules_to_save",)  # PEFT's names for the per-adapter stores (see layer_names.py)
+    other_param_names = ()
+
     def __init__(self, original_module: nn.Module, adapter_name: str):
         super().__init__()
         self.original_module = original_module
@@ -26,18 +29,27 @@ class ModulesToSave(nn.Module):
         self.disabled = False
         self.add_adapter(adapter_name)
 
+    @property
+    def active_adapters(self) -> list[str]:
+        """The model's active adapters that have a copy here (as PEFT's wrapper lists them)."""
+        return [a for a in self._active if a in self.modules_to_save]
+
+    @active_adapters.setter
+    def active_adapters(self, names: list[str]) -> None:
+        self._active = list(names)
+
     def add_adapter(self, name: str) -> None:
         clone = copy.deepcopy(self.original_module)
         for p in clone.parameters():
             p.requires_grad_(True)
         self.modules_to_save[name] = clone
-        if name not in self.active_adapters:
-            self.active_adapters.append(name)
+        if name not in self._active:
+            self._active.append(name)
 
     def delete_adapter(self, name: str) -> None:
         if name in self.modules_to_save:
             del self.modules_to_save[name]
-        self.active_adapters = [a for a in self.active_adapters if a != name]
+        self._active = [a for a in self._active if a != name]
 
     def __getattr__(self, name: str):
         try:

@@ -21,6 +21,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from ..errors import AdapterError
 from ..fast.lora_linear import compute_factors, lora_linear
 from ..fast.recompute import recomputing
+from .layer_names import PeftLayerNames
 from .variants import VARIANTS, init_factors
 
 BASE_ADAPTER = "__base__"
@@ -57,7 +58,7 @@ def _expand_rows(names: list[str], batch: int) -> list[str]:
     return [n for n in names for _ in range(batch // len(names))]
 
 
-class LoraLayer(nn.Module):
+class LoraLayer(PeftLayerNames, nn.Module):
     """A frozen base layer plus trainable low-rank updates, one (A, B) pair per adapter name."""
 
     factor_names = ("lora_A", "lora_B")  # attributes holding the per-adapter A and B (PEFT's key names)

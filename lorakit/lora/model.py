@@ -17,11 +17,14 @@ from ..config import LoraConfig
 from ..errors import AdapterError, ConfigError
 from .combine import COMBINATIONS, combine_layer, combined_rank
 from .inject import ModulesToSave, adapter_modules, find_targets, inject_adapter, lora_layers, unwrap
+from .layer_names import PEFT_PREFIX
 from .targets import default_targets
 
 
 class LoraModel(nn.Module):
     """The base model with every adapter's layers in place; one adapter set (or several) active at a time."""
+
+    prefix = PEFT_PREFIX
 
     def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default"):
         super().__init__()
@@ -57,6 +60,11 @@ class LoraModel(nn.Module):
                 self.trainable_adapters.add(adapter_name)
         self._apply_activity()  # a later one is added inactive and frozen
         return targets
+
+    @property
+    def active_adapter(self) -> Union[str, list[str]]:
+        """The active adapter's name, or the list of them when several are active (PEFT's property)."""
+        return self.active_adapters[0] if len(self.active_adapters) == 1 else list(self.active_adapters)
 
     def set_adapter(self, adapter_name: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
         """Make these adapters active (several active adapters add their updates) and, as PEFT does, the only
@@ -137,14 +145,16 @@ class LoraModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Within this block the model is the base model exactly (merged adapters are taken out and put back)."""
+        """Within this block the model is the base model exactly (merged adapters are taken out and put back), and,
+        as in PEFT, no adapter parameter requires grad; on exit each gets back the state it had."""
         merged = {id(l): list(l.merged_adapters) for _, l in lora_layers(self.model)}
         self.unmerge_adapter()
-        self._set_disabled(True)  # (requires_grad left alone: this block runs inside training steps)
+        was_disabled = self.layers_disabled
+        self._set_layers_disabled(True)
         try:
             yield
         finally:
-            self._set_disabled(self.layers_disabled)
+            self._set_layers_disabled(was_disabled)
             for _, layer in lora_layers(self.model):
                 if merged.get(id(layer)):
                     layer.merge(merged[id(layer)])
