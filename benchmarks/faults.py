@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.test_train_faults import (adapter_difference, fault_args, interrupt_at_random,  # noqa: E402
-                                     newest_step, write_in_progress)
+                                     write_in_progress)
 from tests.test_train_fixtures import write_chat_data, write_tiny_model_dir  # noqa: E402
 from lorakit.train.checkpoint import PARAMS_FILE, latest_good_checkpoint  # noqa: E402
 

@@ -25,7 +25,7 @@ import copy
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -33,7 +33,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lorakit.errors import DataError, LorakitError
+from lorakit.errors import DataError
+from lorakit.progress import phase, progress_bar
 from lorakit.fast.memory import keep_freed_memory
 from lorakit.train import batching, distributed, fsdp, runtime
 from lorakit.train.checkpoint import (TrainState, clean_interrupted_writes, config_differences,
@@ -44,54 +45,13 @@ from lorakit.train.config import TrainConfig
 from lorakit.train.interrupt import StopFlag, stop_on_signals
 from lorakit.train.metrics import MetricsLog, log_interval
 from lorakit.train.optim import build_optimizer, build_scheduler, trainable_parameters
-from lorakit.progress import phase, progress_bar
 from lorakit.train.divergence import DivergenceWatch
+from lorakit.train.result import NonFiniteLossError, TrainResult
 from lorakit.train.report import PLOT_FILE, plot_metrics, write_resolved_config
 from lorakit.train.storage import RunFolderError, describe, prepare_run_dir
 
 METRICS_FILE = "metrics.jsonl"
 Callback = Callable[["Trainer", dict], None]
-
-
-class NonFiniteLossError(LorakitError):
-    """The loss became NaN or infinite and nan_policy is "stop"."""
-
-
-@dataclass
-class TrainResult:
-    """Figures of a finished (or interrupted) fit(); `summary_figures()` feeds summary.json."""
-
-    run_dir: str
-    steps: int
-    total_steps: int
-    epochs: float
-    train_seconds: float
-    """Wall-clock seconds in fit() over all sessions, checkpoints included, evaluation left out (so that
-    tokens_per_second is the training's own rate)."""
-    train_tokens: int
-    """Non-padding input tokens processed by successful optimizer steps."""
-    train_label_tokens: int
-    """Loss units (label tokens, or examples for seq-cls / qa) those steps learned from."""
-    tokens_per_second: float
-    """train_tokens / train_seconds."""
-    final_loss: Optional[float]
-    """Mean train loss of the last logging interval."""
-    final_eval_loss: Optional[float]
-    final_eval_perplexity: Optional[float]
-    skipped_batches: int
-    interrupted: bool
-    resumed_from_step: Optional[int]
-    last_checkpoint: Optional[str]
-    final_eval: Optional[dict] = None
-    """Every figure of the evaluation at the last step (None when it did not run there): callers reuse it
-    instead of evaluating the same data again."""
-
-    def summary_figures(self) -> dict[str, Any]:
-        keys = ("train_seconds", "train_tokens", "train_label_tokens", "tokens_per_second",
-                "steps", "epochs", "final_loss", "final_eval_loss", "final_eval_perplexity",
-                "skipped_batches", "interrupted")
-        return {k: v for k, v in asdict(self).items()
-                if k in keys and not (k == "final_eval_perplexity" and v is None)}  # (none for classifiers)
 
 
 @dataclass
@@ -472,12 +432,9 @@ class Trainer:
             self._emit({**event, "skipped_batches": s.skipped_batches})
             return
         self._emit(event)
-        good = latest_good_checkpoint(self.run_dir)
-        where = f"the last good checkpoint is {good}" if good else "no checkpoint was written yet"
-        raise NonFiniteLossError(
-            f"the loss became NaN/inf at step {s.step + 1} (epoch {self._epoch_float():.2f}); "
-            f"training stopped and {where}. Lower --lr, check the data, resume with --resume, "
-            "or pass --nan-policy skip to drop such batches.")
+        self._stop_run(f"the loss became NaN/inf at step {s.step + 1} (epoch {self._epoch_float():.2f})",
+                       "Lower --lr, check the data, resume with --resume, or pass --nan-policy skip to drop such "
+                       "batches.")
 
     def _check_divergence(self, outcome: _StepOutcome) -> None:
         """Apply nan_policy to a run that diverged with finite numbers (lorakit.train.divergence): "stop"
@@ -492,10 +449,14 @@ class Trainer:
             warnings.warn(f"{reason}. Training goes on (--nan-policy skip); lower --lr and start again.", stacklevel=2)
             return
         self._log_train(outcome)
+        self._stop_run(reason, "Lower --lr (or raise --warmup-steps) and start again, or pass --nan-policy skip "
+                               "to only warn.")
+
+    def _stop_run(self, what: str, advice: str) -> None:
+        """nan_policy "stop": raise, naming the checkpoint a resume would start from."""
         good = latest_good_checkpoint(self.run_dir)
         where = f"the last good checkpoint is {good}" if good else "no checkpoint was written yet"
-        raise NonFiniteLossError(f"{reason}. Training stopped; {where}. Lower --lr (or raise --warmup-steps) "
-                                 "and start again, or pass --nan-policy skip to only warn.")
+        raise NonFiniteLossError(f"{what}; training stopped and {where}. {advice}")
 
     # --- logging, evaluation, checkpoints -----------------------------------------------------
 
