@@ -48,6 +48,7 @@ def test_a_healthy_run_never_trips_the_watch(tmp_path, one_torch_thread):
 @pytest.mark.parametrize("losses, grads, growth, sign", [
     ([5.0] * 6, [0.0] * 6, 1.0, "exactly 0"),
     ([5.0, 5.0, 5.0, 12.0, 13.0, 14.0], [1.0] * 6, 1.0, "getting worse"),
+    ([0.7, 4e4, 9e4, 2e5, 1e5, 3e5], [1.0] * 6, 1.0, "getting worse"),  # exploding within the first steps
     ([5.0] * 6, [1.0] * 6, 1e3, "exploding"),
 ])
 def test_each_sign_must_hold_for_three_steps(losses, grads, growth, sign):

@@ -82,13 +82,11 @@ def _one_line_warnings() -> None:
 
 
 def _off_the_bar() -> str:
-    """What puts a message on a line of its own while a progress bar is drawn on stderr: in a terminal, back to
-    the bar's line start and clear it (the bar redraws below at its next update); elsewhere a new line."""
+    """What puts a message on a line of its own while a progress bar is drawn on stderr: a new line (the bar's
+    own line, finished or not, stays as it is; the bar draws itself again below)."""
     from tqdm import tqdm
 
-    if not getattr(tqdm, "_instances", None):
-        return ""
-    return "\r\x1b[K" if sys.stderr.isatty() else "\n"
+    return "\n" if getattr(tqdm, "_instances", None) else ""
 
 
 def parse_command_line(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:

@@ -22,7 +22,7 @@ PATIENCE = 3
 GROWTH = 100.0
 """Weight norm / its first-step value that counts as exploding (a healthy LoRA run stays within ~10x)."""
 RISE = 2.0
-"""Loss / its early level (mean of the first EARLY steps) that counts as diverging, with 1 nat added."""
+"""Loss / its early level (the lowest of the first EARLY steps) that counts as diverging, with 1 nat added."""
 EARLY = 3
 
 
@@ -42,7 +42,7 @@ class DivergenceWatch:
         norm = self.weight_norm()
         if self.first_norm is None:
             self.first_norm = norm
-        early = sum(self.early_losses) / len(self.early_losses)
+        early = min(self.early_losses)  # (not their mean: a loss that explodes within the first steps)
         signs = {
             "zero_grad": grad_norm == 0.0 and loss > 0.0,
             "growth": self.first_norm > 0 and norm > GROWTH * self.first_norm,
