@@ -73,3 +73,23 @@ def test_a_full_disk_is_one_clear_error_and_nothing_is_lost(tmp_path, small_disk
     resumed = _train(model, data, bigger, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (bigger / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_full_disk_while_appending_metrics_names_the_free_space(tmp_path, monkeypatch):
+    import errno
+
+    from lorakit.errors import DiskFullError
+    from lorakit.train import Trainer
+    from lorakit.train.metrics import MetricsLog
+    from tests.test_train_fixtures import collate, fast_config, random_examples, tiny_lora_model
+
+    def full(self, event):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(MetricsLog, "write", full)
+    trainer = Trainer(tiny_lora_model(), random_examples(8), collate, fast_config(max_steps=2), tmp_path,
+                      progress=False)
+    with pytest.raises(DiskFullError) as info:
+        trainer.fit()
+    message = str(info.value)
+    assert "metrics.jsonl: the disk is full" in message and "MB free in" in message and "--resume" in message

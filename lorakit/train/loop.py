@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lorakit.atomic import disk_error
 from lorakit.errors import DataError
 from lorakit.progress import phase, progress_bar
 from lorakit.fast.memory import keep_freed_memory
@@ -495,9 +496,10 @@ class Trainer:
         if self.group.is_main:
             try:
                 self.metrics.write(event)
-            except OSError as err:
-                raise RunFolderError(f"could not append to {self.metrics.path}: {describe(err)}. "
-                                     "Free space or make --out writable, then rerun with --resume") from err
+            except OSError as err:  # a full disk: the folder's free space said, as for every other write
+                raise disk_error(err, self.metrics.path) or RunFolderError(
+                    f"could not append to {self.metrics.path}: {describe(err)}. "
+                    "Free space or make --out writable, then rerun with --resume") from err
         for callback in self.callbacks:
             callback(self, event)
 
