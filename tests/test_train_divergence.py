@@ -62,3 +62,15 @@ def test_each_sign_must_hold_for_three_steps(losses, grads, growth, sign):
     first = next(i for i, r in enumerate(reasons) if r)
     assert sign in reasons[first]
     assert all(r is None for r in reasons[:first]) and first >= 2  # not before the third step of the sign
+
+
+def test_skip_stops_at_once_when_the_weights_are_no_longer_finite(tmp_path, one_torch_thread):
+    """--nan-policy skip drops NaN batches; once the weights themselves are inf/NaN every batch is NaN, and
+    skipping would run out the whole epoch (minutes on a real data set) before giving up."""
+    trainer = _trainer(tmp_path, lr=1e-2, policy="skip")
+    with torch.no_grad():
+        next(p for n, p in trainer.model.named_parameters() if "lora_B" in n).fill_(float("inf"))
+    with pytest.raises(NonFiniteLossError, match="no longer finite"):
+        trainer.fit()
+    skipped = [e for e in read_metrics(tmp_path / "metrics.jsonl") if e["event"] == "nonfinite_loss"]
+    assert len(skipped) == 1

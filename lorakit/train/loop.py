@@ -431,6 +431,11 @@ class Trainer:
         if self.config.nan_policy == "skip":
             s.skipped_batches += 1
             self._emit({**event, "skipped_batches": s.skipped_batches})
+            if not self.sharded and not all(bool(torch.isfinite(p).all()) for p in self.params):
+                # (every later batch would be NaN too: skipping them would run out the epoch doing nothing)
+                self._stop_run(f"the trainable weights are no longer finite at step {s.step + 1}, so every batch "
+                               "gives a NaN/inf loss and skipping cannot recover",
+                               "Lower --lr and start again, or resume from a checkpoint before the blow-up.")
             return
         self._emit(event)
         self._stop_run(f"the loss became NaN/inf at step {s.step + 1} (epoch {self._epoch_float():.2f})",
