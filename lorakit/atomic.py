@@ -51,15 +51,17 @@ def disk_error(err: BaseException, path: Path, written: int = 0) -> DiskFullErro
         free = shutil.disk_usage(folder).free
     except OSError:
         free = None
-    reason = DISK_ERRNOS.get(getattr(err, "errno", None))
+    code = getattr(err, "errno", None)
+    reason = DISK_ERRNOS.get(code)
     if reason is None and not isinstance(err, (OSError, KeyboardInterrupt, SystemExit)) and \
             free is not None and free < LOW_SPACE:
         reason = "the disk is full"
     if reason is None:
         return None
+    code = code if code in DISK_ERRNOS else errno.ENOSPC  # (a library's own error: taken for a full disk)
     free_text = f"{free / 1e6:.1f} MB free" if free is not None else "free space unknown"
     needed = f"; it needed more than the {written / 1e6:.1f} MB it had written" if written else ""
-    return DiskFullError(errno.ENOSPC, f"could not write {path}: {reason} ({free_text} in {folder}{needed}). "
+    return DiskFullError(code, f"could not write {path}: {reason} ({free_text} in {folder}{needed}). "
                                        "Nothing was lost: the file is as it was and the last good checkpoint is "
                                        "kept. Free space (or choose another --out), then continue with --resume")
 

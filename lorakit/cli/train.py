@@ -249,7 +249,9 @@ def _task_scores(model, tokenizer, data: dict, config: TrainConfig) -> dict[str,
 def _evaluate_fn(model, tokenizer, data: dict, config: TrainConfig):
     """What the Trainer's evaluations compute: a task's own metrics (so the curve, the trackers and the final
     scores share one pass), else None (the Trainer's mean loss). One process only: the recipes are not sharded."""
-    if data["task"] is None or not len(data["task"]["eval"]) or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    from ..train.distributed import world_size
+
+    if data["task"] is None or not len(data["task"]["eval"]) or world_size() > 1:
         return None
     return lambda: _task_scores(model, tokenizer, data, config)
 

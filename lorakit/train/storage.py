@@ -7,10 +7,10 @@ import os
 import shutil
 from pathlib import Path
 
+from lorakit.atomic import DISK_ERRNOS
 from lorakit.errors import LorakitError
 
-_REASONS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-            errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+_REASONS = {**DISK_ERRNOS, errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
             errno.EPERM: "operation not permitted", errno.ENOTDIR: "a part of the path is a file, not a folder"}
 
 
