@@ -3,6 +3,8 @@
     python benchmarks/throughput.py                  # CPU: smollm2-135m, fp32, batch 4 x 256, packed demo data
     python benchmarks/throughput.py --config 1b      # CUDA: random-init Llama 1B in bf16, batch 8 x 1024
     python benchmarks/throughput.py --config 8b --gradient-checkpointing   # CUDA: 8B, batch 4 x 2048
+    python benchmarks/throughput.py --config moe     # CPU: random-init Qwen3-MoE (8 experts, top 2), all-linear
+                                                     # (attention, router and every expert, as PEFT resolves it)
 
 Every method trains LoRA r=16, alpha 32, dropout 0 on q,k,v,o,gate,up,down with AdamW, from the same
 weights on the same batches, each in its own child process (so peak memory is its own):
@@ -42,6 +44,10 @@ CONFIGS = {  # name: (model, batch, seq, dtype, device)
                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
            "batch": 4, "seq": 2048, "dtype": "bfloat16", "device": "cuda"},
 }
+CONFIGS["moe"] = {"qwen3_moe": dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
+                                    num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=32,
+                                    num_experts=8, num_experts_per_tok=2, vocab_size=4096),
+                  "batch": 4, "seq": 128, "dtype": "float32", "device": "cpu", "targets": "all-linear"}
 METHODS = ["lorakit", "lorakit-reference", "peft", "peft+liger", "full"]
 
 
@@ -55,12 +61,14 @@ def build_model(cfg: dict):
 
         loaded = load_model(cfg["model"], device=cfg["device"], dtype=cfg["dtype"])
         return loaded.model, loaded.tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(**cfg["llama"], attn_implementation="sdpa", torch_dtype=dtype)
+    kind, config_cls, model_cls = ("qwen3_moe", Qwen3MoeConfig, Qwen3MoeForCausalLM) if "qwen3_moe" in cfg else \
+        ("llama", LlamaConfig, LlamaForCausalLM)
+    config = config_cls(**cfg[kind], attn_implementation="sdpa", torch_dtype=dtype)
     with torch.device(cfg["device"]):
-        model = LlamaForCausalLM(config).to(dtype)
+        model = model_cls(config).to(dtype)
     return model, None
 
 
@@ -72,7 +80,7 @@ def batches(cfg: dict, tokenizer, steps: int, padding_free: bool) -> list[tuple[
 
     if tokenizer is None:
         g = torch.Generator().manual_seed(0)
-        vocab = cfg["llama"]["vocab_size"]
+        vocab = cfg.get("llama", cfg.get("qwen3_moe"))["vocab_size"]
         out = []
         for _ in range(steps):
             ids = torch.randint(0, vocab, (cfg["batch"], cfg["seq"]), generator=g)
@@ -89,7 +97,7 @@ def batches(cfg: dict, tokenizer, steps: int, padding_free: bool) -> list[tuple[
              sum(len(row["input_ids"]) for row in group)) for group in groups]
 
 
-def prepare(method: str, model, gradient_checkpointing: bool):
+def prepare(method: str, model, gradient_checkpointing: bool, targets=TARGETS):
     """(model, loss_fn) for one method."""
     if method == "full":
         for p in model.parameters():
@@ -102,12 +110,12 @@ def prepare(method: str, model, gradient_checkpointing: bool):
 
             _apply_liger_kernel_to_instance(model=model)
         model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
-                                                           target_modules=TARGETS, task_type="CAUSAL_LM"))
+                                                           target_modules=targets, task_type="CAUSAL_LM"))
     else:
         import lorakit
 
         model = lorakit.get_peft_model(model, lorakit.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
-                                                                 target_modules=TARGETS, task_type="CAUSAL_LM"))
+                                                                 target_modules=targets, task_type="CAUSAL_LM"))
     if gradient_checkpointing and method == "lorakit":
         from lorakit.train.runtime import enable_gradient_checkpointing
 
@@ -139,7 +147,7 @@ def child(config_name: str, method: str, steps: int, warmup: int, gradient_check
     cfg = CONFIGS[config_name]
     torch.manual_seed(0)
     model, tokenizer = build_model(cfg)
-    model, loss_fn = prepare(method, model, gradient_checkpointing)
+    model, loss_fn = prepare(method, model, gradient_checkpointing, cfg.get("targets", TARGETS))
     model.train()
     data = batches(cfg, tokenizer, steps + warmup, padding_free=method == "lorakit")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -227,6 +235,9 @@ def flops_per_token(model, seq: int, full: bool) -> float:
     n = sum(m.weight.numel() for m in model.modules()
             if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Linear4bit")
     c = model.config
+    experts = getattr(c, "num_experts", 0) or getattr(c, "num_local_experts", 0)
+    if experts:  # fused 3-D expert weights: a token uses num_experts_per_tok of them
+        n += sum(p.numel() for p in model.parameters() if p.dim() == 3) * c.num_experts_per_tok // experts
     return (6 if full else 4) * n + 12 * c.num_hidden_layers * c.hidden_size * seq
 
 
@@ -304,8 +315,10 @@ def main() -> None:
 def report(args, cfg: dict, results: dict) -> None:
     peak, peak_text = peak_flops(cfg["device"])
     device = torch_device_name(cfg["device"])
-    print(f"\nthroughput, {args.config}: {cfg.get('model', 'random-init Llama')} {cfg['dtype']}, batch "
-          f"{cfg['batch']} x {cfg['seq']}, LoRA r=16 on 7 projections, dropout 0"
+    model = cfg.get("model", "random-init Qwen3-MoE" if "qwen3_moe" in cfg else "random-init Llama")
+    targets = "all-linear (attention, router, experts)" if cfg.get("targets") else "7 projections"
+    print(f"\nthroughput, {args.config}: {model} {cfg['dtype']}, batch "
+          f"{cfg['batch']} x {cfg['seq']}, LoRA r=16 on {targets}, dropout 0"
           f"{', gradient checkpointing' if args.gradient_checkpointing else ''}; {device}; MFU against {peak_text}")
     ref = results.get("peft")
     print(f"{'method':<20}{'tokens/s':>10}{'vs peft':>9}{'peak GiB':>10}{'vs peft':>9}{'MFU':>8}")

@@ -68,6 +68,10 @@ class LoraConfig:
     'all-linear' (every linear layer but the output head), or None for the architecture's default."""
     exclude_modules: Optional[Union[list[str], str]] = None
     """Modules never to adapt, in the same syntax as target_modules."""
+    target_parameters: Optional[list[str]] = None
+    """Parameters to adapt directly (PEFT's field), e.g. ['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']:
+    fused 3-D expert weights get one low-rank update per expert, a 2-D weight one update. Names match a
+    parameter's full name exactly or as a '.suffix'."""
     lora_dropout: float = 0.0
     """Dropout probability applied to the input of the LoRA branch."""
     bias: str = "none"
@@ -93,6 +97,9 @@ class LoraConfig:
     """CAUSAL_LM, SEQ_CLS, TOKEN_CLS, SEQ_2_SEQ_LM, QUESTION_ANS, FEATURE_EXTRACTION, ..."""
     fan_in_fan_out: bool = False
     """True when the base stores weights as (in, out), as GPT-2's Conv1D; set automatically."""
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = None
+    """Embedding rows to train (and save) instead of the whole embedding, e.g. of newly added tokens: a list
+    of token ids (rows of the input embedding; a tied output head follows it), or {layer name: [ids]}."""
     inference_mode: bool = False
     """Set when an adapter is loaded for inference only."""
     base_model_name_or_path: Optional[str] = None
@@ -109,6 +116,10 @@ class LoraConfig:
             self.peft_type = PeftType(self.peft_type)
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
+        if isinstance(self.target_parameters, (set, tuple)):
+            self.target_parameters = sorted(self.target_parameters)
+        if isinstance(self.trainable_token_indices, tuple):
+            self.trainable_token_indices = list(self.trainable_token_indices)
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -132,6 +143,7 @@ class LoraConfig:
             bad = {k: v for k, v in (pattern or {}).items() if not isinstance(v, (int, float)) or v <= 0}
             if bad:
                 problems.append(f"{name} values must be positive numbers, got {bad}")
+        problems += _token_index_problems(self.trainable_token_indices, self.modules_to_save)
         if self.layers_pattern and self.layers_to_transform is None:
             problems.append(f"layers_pattern={self.layers_pattern!r} only says where the layers given by "
                             "layers_to_transform are; set layers_to_transform too (or drop layers_pattern)")
@@ -142,6 +154,9 @@ class LoraConfig:
                 re.compile(self.target_modules)
             except re.error as e:
                 problems.append(f"target_modules regex {self.target_modules!r} does not compile: {e}")
+        tp = self.target_parameters
+        if tp is not None and (not isinstance(tp, list) or not all(isinstance(t, str) and t for t in tp)):
+            problems.append(f"target_parameters must be a list of parameter names, got {tp!r}")
         if problems:
             raise ConfigError(problems, where="LoraConfig")
 
@@ -206,7 +221,6 @@ class LoraConfig:
 
 PEFT_ONLY_FEATURES = {
     "lora_bias": "a trained bias on lora_B", "layer_replication": "layers repeated in the model",
-    "target_parameters": "LoRA on parameters, not modules", "trainable_token_indices": "trained token embeddings",
     "use_qalora": "QA-LoRA", "alora_invocation_tokens": "activated LoRA", "use_bdlora": "BD-LoRA",
     "arrow_config": "Arrow routing", "kasa_config": "KaSA", "monteclora_config": "MonteCLoRA",
     "velora_config": "VeLoRA", "megatron_config": "Megatron parallel layers",
@@ -252,6 +266,25 @@ def _init_taking_peft_fields(generated_init):
 
 
 LoraConfig.__init__ = _init_taking_peft_fields(LoraConfig.__init__)
+
+
+def _token_index_problems(spec: Any, modules_to_save: Optional[list[str]]) -> list[str]:
+    """What is wrong with a trainable_token_indices value: a list of token ids, or {layer name: [ids]}."""
+    if spec is None:
+        return []
+    groups = spec if isinstance(spec, dict) else {"": spec}
+    if not isinstance(spec, (list, dict)) or not groups:
+        return [f"trainable_token_indices must be a list of token ids or {{layer name: [ids]}}, got {spec!r}"]
+    problems = []
+    for name, ids in groups.items():
+        where = f"trainable_token_indices[{name!r}]" if name else "trainable_token_indices"
+        if not isinstance(ids, list) or not ids or any(isinstance(i, bool) or not isinstance(i, int) or i < 0
+                                                       for i in ids):
+            problems.append(f"{where} must be a non-empty list of token ids (integers >= 0), got {ids!r}")
+        if name and name in (modules_to_save or []):
+            problems.append(f"{name!r} is in modules_to_save (trained in full) and in trainable_token_indices "
+                            "(some rows trained): choose one")
+    return problems
 
 
 def _match_pattern(pattern: dict[str, Any], module_name: str, default: Any) -> Any:

@@ -27,6 +27,7 @@ from .lora.inject import ModulesToSave, find_targets, lora_layers
 from .lora.layer import BASE_ADAPTER, is_quantized_weight, route_rows
 from .lora.layer_names import PEFT_PREFIX
 from .lora.model import LoraModel, resolve_config
+from .lora.tokens import token_layers
 from .lora.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 
 
@@ -141,7 +142,7 @@ class PeftModel(nn.Module):
         fp16/bf16 ones to fp32 (PEFT's rule)."""
         if self.adapter_dtype is None and not autocast_adapter_dtype:
             return
-        for _, layer in lora_layers(self.base_model.model):
+        for _, layer in lora_layers(self.base_model.model) + token_layers(self.base_model.model):
             for p in layer._adapter_parameters(name):
                 if self.adapter_dtype is not None:
                     p.data = p.data.to(self.adapter_dtype)
@@ -279,7 +280,7 @@ class PeftModel(nn.Module):
         out = {}
         for layer in (wrapped or layers) if save else []:
             base = getattr(layer, "base_layer", layer)
-            prefix = names[id(layer)] + (".base_layer." if base is not layer else ".")
+            prefix = names[id(base)] + "."  # (under a LoRA or token-rows wrapper: PEFT's key for its base layer)
             out.update({prefix + p: t for p, t in base.named_parameters(recurse=False)})
             if getattr(layer, "merged_adapters", None):  # the weight as it was before the merges, not W + ΔW
                 out[prefix + "weight"] = layer.unmerged_weight().to(base.weight.dtype)
@@ -406,7 +407,8 @@ def _fingerprint_before(model: nn.Module, config: LoraConfig) -> dict:
     Quantized (QLoRA) weights count by shape only: their 4-bit values differ from the base's by the
     rounding, and the adapter must still load on the unquantized base.
     """
-    names = find_targets(model, resolve_config(model, config))
+    config = resolve_config(model, config)
+    names = [] if config.target_parameters and not config.target_modules else find_targets(model, config)
     quantized = [n for n in names if _is_quantized(model, n)]
     if not quantized:
         return fingerprint(model, names)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 import torch
 
 from lorakit import LoraConfig, get_peft_model
@@ -205,3 +206,41 @@ def test_a_request_in_prefill_counts_as_in_flight_and_keeps_its_adapter():
     finally:
         release.set()
         engine.stop()
+
+
+@pytest.mark.parametrize("arch,extra", [
+    ("mistral", dict(sliding_window=4)),
+    ("gemma2", dict(head_dim=8, sliding_window=4, attn_logit_softcapping=5.0)),
+    ("gemma3_text", dict(head_dim=8, sliding_window=4)),
+    ("gpt_oss", dict(head_dim=8, sliding_window=4, num_local_experts=4, num_experts_per_tok=2,
+                     intermediate_size=32)),
+])
+def test_engine_equals_generate_with_sliding_windows_soft_caps_and_sinks(arch, extra):
+    """Prompts and answers longer than the window: the ragged attention masks, caps and sinks as the model's own."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(arch, **{**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                                  max_position_embeddings=64, pad_token_id=0), **extra})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    if arch == "gpt_oss":
+        for layer in model.model.layers:  # the sinks start at zero: make them matter
+            torch.nn.init.normal_(layer.self_attn.sinks, std=1.0)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20], [30, 31]]
+    with torch.no_grad():
+        expected = []
+        for prompt in prompts:
+            x = torch.tensor([prompt])
+            out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=8,
+                                 do_sample=False, pad_token_id=0, eos_token_id=None)
+            expected.append(out[0, len(prompt):].tolist())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    engine = Engine(model, tiny_tokenizer(), max_batch=3, eos_token_ids=[]).start()
+    try:
+        params = SamplingParams(max_tokens=8)
+        alone = [engine.generate(prompt, BASE_ADAPTER, params)[0] for prompt in prompts]
+    finally:
+        engine.stop()
+    assert alone == expected

@@ -68,6 +68,7 @@ def load_with_adapters(opts: ModelOptions, task: Optional[str] = None, where: st
     adapter's, else causal-lm. A classifier's head is sized by the label set the adapter was trained with
     (lorakit.json), so its trained head loads into it."""
     from .. import PeftModel
+    from ..data.new_tokens import adapter_tokenizer
     from ..lora.files import read_meta
     from ..models import DEFAULT_MODEL, load_model
 
@@ -78,6 +79,7 @@ def load_with_adapters(opts: ModelOptions, task: Optional[str] = None, where: st
     head = {"num_labels": len(labels), "id2label": dict(enumerate(labels))} if labels else {}
     loaded = load_model(base, task=task, device=opts.device, dtype=opts.dtype, **head)
     model = loaded.model
+    tokenizer = adapter_tokenizer(model, loaded.tokenizer, first) if first else loaded.tokenizer  # (added tokens)
     for i, path in enumerate(opts.adapter):
         name = f"adapter{i}" if i else "default"
         if i == 0:
@@ -86,7 +88,7 @@ def load_with_adapters(opts: ModelOptions, task: Optional[str] = None, where: st
             model.load_adapter(path, adapter_name=name, ignore_base_mismatch=opts.ignore_base_mismatch)
     if len(opts.adapter) > 1:
         model.set_adapter(["default"] + [f"adapter{i}" for i in range(1, len(opts.adapter))], inference_mode=True)
-    return model, loaded.tokenizer
+    return model, tokenizer
 
 
 # ---------------------------------------------------------------------- generate / chat

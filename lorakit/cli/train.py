@@ -78,7 +78,10 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
          "data_fingerprint": data["fingerprint"],
          "metrics": {**_figures(before, after), "steps": result.steps},
          **({"labels": data["task"]["labels"]} if data["task"] and data["task"]["labels"] else {})})
-    model.save_pretrained(adapter_dir)
+    new_rows = model.peft_config["default"].trainable_token_indices
+    model.save_pretrained(adapter_dir, save_embedding_layers=False if new_rows else "auto")  # new rows: theirs only
+    if new_rows:  # the added tokens: the adapter is used with this tokenizer (PEFT users load it from here)
+        tokenizer.save_pretrained(adapter_dir)
     if config.rank_report:
         from .adapters import write_rank_report
 
@@ -140,6 +143,8 @@ def _start_training(config: TrainConfig, run_dir: Path, records):
     """Load the model, add LoRA, build the data and score the model before training; the Trainer ready to fit."""
     from .. import LoraConfig, get_peft_model
     from ..fast import label_only_lm_loss, use_fast_kernels, use_packed_attention
+    from ..lora.parameters import parameter_targets_summary
+    from ..lora.targets import expert_parameters
     from ..models import load_model
     from ..train import Trainer, seed_everything
     from ..train.trackers import open_trackers
@@ -150,9 +155,14 @@ def _start_training(config: TrainConfig, run_dir: Path, records):
     loaded = load_model(config.model, task=config.task, device=config.device, dtype=config.dtype,
                         **(label_arguments(task) if task else {}))
     model, tokenizer = loaded.model, loaded.tokenizer
+    token_rows = _add_tokens(config, model, tokenizer)  # the embedding grows before it is quantized
     if config.quantize:  # QLoRA: the frozen base weights in 4-bit before LoRA wraps them
         model = _quantize(config, model, tokenizer, loaded.device, records)
-    lora = LoraConfig(**{**config.lora_kwargs(), "target_modules": _targets(config, model)})
+    lora = LoraConfig(**{**config.lora_kwargs(), "target_modules": _targets(config, model),
+                         "trainable_token_indices": token_rows})
+    if lora.target_modules == "all-linear" and lora.lora_dropout and expert_parameters(model):
+        print(f"LoRA on the fused experts takes no dropout (as in PEFT): dropout {lora.lora_dropout} -> 0")
+        lora = lora.copy(lora_dropout=0.0)
     model = get_peft_model(model, lora)
     use_fast_kernels(model)  # Triton RMSNorm / SwiGLU / rotary on CUDA tensors; the same code as before elsewhere
     loss_fn = None if task else label_only_lm_loss(model)
@@ -162,6 +172,8 @@ def _start_training(config: TrainConfig, run_dir: Path, records):
         causal_data(config, tokenizer, loaded.dtype, distill=loss_fn is not None, flatten=padding_free,
                     records=records)
     model.print_trainable_parameters()
+    if described := parameter_targets_summary(model):
+        print(described)
     before = _score(model, tokenizer, data, run_dir, "before", config)
     trackers = open_trackers(config, run_dir, before)  # --report-to: rank 0's trackers get every logged step
     trainer = Trainer(model, data["train"], data["collate"], config, run_dir, eval_data=data["val"],
@@ -197,6 +209,27 @@ def _quantize(config: TrainConfig, model, tokenizer, device, records):
     return model
 
 
+def _add_tokens(config: TrainConfig, model, tokenizer) -> Any:
+    """Add --add-tokens and the chat template's missing markers to the tokenizer and grow the embedding; returns
+    the trainable_token_indices that train (and save) only the new rows, None when nothing was added. An output
+    head of its own (not tied to the input embedding) trains the new rows too: its new rows are random."""
+    from ..data.new_tokens import tokens_to_add
+    from ..lora.tokens import input_embedding_name, tied_head_name
+
+    new = tokens_to_add(tokenizer, config.new_tokens())
+    if not new:
+        return None
+    tokenizer.add_tokens(new, special_tokens=True)
+    model.resize_token_embeddings(len(tokenizer))
+    ids = tokenizer.convert_tokens_to_ids(new)
+    print(f"added {len(new)} token(s) to the tokenizer: {', '.join(new)}; only their embedding rows train")
+    embedding = input_embedding_name(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or tied_head_name(model, model.get_submodule(embedding)) is not None:
+        return list(ids)
+    return {embedding: list(ids), next(n for n, m in model.named_modules() if m is head): list(ids)}
+
+
 def _with_absolute_data_paths(options: dict[str, Any]) -> dict[str, Any]:
     """The training options with --data / --eval-data as absolute paths where they are local files, so
     `lorakit eval --adapter` finds them from any folder."""
@@ -222,7 +255,8 @@ def _targets(config: TrainConfig, model) -> Any:
     pre-training (here: sentence embedding by mean pooling) never tuned for the task: it gets LoRA too.
     """
     from ..errors import ConfigError
-    from ..lora.targets import ATTENTION_MLP_TARGETS, closest_names, model_type, unmatched_targets
+    from ..lora.targets import (ATTENTION_MLP_TARGETS, closest_names, expert_parameters, model_type,
+                                unmatched_targets)
 
     if config.targets is not None:
         unknown = unmatched_targets(model, config.targets)
@@ -231,6 +265,8 @@ def _targets(config: TrainConfig, model) -> Any:
                                f"{closest_names(model, [t])} (`lorakit inspect {config.model}` lists them)"
                                for t in unknown], where="--targets")
         return config.targets
+    if expert_parameters(model):  # MoE: attention, fused experts (and the router where PEFT's all-linear has it)
+        return "all-linear"
     targets = ATTENTION_MLP_TARGETS.get(model_type(model))
     has_pooler = any(name.endswith("pooler.dense") for name, _ in model.named_modules())
     if targets is not None and config.task == "seq-cls" and has_pooler:

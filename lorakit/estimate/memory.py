@@ -47,7 +47,10 @@ makes that layer's gradients (they start from None: the trainer zeroes them with
 gradient accumulation (`grad_accum` > 1) the gradients of the earlier micro-batches are alive through
 the later ones' forward and backward, so all of them count at the start too. `overlap_bytes` is what
 the sum of the parts overstates the peak by (<= 0): the parts and it add up to the total.
-Not modelled: the attention mask with padding (s² bytes per row), allocator fragmentation, and MoE.
+Mixture of experts (fused 3-D expert weights): E copies of each expert weight; a token's MLP activations
+count once per expert it visits (num_experts_per_tok); LoRA on the experts keeps each layer's W + ΔW and makes
+its gradient in full (see _adapted_expert_bytes). Approximate: not checked against real runs yet.
+Not modelled: the attention mask with padding (s² bytes per row), allocator fragmentation, shared experts.
 tests/test_estimate.py checks the saved-activation part against the tensors autograd really keeps (a
 bf16 Llama on CPU, full and LoRA): within 5%.
 """
@@ -175,7 +178,8 @@ def check_settings(s: EstimateSettings) -> None:
 def layer_activation_bytes(shape: ModelShape, s: EstimateSettings, targets: list[str]) -> int:
     """Bytes autograd keeps per token in one decoder layer (no checkpointing); see the module docstring."""
     a = DTYPE_BYTES[s.dtype]
-    h, f = shape.hidden, shape.intermediate
+    routed = max(1, shape.experts_per_token) if shape.experts else 1  # a token's copies, one per expert it visits
+    h, f = shape.hidden, shape.intermediate * routed
     q, k = shape.heads * shape.head_width, shape.kv_heads * shape.head_width
     full = s.method == "full"
     if full:  # the norm weight trains: what the plain norm keeps, and its normalized input for the weight's gradient
@@ -183,8 +187,8 @@ def layer_activation_bytes(shape: ModelShape, s: EstimateSettings, targets: list
     else:
         norm = _norm_input_bytes(shape, s)
     total = shape.norms_per_layer * norm
-    widths = {name: i for name, (i, _) in shape.linear_shapes().items()}
-    groups = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)]
+    widths = {name: i * (routed if shape.copies(name) > 1 else 1) for name, (i, _) in shape.linear_shapes().items()}
+    groups = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("gate_up_proj",), ("down_proj",)]
     for group in groups:
         members = [m for m in group if m in widths]
         if not members:
@@ -206,6 +210,23 @@ def layer_activation_bytes(shape: ModelShape, s: EstimateSettings, targets: list
     return total
 
 
+def _rank_factor(shape: ModelShape, s: EstimateSettings, target: str) -> int:
+    """2 for the fused gate_up_proj where 'all-linear' gets PEFT's rewrite (w1 + w3 at rank r each), else 1."""
+    whole = isinstance(s.targets, str) and s.targets in ("all-linear", "attention+mlp")
+    return 2 if target == "gate_up_proj" and shape.router_lora and whole else 1
+
+
+def _adapted_expert_bytes(shape: ModelShape, s: EstimateSettings, targets: list[str]) -> int:
+    """LoRA on fused experts (lorakit.lora.parameters, as PEFT): each adapted layer's W + ΔW is a new tensor the
+    experts' matmuls keep for backward, and its gradient is made in full once per layer (gradient
+    checkpointing: one layer's W + ΔW at a time)."""
+    if s.method == "full" or not shape.experts:
+        return 0
+    a, linears = DTYPE_BYTES[s.dtype], shape.linear_shapes()
+    per_layer = a * sum(linears[t][0] * linears[t][1] * shape.copies(t) for t in targets if shape.copies(t) > 1)
+    return (1 if s.gradient_checkpointing else shape.layers) * per_layer + per_layer
+
+
 def _kernels(shape: ModelShape, s: EstimateSettings) -> bool:
     return s.kernels and shape.model_type in KERNEL_FAMILIES
 
@@ -222,8 +243,8 @@ def estimate(shape: ModelShape, settings: EstimateSettings) -> MemoryEstimate:
     targets = target_names(shape, s.targets)
     linears = shape.linear_shapes()
     linear_params = shape.layers * shape.layer_linear_params()
-    lora_params = 0 if s.method == "full" else shape.layers * sum(s.r * (linears[t][0] + linears[t][1])
-                                                                  for t in targets)
+    lora_params = 0 if s.method == "full" else shape.layers * sum(
+        s.r * _rank_factor(shape, s, t) * (linears[t][0] + linears[t][1]) * shape.copies(t) for t in targets)
     total_params = shape.total_params() + lora_params
     if s.method == "qlora":
         weights = linear_params * NF4_BYTES_PER_VALUE + (shape.dense_params() + lora_params) * a
@@ -250,7 +271,7 @@ def estimate(shape: ModelShape, settings: EstimateSettings) -> MemoryEstimate:
     else:
         saved = shape.layers * per_layer + final - first_norm
         transient = max(loss, per_layer)
-    activations = tokens * (saved + transient) + loss_chunk
+    activations = tokens * (saved + transient) + loss_chunk + _adapted_expert_bytes(shape, s, targets)
     step_copy = trainable * (opt.bytes_per_value or a) if opt.foreach_copy and opt.states else 0
     per_value = a if s.kernels else DEQUANT_BYTES_PER_VALUE
     dequant = per_value * max(i * o for i, o in linears.values()) if s.method == "qlora" else 0

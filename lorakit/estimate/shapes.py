@@ -56,6 +56,13 @@ class ModelShape:
     """Normalisation layers in each decoder layer (gemma-2 has four)."""
     rms_norm: bool = True
     """RMSNorm (transformers upcasts its input to fp32) rather than LayerNorm."""
+    experts: int = 0
+    """Routed experts per layer of a mixture of experts (intermediate is then each expert's width); 0 = dense."""
+    experts_per_token: int = 0
+    """num_experts_per_tok: how many experts each token goes through."""
+    router_lora: bool = False
+    """'all-linear' adapts the router and gives the fused gate_up_proj rank 2r (PEFT's rewrite for Mixtral and
+    the Qwen-MoE families; lorakit.lora.targets.PEFT_MOE_RENAMES)."""
 
     @property
     def head_width(self) -> int:
@@ -65,14 +72,22 @@ class ModelShape:
         """{projection: (in_features, out_features)} of one decoder layer."""
         h, f, q, kv = self.hidden, self.intermediate, self.heads * self.head_width, self.kv_heads * self.head_width
         shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h)}
-        if self.gated_mlp:
+        if self.experts:  # per expert; fused as transformers 5 stores them
+            shapes.update({"gate_up_proj": (h, 2 * f) if self.gated_mlp else (h, f), "down_proj": (f, h)})
+            shapes.update({"router": (h, self.experts)} if self.router_lora else {})
+        elif self.gated_mlp:
             shapes.update({"gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)})
         else:
             shapes.update({"up_proj": (h, f), "down_proj": (f, h)})
         return shapes
 
+    def copies(self, name: str) -> int:
+        """How many weights of this shape one layer holds: the expert count for a fused expert weight, else 1."""
+        return self.experts if self.experts and name in ("gate_up_proj", "down_proj") else 1
+
     def layer_linear_params(self) -> int:
-        return sum(i * o for i, o in self.linear_shapes().values())
+        router = self.hidden * self.experts if self.experts and not self.router_lora else 0
+        return sum(i * o * self.copies(n) for n, (i, o) in self.linear_shapes().items()) + router
 
     def dense_params(self) -> int:
         """Parameters outside the decoder layers' linear weights: embeddings, head, norms, biases."""
@@ -167,17 +182,32 @@ def shape_from_config(config: dict[str, Any], name: str) -> ModelShape:
     if kind in ENCODER_TYPES or config.get("is_encoder_decoder"):
         raise ConfigError([f"{name}: {kind} is an encoder (or encoder-decoder) model; `lorakit estimate` models "
                            "decoder-only causal LMs"], where="--model")
-    if get("num_local_experts", "num_experts", "n_routed_experts"):
-        raise ConfigError([f"{name}: mixture-of-experts models are not modelled by `lorakit estimate` yet"],
+    experts = get("num_local_experts", "num_experts", "n_routed_experts", default=0)
+    mixed = [k for k in ("shared_expert_intermediate_size", "n_shared_experts", "first_k_dense_replace",
+                         "mlp_only_layers") if config.get(k)] + (["decoder_sparse_step"] if get(
+                             "decoder_sparse_step", default=1) != 1 else [])
+    if experts and mixed:
+        raise ConfigError([f"{name}: mixture-of-experts layers with {', '.join(mixed)} (shared experts or dense "
+                           "layers) are not modelled by `lorakit estimate` yet; plain routed experts are"],
                           where="--model")
     tied_default = kind not in UNTIED_BY_DEFAULT
-    return ModelShape(
+    fields = dict(
         name=name, model_type=kind, hidden=hidden, intermediate=get("intermediate_size", "n_inner", default=4 * hidden),
         layers=values["num_hidden_layers"], heads=heads, kv_heads=get("num_key_value_heads", default=heads),
         vocab=values["vocab_size"], tied=bool(get("tie_word_embeddings", default=tied_default)),
         head_dim=get("head_dim", default=0), gated_mlp=kind in GATED_MLP_TYPES,
         qkv_bias=bool(get("attention_bias", default=kind == "qwen2")),
         norms_per_layer=4 if kind in ("gemma2", "gemma3_text") else 2, rms_norm=kind not in LAYERNORM_TYPES)
+    return ModelShape(**{**fields, **(_moe_fields(kind, experts, get) if experts else {})})
+
+
+def _moe_fields(kind: str, experts: int, get) -> dict[str, Any]:
+    """ModelShape's mixture-of-experts fields from a config: each expert's width, routing, PEFT's rewrite."""
+    from ..lora.targets import PEFT_MOE_RENAMES, peft_moe_family_of
+
+    return {"experts": experts, "experts_per_token": get("num_experts_per_tok", "top_k", default=2),
+            "intermediate": get("moe_intermediate_size", "intermediate_size"), "gated_mlp": True,
+            "router_lora": peft_moe_family_of(kind) in PEFT_MOE_RENAMES}
 
 
 def resolve_shape(model: str) -> ModelShape:

@@ -20,6 +20,7 @@ from torch import nn
 from ..atomic import atomic_write, atomic_write_json
 from ..errors import AdapterError
 from .inject import adapter_modules, lora_layers
+from .tokens import is_tied_follower
 
 PREFIX = "base_model.model."
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -103,9 +104,12 @@ def load_into(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tens
     base_params = dict(model.named_parameters(remove_duplicate=False))  # a tied head under its own name too
     missing = [k for k in expected if PREFIX + k not in tensors]
     unexpected, wrong_shape, copies = [], [], []
+    followers = {n for n, m in adapter_modules(model) if is_tied_follower(m)}
     for key, value in tensors.items():
         rel = key.removeprefix(PREFIX)
         target = expected.get(rel)
+        if target is None and rel.removesuffix(".token_adapter.trainable_tokens_delta") in followers:
+            continue  # PEFT saves a tied head's rows too (a resized vocabulary): they are the input embedding's
         if target is None and rel in base_params:  # PEFT saves full embeddings when it resized them
             target = base_params[rel]
         if target is None and ".modules_to_save." in rel:  # PEFT's bias="all" also saves a head copy's

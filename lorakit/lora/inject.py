@@ -11,6 +11,8 @@ from torch import nn
 from ..config import TASK_HEADS, LoraConfig, TaskType
 from ..errors import ConfigError, TargetError
 from .layer import BASE_ADAPTER, ROW_ADAPTERS, LoraConv, LoraEmbedding, LoraLayer, LoraLinear, rows_by_adapter
+from .parameters import inject_parameters
+from .tokens import TrainableTokens, add_trainable_tokens
 from .targets import (closest_names, default_targets, is_conv1d_gpt2, layer_index, linear_types, name_matches,
                       output_head_names, supported_types)
 
@@ -83,7 +85,7 @@ class ModulesToSave(nn.Module):
         return dict(self.modules_to_save[name].state_dict(keep_vars=True)) if name in self.modules_to_save else {}
 
 
-ADAPTER_MODULES = (LoraLayer, ModulesToSave)
+ADAPTER_MODULES = (LoraLayer, ModulesToSave, TrainableTokens)
 
 
 def _wrap(module: nn.Module, fan_in_fan_out: bool) -> LoraLayer:
@@ -119,7 +121,8 @@ def find_targets(model: nn.Module, config: LoraConfig, exclude_names: set[str] =
     for name, module in model.named_modules():
         if not name or name in exclude_names or any(name.startswith(e + ".") for e in exclude_names):
             continue
-        if isinstance(module, ModulesToSave) or ".modules_to_save." in name or ".original_module" in name:
+        if isinstance(module, (ModulesToSave, TrainableTokens)) or ".modules_to_save." in name \
+                or ".original_module" in name or ".token_adapter." in name:
             continue
         target = module.base_layer if isinstance(module, LoraLayer) else module
         if all_linear:
@@ -154,7 +157,8 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
         raise ConfigError([f"use_dora cannot be combined with init_lora_weights={config.init_lora_weights!r}"])
     saved, heads = _saved_module_specs(model, config)
     saved_names = _wrap_modules_to_save(model, saved, heads, adapter_name)
-    targets = find_targets(model, config, exclude_names=saved_names)
+    only_parameters = config.target_parameters and not config.target_modules
+    targets = [] if only_parameters else find_targets(model, config, exclude_names=saved_names)
     for name in targets:
         module = model.get_submodule(name)
         if not isinstance(module, LoraLayer):
@@ -163,6 +167,8 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
         module.add_adapter(adapter_name, r=config.rank_for(name), lora_alpha=config.alpha_for(name),
                            lora_dropout=config.lora_dropout, init_lora_weights=config.init_lora_weights,
                            use_rslora=config.use_rslora, use_dora=config.use_dora)
+    inject_parameters(model, config, adapter_name)
+    add_trainable_tokens(model, config, adapter_name)
     note_shared_weights(model)
     mark_trainable(model, config)
     return targets
@@ -171,7 +177,8 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
 def _wrap_modules_to_save(model: nn.Module, saved: list[str], heads: list[str], adapter_name: str) -> set[str]:
     wrapped, matched = set(), set()
     for name, module in list(model.named_modules()):
-        if not name or ".modules_to_save." in name or ".original_module" in name or isinstance(module, LoraLayer):
+        if not name or ".modules_to_save." in name or ".original_module" in name or ".token_adapter." in name \
+                or isinstance(module, (LoraLayer, TrainableTokens)):
             continue
         hits = [s for s in saved + heads if name_matches([s], name)]
         if not hits:
@@ -204,6 +211,9 @@ def mark_trainable(model: nn.Module, config: LoraConfig) -> None:
         elif isinstance(module, ModulesToSave):
             for p in module.modules_to_save.parameters():
                 p.requires_grad_(True)
+        elif isinstance(module, TrainableTokens):
+            for p in module.token_adapter.trainable_tokens_delta.parameters():
+                p.requires_grad_(True)
     if config.bias == "all":
         for name, p in model.named_parameters():
             if name.endswith("bias") and ".original_module." not in name:
@@ -218,6 +228,11 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
 
 
+def mergeable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layers that merge into W and unmerge: LoRA layers and trained token rows."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (LoraLayer, TrainableTokens))]
+
+
 def note_shared_weights(model: nn.Module) -> None:
     """Tell each LoRA layer whose base weight another module shares (an input embedding tied to the output head)
     which configs tie them, so its merges go into a copy of its own (see LoraLayer.merge)."""
@@ -228,15 +243,19 @@ def note_shared_weights(model: nn.Module) -> None:
     configs = list({id(c): c for c in (config, getattr(config, "get_text_config", lambda: config)())
                     if getattr(c, "tie_word_embeddings", False)}.values()) if config is not None else []
     for _, layer in lora_layers(model):
-        if layer.tied is None and uses.get(id(layer.base_layer.weight), 0) > 1:
+        if layer.tied is None and uses.get(id(getattr(layer.base_layer, "weight", None)), 0) > 1:
             layer.tied = {"configs": configs}
 
 
 def unwrap(model: nn.Module, merge: bool, safe_merge: bool = False,
            adapter_names: Optional[Sequence[str]] = None) -> nn.Module:
     """Put every base layer back (merging first when asked); returns the plain model."""
-    for name, module in adapter_modules(model):
+    for name, module in reversed(adapter_modules(model)):  # innermost first: LoraParameters nest
         if isinstance(module, LoraLayer):
+            if merge:
+                module.merge(adapter_names, safe_merge=safe_merge)
+            _set_submodule(model, name, module.base_layer)
+        elif isinstance(module, TrainableTokens):
             if merge:
                 module.merge(adapter_names, safe_merge=safe_merge)
             _set_submodule(model, name, module.base_layer)

@@ -16,9 +16,12 @@ from torch import nn
 from ..config import LoraConfig
 from ..errors import AdapterError, ConfigError
 from .combine import COMBINATIONS, combine_layer, combined_rank
-from .inject import ModulesToSave, adapter_modules, find_targets, inject_adapter, lora_layers, unwrap
+from .inject import (ModulesToSave, adapter_modules, find_targets, inject_adapter, lora_layers, mergeable_layers,
+                     unwrap)
+from .tokens import token_layers
 from .layer_names import PEFT_PREFIX
-from .targets import default_targets
+from .parameters import LoraParameter
+from .targets import DEFAULT_TARGETS, default_targets, model_type, resolve_moe_targets
 
 
 class LoraModel(nn.Module):
@@ -52,6 +55,7 @@ class LoraModel(nn.Module):
             raise AdapterError(f"an adapter named {adapter_name!r} exists already; pick another name "
                                "or delete_adapter() it first")
         config = resolve_config(self.model, config)
+        self._check_same_parameters(config)
         targets = inject_adapter(self.model, config, adapter_name)
         self.peft_config[adapter_name] = config
         if not self.active_adapters:  # the first adapter is active, and trains unless it is for inference
@@ -60,6 +64,15 @@ class LoraModel(nn.Module):
                 self.trainable_adapters.add(adapter_name)
         self._apply_activity()  # a later one is added inactive and frozen
         return targets
+
+    def _check_same_parameters(self, config: LoraConfig) -> None:
+        """PEFT's rule: every adapter with target_parameters names the same parameters (they share wrappers)."""
+        new = set(config.target_parameters or [])
+        for name, other in self.peft_config.items():
+            if new and other.target_parameters and set(other.target_parameters) != new:
+                raise ConfigError([f"adapters with target_parameters must all name the same parameters: "
+                                   f"{sorted(new)} here, {sorted(other.target_parameters)} for adapter {name!r}"],
+                                  where="target_parameters")
 
     @property
     def active_adapter(self) -> Union[str, list[str]]:
@@ -106,6 +119,9 @@ class LoraModel(nn.Module):
                 for name, copy_ in module.modules_to_save.items():
                     for p in copy_.parameters():
                         p.requires_grad_(name in trainable)
+        for _, module in token_layers(self.model):
+            for name, p in module.token_adapter.trainable_tokens_delta.items():
+                p.requires_grad_(name in trainable)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -130,7 +146,7 @@ class LoraModel(nn.Module):
         A base weight another module shares (a tied embedding and head) is merged into a copy of its own, so
         the other module is left as it was (LoraLayer.merge).
         """
-        layers = lora_layers(self.model)
+        layers = mergeable_layers(self.model)
         if safe_merge:
             for name, layer in layers:
                 if bad := layer.non_finite_merge(adapter_names):
@@ -140,14 +156,14 @@ class LoraModel(nn.Module):
             layer.merge(adapter_names)
 
     def unmerge_adapter(self) -> None:
-        for _, layer in lora_layers(self.model):
+        for _, layer in mergeable_layers(self.model):
             layer.unmerge()
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Within this block the model is the base model exactly (merged adapters are taken out and put back), and,
         as in PEFT, no adapter parameter requires grad; on exit each gets back the state it had."""
-        merged = {id(l): list(l.merged_adapters) for _, l in lora_layers(self.model)}
+        merged = {id(l): list(l.merged_adapters) for _, l in mergeable_layers(self.model)}
         self.unmerge_adapter()
         was_disabled = self.layers_disabled
         self._set_layers_disabled(True)
@@ -155,7 +171,7 @@ class LoraModel(nn.Module):
             yield
         finally:
             self._set_layers_disabled(was_disabled)
-            for _, layer in lora_layers(self.model):
+            for _, layer in mergeable_layers(self.model):
                 if merged.get(id(layer)):
                     layer.merge(merged[id(layer)])
 
@@ -174,7 +190,7 @@ class LoraModel(nn.Module):
         self._apply_activity()
 
     def _unmerge_first(self, call: str) -> None:
-        if any(layer.merged_adapters for _, layer in lora_layers(self.model)):
+        if any(layer.merged_adapters for _, layer in mergeable_layers(self.model)):
             warnings.warn(f"{call} while adapters are merged into the weights: unmerging them first")
             self.unmerge_adapter()
 
@@ -185,7 +201,13 @@ class LoraModel(nn.Module):
     @property
     def targeted_module_names(self) -> list[str]:
         """The names of the modules with LoRA layers, as PEFT lists them (relative to the wrapped model)."""
-        return [name for name, _ in lora_layers(self.model)]
+        return [name for name, layer in lora_layers(self.model) if not isinstance(layer, LoraParameter)]
+
+    @property
+    def targeted_parameter_names(self) -> list[str]:
+        """The full names of the parameters with LoRA (target_parameters), as PEFT lists them."""
+        return [f"{name.replace('.base_layer', '')}.{layer.parameter_name}"
+                for name, layer in lora_layers(self.model) if isinstance(layer, LoraParameter)]
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: Optional[Sequence[str]] = None) -> nn.Module:
@@ -195,7 +217,7 @@ class LoraModel(nn.Module):
 
     def unload(self) -> nn.Module:
         """Remove every LoRA module without merging; returns the original model."""
-        for _, layer in lora_layers(self.model):
+        for _, layer in mergeable_layers(self.model):
             layer.unmerge()
         return unwrap(self.model, merge=False)
 
@@ -233,6 +255,11 @@ class LoraModel(nn.Module):
             problems.append(f"combination_type must be one of {COMBINATIONS}, got {combination_type!r}")
         if adapter_name in self.peft_config:
             problems.append(f"an adapter named {adapter_name!r} exists already")
+        if any(self.peft_config[a].trainable_token_indices for a in adapters if a in self.peft_config):
+            problems.append("adapters with trainable_token_indices cannot be combined (their rows replace the "
+                            "embedding's, they do not add)")
+        if any(self.peft_config[a].target_parameters for a in adapters if a in self.peft_config):
+            problems.append("adapters with target_parameters cannot be combined (as in PEFT); combine others")
         if any(self.peft_config[a].use_dora for a in adapters if a in self.peft_config):
             problems.append("DoRA adapters cannot be combined (their magnitude vectors do not add)")
         for name, module in adapter_modules(self.model):
@@ -258,8 +285,16 @@ class LoraModel(nn.Module):
 def resolve_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
     """A private copy with what the model implies filled in (the caller's object is never touched)."""
     config = copy.deepcopy(config)
+    if config.target_modules is None and config.target_parameters:  # PEFT: the defaults where it knows them
+        config.target_modules = list(DEFAULT_TARGETS.get(model_type(model), []))
     if config.target_modules is None:
         config.target_modules = default_targets(model)
+    moe = resolve_moe_targets(model, config.target_modules, config.target_parameters, config.r, config.lora_alpha)
+    if moe is not None:  # saved as resolved, so PEFT loading the file adapts exactly these
+        config.target_modules, params, rank_add, alpha_add = moe
+        config.target_parameters = params or None
+        config.rank_pattern = {**config.rank_pattern, **rank_add}
+        config.alpha_pattern = {**config.alpha_pattern, **alpha_add}
     if not config.fan_in_fan_out and any(type(m).__name__ == "Conv1D" for m in model.modules()):
         config.fan_in_fan_out = _targets_conv1d(model, config)  # recorded so PEFT reads the file right
     return config

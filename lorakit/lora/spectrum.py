@@ -175,6 +175,9 @@ def model_order(module: str) -> list[Any]:
 def adapter_spectra(config: LoraConfig, tensors: dict[str, torch.Tensor]) -> list[LayerSpectrum]:
     """One LayerSpectrum per adapted layer, in model order (`model_order`). Raises AdapterError when r disagrees
     with the file."""
+    if config.target_parameters:  # A (r·E, in) and B (out, r·E) hold E experts' factors: B @ A is no layer's ΔW
+        raise AdapterError(f"this adapter has LoRA on parameters (target_parameters={config.target_parameters}); "
+                           "rank spectra and resizing cover module LoRA only: analyse an adapter without them")
     spectra = []
     for module, (key_a, key_b) in sorted(lora_pairs(tensors).items(), key=lambda item: model_order(item[0])):
         A, B = tensors[key_a], tensors[key_b]

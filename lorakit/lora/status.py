@@ -14,6 +14,7 @@ from torch import nn
 from .inject import adapter_modules
 from .layer import LoraLayer
 from .model import LoraModel
+from .tokens import TrainableTokens
 
 IRREGULAR = "irregular"
 Flag = Union[bool, Literal["irregular"]]
@@ -57,6 +58,8 @@ def _agreed(values: list) -> Flag:
 def _adapter_params(module: nn.Module) -> dict[str, list[nn.Parameter]]:
     if isinstance(module, LoraLayer):
         return {name: module._adapter_parameters(name) for name in module.r}
+    if isinstance(module, TrainableTokens):  # (a tied head reports the input embedding's rows)
+        return {name: [module.rows.trainable_tokens_delta[name]] for name in module.rows.token_indices}
     return {name: list(copy.parameters()) for name, copy in module.modules_to_save.items()}
 
 

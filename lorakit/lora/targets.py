@@ -48,7 +48,7 @@ ATTENTION_MLP_TARGETS: dict[str, list[str]] = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],
     "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
 }
-for _family in ("mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"):
+for _family in ("mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2"):
     ATTENTION_MLP_TARGETS[_family] = ATTENTION_MLP_TARGETS["llama"]
 
 LAYER_CONTAINERS = ("layers", "h", "layer", "blocks", "block")
@@ -138,3 +138,134 @@ def unmatched_targets(model: nn.Module, targets: Union[str, list[str], None]) ->
         return []
     names = [n for n, _ in model.named_modules() if n]
     return [t for t in targets if not any(name_matches([t], n) for n in names)]
+
+
+# ---------------------------------------------------------------------- mixture-of-experts targets
+# PEFT 0.21 rewrites the targets of these transformers-5 MoE families (peft.utils.transformers_weight_conversion),
+# whatever the adapter says, because their v4 nn.Linear experts and router became fused parameters: each old
+# module name turns into a target parameter, and a fused pair (w1 + w3 -> gate_up_proj) gets rank and alpha
+# times two. lorakit does the same on creation and saves the result, which PEFT's rewrite then leaves unchanged.
+PEFT_MOE_RENAMES: dict[str, dict[str, str]] = {
+    "mixtral": {"gate": "gate.weight", "w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj"},
+    "qwen2_moe": {"gate": "gate.weight", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj",
+                  "down_proj": "down_proj"},
+}
+PEFT_MOE_FUSED: dict[str, dict[str, list[str]]] = {
+    "mixtral": {"gate_up_proj": ["w1", "w3"]},
+    "qwen2_moe": {"gate_up_proj": ["gate_proj", "up_proj"]},
+}
+
+
+def peft_moe_family(model: nn.Module) -> Optional[str]:
+    """'mixtral' or 'qwen2_moe' when PEFT rewrites this model's targets (transformers' own table of model types
+    whose checkpoints it converts, as PEFT reads it), else None."""
+    return peft_moe_family_of(model_type(model))
+
+
+def peft_moe_family_of(kind: Optional[str]) -> Optional[str]:
+    """peft_moe_family for a model_type string."""
+    if kind is None:
+        return None
+    try:
+        from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN, get_checkpoint_conversion_mapping
+    except ImportError:  # transformers 4, or none: no rewrite
+        return None
+    family = {**_MODEL_TO_CONVERSION_PATTERN, "mixtral": "mixtral"}.get(kind)
+    if family not in PEFT_MOE_RENAMES or get_checkpoint_conversion_mapping(kind) is None:
+        return None
+    return family
+
+
+def expert_parameters(model: nn.Module) -> list[str]:
+    """Leaf names of the fused expert weights (3-D parameters, e.g. ['gate_up_proj', 'down_proj']), in the
+    order their modules register them."""
+    experts = num_experts(model)
+    names: list[str] = []
+    if experts is None:  # no mixture of experts: a 3-D parameter is something else (ViT's cls_token ...)
+        return names
+    for _, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if p.dim() == 3 and p.shape[0] == experts and pname not in names:
+                names.append(pname)
+    return names
+
+
+def num_experts(model: nn.Module) -> Optional[int]:
+    """The number of experts per layer the model's config declares (Mixtral, gpt-oss: num_local_experts;
+    Qwen-MoE: num_experts), else None."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    for key in ("num_local_experts", "num_experts"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Full names of the linear layers but the output head: what 'all-linear' adapts as modules."""
+    heads = output_head_names(model)
+    return [n for n, m in model.named_modules()
+            if n and n not in heads and isinstance(getattr(m, "base_layer", m), linear_types())
+            and not any(part in ("lora_A", "lora_B", "base_layer") for part in n.split("."))]
+
+
+def resolve_moe_targets(model: nn.Module, target_modules, target_parameters: Optional[list[str]],
+                        r: int, lora_alpha: float) -> Optional[tuple[list[str], list[str], dict, dict]]:
+    """On a mixture-of-experts model, (target_modules, target_parameters, rank_pattern and alpha_pattern
+    additions) as PEFT 0.21 resolves them, else None (the targets stay as given).
+
+    'all-linear' adapts every linear layer but the output head, and the experts: on the families PEFT rewrites
+    (Mixtral, Qwen2/3-MoE ...) exactly what PEFT's rewrite gives (router 'gate.weight' included, gate_up_proj at
+    rank 2r); on other models with fused 3-D experts (gpt-oss ...), whose experts PEFT's 'all-linear' leaves out,
+    the linear layers by full name plus every 3-D expert parameter, so PEFT loading the saved names adapts the
+    same ones. A list or regex is rewritten on the PEFT families only, as PEFT does.
+    """
+    family = peft_moe_family(model)
+    params = list(target_parameters or [])
+    if family is None:
+        experts = expert_parameters(model)
+        if target_modules != "all-linear" or not experts:
+            return None
+        return sorted(linear_module_names(model)), params + [p for p in experts if p not in params], {}, {}
+    renames = PEFT_MOE_RENAMES[family]
+    if target_modules == "all-linear":
+        modules = {n.rsplit(".", 1)[-1] for n in linear_module_names(model)} | set(renames)
+    elif isinstance(target_modules, str):
+        modules = _regex_leaf_names(model, target_modules, renames)
+    else:
+        modules = set(target_modules or [])
+    kept, fused_seen = set(), {}
+    for target in modules:
+        old = next((o for o in renames if target == o or target.endswith("." + o)), None)
+        if old is None:
+            kept.add(target)
+            continue
+        if renames[old] not in params:
+            params.append(renames[old])
+        fused_seen.setdefault(renames[old], set()).add(old)
+    rank_add, alpha_add = {}, {}
+    for fused, parts in PEFT_MOE_FUSED[family].items():
+        seen = fused_seen.get(fused, set())
+        if 0 < len(seen) < len(parts):
+            raise TargetError(f"target_modules names {sorted(seen)} but not {sorted(set(parts) - seen)}: on "
+                              f"{model_type(model)} these are fused into one parameter, {fused}; name all of them")
+        if len(seen) == len(parts) > 1:
+            rank_add[rf".*\.{re.escape(fused)}"] = r * len(parts)
+            alpha_add[rf".*\.{re.escape(fused)}"] = lora_alpha * len(parts)
+    return sorted(kept), sorted(params), rank_add, alpha_add
+
+
+def _regex_leaf_names(model: nn.Module, pattern: str, renames: dict[str, str]) -> set[str]:
+    """PEFT's reading of a regex on these families: the leaf names of the module and parameter names it matches,
+    plus each old expert name whose would-be module name (beside the fused parameter) it matches."""
+    names = [n for n, _ in model.named_modules()] + [n for n, _ in model.named_parameters()]
+    matched = {n.rsplit(".", 1)[-1] for n in names if n and re.fullmatch(pattern, n)}
+    containers: dict[str, set[str]] = {}
+    for name, _ in model.named_parameters():
+        container, _, leaf = name.rpartition(".")
+        containers.setdefault(leaf, set()).add(container)
+    for old, new in renames.items():
+        if old not in matched and any(re.fullmatch(pattern, f"{c}.{old}") for c in containers.get(new, ())):
+            matched.add(old)
+    return matched

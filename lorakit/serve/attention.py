@@ -70,13 +70,17 @@ def ragged_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     Returns the attention output as (batch, q, heads, d), like transformers' own implementations.
     """
     step = STEP_ROWS.get()
-    if step is None:  # outside an engine step (e.g. model.generate): behave exactly like "sdpa"
+    window, softcap, sinks = kwargs.get("sliding_window"), kwargs.get("softcap"), kwargs.get("s_aux")
+    if step is None:  # outside an engine step (e.g. model.generate): behave exactly like the model's own
+        if softcap or sinks is not None:  # sdpa has neither: the model's eager attention (Gemma 2, gpt-oss)
+            import sys
+
+            eager = sys.modules[type(module).__module__].eager_attention_forward
+            return eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
-    if kwargs.get("sliding_window") or kwargs.get("softcap"):
-        raise RuntimeError("lorakit serve does not support sliding-window or soft-capped attention yet")
     layer = module.layer_idx
     step.layers_seen.add(layer)
     batch, heads, q_len, _ = query.shape
@@ -87,11 +91,42 @@ def ragged_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
         keys, values = kv.append(layer, key[row], value[row])  # (kv_heads, L, d)
         if q_len > 1 and keys.shape[1] != q_len:
             raise RuntimeError("a prompt must be processed in one pass from an empty cache")
-        attended = F.scaled_dot_product_attention(
-            query[row:row + 1], keys[None], values[None], is_causal=q_len > 1, scale=scaling,
-            enable_gqa=keys.shape[0] != heads)  # (1, heads, q, d)
-        out[row] = attended[0].transpose(0, 1)
+        if window or softcap or sinks is not None:
+            attended = _masked_attention(query[row], keys, values, scaling, window, softcap, sinks)
+        else:
+            attended = F.scaled_dot_product_attention(
+                query[row:row + 1], keys[None], values[None], is_causal=q_len > 1, scale=scaling,
+                enable_gqa=keys.shape[0] != heads)[0]  # (heads, q, d)
+        out[row] = attended.transpose(0, 1)
     return out, None
+
+
+def _masked_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: Optional[float],
+                      window: Optional[int], softcap: Optional[float],
+                      sinks: Optional[torch.Tensor]) -> torch.Tensor:
+    """One sequence's attention with what sdpa lacks: query (heads, q, d) over its cache's keys and values
+    (kv_heads, L, d), the q queries being the last q positions. Scores are soft-capped (Gemma 2:
+    cap·tanh(s/cap)), a query at position p sees keys j with p - window < j <= p (transformers' sliding
+    window), and a per-head sink logit (gpt-oss) joins the softmax and is dropped after it."""
+    heads, q_len, dim = query.shape
+    keys = keys.repeat_interleave(heads // keys.shape[0], dim=0)  # (heads, L, d)
+    values = values.repeat_interleave(heads // values.shape[0], dim=0)
+    scores = (query @ keys.transpose(1, 2)) * (dim ** -0.5 if scaling is None else scaling)  # (heads, q, L)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    length = keys.shape[1]
+    positions = torch.arange(length - q_len, length, device=query.device)[:, None]  # (q, 1)
+    key_positions = torch.arange(length, device=query.device)[None]  # (1, L)
+    allowed = key_positions <= positions
+    if window:
+        allowed &= key_positions > positions - window
+    scores = scores.float().masked_fill(~allowed, float("-inf"))
+    if sinks is not None:
+        scores = torch.cat([scores, sinks.float().reshape(heads, 1, 1).expand(heads, q_len, 1)], dim=-1)
+    probs = torch.softmax(scores, dim=-1)
+    if sinks is not None:
+        probs = probs[..., :-1]
+    return probs.to(values.dtype) @ values  # (heads, q, d)
 
 
 def register_ragged_attention() -> None:

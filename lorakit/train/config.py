@@ -81,6 +81,10 @@ class TrainConfig:
     init_lora_weights: Union[bool, Literal["gaussian", "pissa", "olora"]] = True
     """LoRA init: true = Kaiming-uniform A and zero B; gaussian; pissa; olora;
     false = random B, so the adapter is not a no-op at start (for tests)."""
+    add_tokens: Union[str, list[str], None] = None
+    """Tokens to add to the tokenizer (comma-separated, e.g. "<tool_call>,</tool_call>"): the embedding
+    grows, and only the new tokens' rows train and are saved with the adapter (with the tokenizer).
+    Markers the chat template writes that the tokenizer lacks are added the same way."""
 
     # --- optimisation -----------------------------------------------------------------------
     lr: float = 2e-4
@@ -157,10 +161,17 @@ class TrainConfig:
         """Check every field; raise one `ConfigError` listing all problems. Returns self."""
         problems = _choice_problems(self) + _number_problems(self) + _target_problems(self.targets)
         problems += _combination_problems(self)
+        if self.add_tokens is not None and not all(isinstance(t, str) and t for t in self.new_tokens() or [""]):
+            problems.append(f"add_tokens must name tokens (comma-separated, none empty); got {self.add_tokens!r}")
         problems += tracker_problems(self.report_to)
         if problems:
             raise ConfigError(problems, where="train config")
         return self
+
+    def new_tokens(self) -> list[str]:
+        """--add-tokens as a list (a string is split at commas)."""
+        tokens = self.add_tokens.split(",") if isinstance(self.add_tokens, str) else list(self.add_tokens or [])
+        return [t.strip() if isinstance(t, str) else t for t in tokens]
 
     def to_dict(self) -> dict[str, Any]:
         """A deep copy of the fields as plain data (YAML/JSON ready)."""

@@ -13,7 +13,7 @@ from lorakit.train.config import TrainConfig
 # Parameters named like this are LoRA "B" matrices: LoRA+ trains them with lr x ratio.
 LORA_B_MARKERS = ("lora_B", "lora_embedding_B")
 # Parameters named like this (or with fewer than 2 dims) get no weight decay.
-NO_DECAY_MARKERS = ("bias", "norm", "lora_magnitude_vector")
+NO_DECAY_MARKERS = ("bias", "norm", "lora_magnitude_vector", "trainable_tokens_delta")  # token rows are values, not deltas
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
