@@ -37,6 +37,8 @@ sys.path.insert(0, str(ROOT))
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONFIGS = {  # name: (model, batch, seq, dtype, device)
     "cpu": {"model": "smollm2-135m", "batch": 4, "seq": 256, "dtype": "float32", "device": "cpu"},
+    # the same in bf16: weights loaded in bf16, bf16 autocast, LoRA factors in fp32 (PEFT upcasts them by default)
+    "cpu-bf16": {"model": "smollm2-135m", "batch": 4, "seq": 256, "dtype": "bfloat16", "device": "cpu"},
     "1b": {"llama": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
            "batch": 8, "seq": 1024, "dtype": "bfloat16", "device": "cuda"},
@@ -150,10 +152,14 @@ def child(config_name: str, method: str, steps: int, warmup: int, gradient_check
     model, loss_fn = prepare(method, model, gradient_checkpointing, cfg.get("targets", TARGETS))
     model.train()
     data = batches(cfg, tokenizer, steps + warmup, padding_free=method == "lorakit")
+    if method.startswith("lorakit") and cfg["dtype"] == "bfloat16" and cfg["device"] == "cpu":
+        from lorakit.train.runtime import keep_trainable_in_fp32  # fp32 masters, as lorakit train keeps them
+
+        keep_trainable_in_fp32(model)
     params = [p for p in model.parameters() if p.requires_grad]
     fused = {"fused": True} if cfg["device"] == "cuda" else {"foreach": True}
     optimizer = torch.optim.AdamW(params, lr=1e-4, **fused)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg["device"] == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = torch.autocast(cfg["device"], dtype=torch.bfloat16, enabled=cfg["dtype"] == "bfloat16")
     sync = torch.cuda.synchronize if cfg["device"] == "cuda" else (lambda: None)
     losses, start, tokens = [], None, 0
     for i, (batch, real_tokens) in enumerate(data):

@@ -11,6 +11,10 @@ from torch import nn
 if not torch.cuda.is_available():  # the Triton kernels' tests run them on CPU through Triton's interpreter,
     os.environ.setdefault("TRITON_INTERPRET", "1")  # which must be chosen before triton is first imported
 
+# `--dtype auto` trains in bf16 on a CPU with native bf16 (lorakit.train.runtime.training_dtype): the suite keeps
+# fp32 so its figures do not depend on the CPU; tests/test_cpu_bf16.py covers the bf16 choice and path.
+os.environ.setdefault("LORAKIT_CPU_BF16", "0")
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 # Relative error allowed between two computations of the same function, by dtype (one table, not ad hoc).

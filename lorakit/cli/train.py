@@ -86,7 +86,7 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
         from .adapters import write_rank_report
 
         print(f"rank report: {write_rank_report(adapter_dir, run_dir)} (and rank_spectrum.png)")
-    figures = _summary(model, result, before, after, adapter_dir, data)
+    figures = {**_summary(model, result, before, after, adapter_dir, data), "dtype": str(loaded.dtype).split(".")[-1]}
     if data["demo"] is not None:
         _print_demo_table(before, after, data["demo"], figures)
     elif data["task"] is not None:
@@ -147,12 +147,16 @@ def _start_training(config: TrainConfig, run_dir: Path, records):
     from ..lora.targets import expert_parameters
     from ..models import load_model
     from ..train import Trainer, seed_everything
+    from ..train.runtime import training_dtype
     from ..train.trackers import open_trackers
 
     seed_everything(config.seed)
     _threads_for_a_busy_cpu(config)
     task = read_task_records(config)  # None for causal-lm; labels are needed to build the model's head
-    loaded = load_model(config.model, task=config.task, device=config.device, dtype=config.dtype,
+    precision, why = training_dtype(config.dtype, config.device,  # auto: bf16 on a native-bf16 CPU
+                                    cpu_bf16=not (config.quantize or config.fsdp))
+    print(f"precision: {why}")
+    loaded = load_model(config.model, task=config.task, device=config.device, dtype=precision,
                         **(label_arguments(task) if task else {}))
     model, tokenizer = loaded.model, loaded.tokenizer
     token_rows = _add_tokens(config, model, tokenizer)  # the embedding grows before it is quantized
@@ -355,7 +359,8 @@ def _print_demo_table(before: dict, after: dict, demo, figures: dict) -> None:
         print(f"{name:<34}{b:>10}{a:>10}")
     print(f"{'retention (general still right)':<34}{'':>10}{figures['retention'] or 0:>10.2f}")
     print(f"trained {figures['steps']} steps in {figures['train_seconds']:.0f}s "
-          f"({figures['tokens_per_second']:.0f} tokens/s), {figures['trainable_params']:,} trainable parameters")
+          f"({figures['tokens_per_second']:.0f} tokens/s, {figures['dtype']}), {figures['trainable_params']:,} "
+          f"trainable parameters")
     print("-" * 78)
     for i in (0, len(demo.heldout) // 2, len(demo.heldout) - 1):
         print(f"Q: {demo.heldout[i]['question']}")
@@ -371,7 +376,8 @@ def _print_task_table(figures: dict, task: str) -> None:
     for name in names:
         print(f"{name:<34}{figures[name + '_before']:>12.4f}{figures[name + '_after']:>12.4f}")
     print(f"trained {figures['steps']} steps in {figures['train_seconds']:.0f}s "
-          f"({figures['tokens_per_second']:.0f} tokens/s), {figures['trainable_params']:,} trainable parameters")
+          f"({figures['tokens_per_second']:.0f} tokens/s, {figures['dtype']}), {figures['trainable_params']:,} "
+          f"trainable parameters")
     print("=" * 60)
 
 

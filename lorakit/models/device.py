@@ -2,7 +2,8 @@
 
 "auto" picks the fastest safe choice for the machine: CUDA, else Apple MPS, else CPU; bf16 on a
 CUDA GPU that supports it, fp32 everywhere else (fp16 needs loss scaling to train safely, so it is
-never chosen silently).
+never chosen silently). Training goes further on a CPU that computes bf16 natively: see
+`lorakit.train.runtime.training_dtype`.
 """
 from __future__ import annotations
 
@@ -127,3 +128,34 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: str | torch.device 
         logger.warning("fp16 on CPU is slow and some operations lack fp16 kernels; "
                        "bf16 or fp32 is the better choice on CPU")
     return resolved
+
+
+def cpu_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 since Cooper Lake and Zen 4, AMX since
+    Sapphire Rapids), as torch's own dispatch sees it; False where torch cannot tell."""
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        supported = getattr(torch.cpu, probe, None)
+        if callable(supported) and supported():
+            return True
+    return False
+
+
+def cpu_matmul_rates(rows: int = 256, inner: int = 576, out: int = 1536, rounds: int = 5) -> dict[str, float]:
+    """GFLOP/s of a (rows x inner) @ (inner x out) matmul in fp32 and in bf16 on this CPU, the best of
+    `rounds` alternated rounds (alternated, so a busy spell slows both alike; the best, so it slows neither).
+    About 0.1-0.3 s."""
+    import time
+
+    flops = 2 * rows * inner * out * 3
+    best = {"float32": 0.0, "bfloat16": 0.0}
+    operands = {name: (torch.randn(rows, inner).to(getattr(torch, name)),
+                       torch.randn(inner, out).to(getattr(torch, name))) for name in best}
+    for name, (a, b) in operands.items():
+        a @ b  # warm the kernels
+    for _ in range(rounds):
+        for name, (a, b) in operands.items():
+            started = time.perf_counter()
+            for _ in range(3):
+                a @ b
+            best[name] = max(best[name], flops / (time.perf_counter() - started) / 1e9)
+    return best

@@ -103,7 +103,9 @@ class Trainer:
         self.device = runtime.model_device(model)
         if self.device.type == "cpu":  # freed activations stay in the process: no page faults every step
             keep_freed_memory()
-        self.amp_dtype = runtime.autocast_dtype(self.device, self.config.dtype)
+        self.amp_dtype = runtime.autocast_dtype(self.device, self.config.dtype, runtime.frozen_weights_dtype(model))
+        if self.amp_dtype is not None and self.device.type == "cpu" and not self.config.fsdp:
+            runtime.keep_trainable_in_fp32(model)  # fp32 masters, half-precision matmuls (autocast)
         self.group = distributed.group_for(self.device)
         c = self.config
         self.global_batch = c.batch_size * self.group.world_size  # rows of one global micro-batch

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import time
 import warnings
-from typing import ContextManager, Optional
+from typing import ContextManager, Optional, Union
 
 import numpy as np
 import torch
@@ -29,21 +30,80 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def autocast_dtype(device: torch.device, dtype: str) -> Optional[torch.dtype]:
+def autocast_dtype(device: torch.device, dtype: str,
+                   weights: Optional[torch.dtype] = None) -> Optional[torch.dtype]:
     """The autocast dtype for `--dtype` on `device`, or None for plain fp32 (no autocast).
 
-    auto: bf16 on CUDA when the GPU supports it, fp32 on CPU and MPS (CPU bf16 autocast is slow on
-    most CPUs and changes results); bfloat16 / float16: that dtype; float32: no autocast.
+    auto: bf16 on a CUDA GPU with bf16; on a CPU, bf16 when the frozen `weights` are bf16 (what `lorakit train`
+    loads on a CPU that multiplies bf16 natively: see `training_dtype`), else fp32; bfloat16 / float16: that
+    dtype; float32: no autocast.
     """
-    if dtype == "float32":
-        return None
-    if dtype == "bfloat16":
-        return torch.bfloat16
-    if dtype == "float16":
-        return torch.float16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
+    if dtype == "auto" and device.type == "cpu":
+        return torch.bfloat16 if weights == torch.bfloat16 else None
+    word = training_dtype(dtype, device)[0]
+    return None if word == "float32" else getattr(torch, word)
+
+
+def frozen_weights_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    """The dtype of the model's first frozen floating-point parameter (None if it has none)."""
+    for param in model.parameters():
+        if not param.requires_grad and param.is_floating_point():
+            return param.dtype
     return None
+
+
+def training_dtype(dtype: str, device: Union[str, torch.device], cpu_bf16: bool = True) -> tuple[str, str]:
+    """(the dtype word training uses for `--dtype` on `device`, why): "auto" becomes bfloat16 on a CUDA GPU
+    with bf16 and on a CPU that multiplies bf16 natively and measurably faster than fp32 (frozen weights in
+    bf16, LoRA factors and optimizer state in fp32, matmuls in bf16 under autocast), float32 elsewhere.
+    LORAKIT_CPU_BF16=0 (or 1) turns the CPU choice off (or on) whatever the CPU. Asked once per process.
+    cpu_bf16=False keeps a CPU run in fp32 (QLoRA and FSDP, whose bf16 paths on CPU were not measured)."""
+    if dtype != "auto":
+        return dtype, f"{dtype} (--dtype)"
+    kind = torch.device(device).type if not isinstance(device, str) or device != "auto" else \
+        ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda":
+        return ("bfloat16", "bfloat16 autocast (a GPU with bf16)") if torch.cuda.is_bf16_supported() else \
+            ("float32", "float32 (this GPU has no bf16)")
+    if kind != "cpu":
+        return "float32", f"float32 ({kind})"
+    if not cpu_bf16:
+        return "float32", "float32 (--dtype auto keeps QLoRA and FSDP runs on CPU in fp32)"
+    return _cpu_choice()
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_choice() -> tuple[str, str]:
+    from lorakit.models.device import cpu_matmul_rates, cpu_native_bf16
+
+    forced = os.environ.get("LORAKIT_CPU_BF16", "").strip()
+    if forced in ("0", "1"):
+        word = "bfloat16" if forced == "1" else "float32"
+        return word, f"{word} (LORAKIT_CPU_BF16={forced})"
+    if not cpu_native_bf16():
+        return "float32", "float32 (this CPU has no native bf16: --dtype bfloat16 would be slower)"
+    rates = cpu_matmul_rates()
+    speedup = rates["bfloat16"] / rates["float32"]
+    measured = f"bf16 matmuls {rates['bfloat16']:.0f} vs fp32 {rates['float32']:.0f} GFLOP/s here"
+    if speedup < CPU_BF16_MIN_SPEEDUP:
+        return "float32", f"float32 (native bf16, but {measured}: not worth it; --dtype bfloat16 to use it)"
+    return "bfloat16", f"bfloat16 weights, fp32 LoRA factors (native bf16 CPU: {measured}; --dtype float32 for fp32)"
+
+
+CPU_BF16_MIN_SPEEDUP = 1.5
+"""How much faster a bf16 matmul must measure than fp32 for `--dtype auto` to train in bf16 on a CPU."""
+
+
+def keep_trainable_in_fp32(model: nn.Module) -> int:
+    """Master copies: every trainable parameter in fp32 (LoRA factors, a trained head, token rows), the frozen
+    weights as loaded; autocast casts the factors for each matmul, and the optimizer steps on fp32 (its state
+    too). Returns how many parameters changed dtype."""
+    changed = 0
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+            changed += 1
+    return changed
 
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> ContextManager:
