@@ -45,15 +45,21 @@ def _softmax_moments(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.
     block of the vocabulary, their log-sum-exp merged across blocks, then each block is turned into
     probabilities in place and multiplied back through its rows of W."""
     vocab, block = weight.shape[0], VOCAB_BLOCK
-    h = hidden.float()  # fp32 logits: the KL's terms are close numbers, and bf16 logits would not cancel
-    blocks = [h @ weight[s:s + block].float().T for s in range(0, vocab, block)]  # (c, block) each
+    # fp32 logits: the KL's terms are close numbers, and bf16 logits would not cancel. Under autocast in the
+    # head's dtype (CPU bf16 training) autocast would multiply in that dtype anyway: the operands stay as they
+    # are (no fp32 copies of W's blocks for autocast to cast back) and the products come out in fp32.
+    low = weight.dtype != torch.float32 and torch.is_autocast_enabled(hidden.device.type) and \
+        torch.get_autocast_dtype(hidden.device.type) == weight.dtype
+    h = hidden.to(weight.dtype) if low else hidden.float()
+    blocks = [(h @ weight[s:s + block].T).float() if low else h @ weight[s:s + block].float().T
+              for s in range(0, vocab, block)]  # (c, block) each
     lse = torch.logsumexp(blocks[0], dim=-1)
     for z in blocks[1:]:
         lse = torch.logaddexp(lse, torch.logsumexp(z, dim=-1))
     expected = torch.zeros(hidden.shape[0], hidden.shape[1], dtype=torch.float32, device=hidden.device)
     for s, z in zip(range(0, vocab, block), blocks):
         probs = z.sub_(lse[:, None]).exp_()  # softmax, in place of the block's logits
-        expected += probs @ weight[s:s + block].float()
+        expected += (probs.to(weight.dtype) @ weight[s:s + block]).float() if low else probs @ weight[s:s + block].float()
     return lse, expected
 
 
