@@ -3,8 +3,8 @@
     python benchmarks/cpu_acceptance.py               # 3 rounds of 4 runs, then the Alpaca loss curves
     python benchmarks/cpu_acceptance.py --rounds 5 --json results.json
 
-Four sides, each round in a balanced order (the order turns by one and reverses every other round, so a drift
-over the series moves every side alike):
+Four sides, each round in a turned order (round i starts at side i, so over the rounds each side runs in each
+place and a drift over the series moves every side alike):
   lorakit        `lorakit train` with `--dtype auto`: bf16 weights, fp32 LoRA factors on a CPU that multiplies bf16
                  natively and measures faster (see lorakit.train.runtime.training_dtype), fp32 elsewhere
   lorakit-fp32   the same command with `--dtype float32`
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -41,6 +42,9 @@ SIDES = ("lorakit", "lorakit-fp32", "peft", "peft-bf16")
 CLI_ARGS = ["train", "--model", "smollm2-135m", "--batch-size", "4", "--seq-len", "256", "--packing", "--r", "16",
             "--alpha", "32", "--dropout", "0", "--targets", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"]
 ALPACA = ROOT.parent / "shared" / "data" / "alpaca" / "alpaca_small_2k.json"
+# every side on all the cores: `lorakit train` would take fewer on a busy CPU (runtime.cpu_threads_for_load), which
+# is right for a user and wrong for a comparison (run this alone)
+THREADS = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))}
 ALPACA_TOLERANCE = {"mean relative difference per step": 0.03, "last 10 steps' mean loss (relative)": 0.02}
 
 
@@ -48,7 +52,7 @@ def run_peft(folder: Path, steps: int, config: str) -> dict:
     """tokens/s of throughput.py's peft method (its own child process, as `--methods peft` runs it)."""
     out = folder / "peft.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--config", config, "--steps",
-                    str(steps), "--warmup", "2", "--child", "peft", str(out)], check=True, cwd=ROOT)
+                    str(steps), "--warmup", "2", "--child", "peft", str(out)], check=True, cwd=ROOT, env=THREADS)
     return {"tokens_per_second": json.loads(out.read_text())["tokens_per_second"]}
 
 
@@ -56,7 +60,7 @@ def run_cli(folder: Path, dtype: str, max_steps: int, extra: tuple = ()) -> dict
     """The CLI's summary.json figures (and its metrics.jsonl train losses)."""
     steps = ["--max-steps", str(max_steps)] if max_steps > 0 else []
     subprocess.run([sys.executable, "-m", "lorakit", *CLI_ARGS, "--dtype", dtype, "--out", str(folder / "run"),
-                    *steps, *extra], check=True, cwd=ROOT)
+                    *steps, *extra], check=True, cwd=ROOT, env=THREADS)
     summary = json.loads((folder / "run" / "summary.json").read_text())
     lines = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text().splitlines() if line]
     losses = {line["step"]: line["loss"] for line in lines if "loss" in line and "eval_loss" not in line}
@@ -65,9 +69,8 @@ def run_cli(folder: Path, dtype: str, max_steps: int, extra: tuple = ()) -> dict
 
 
 def round_order(i: int) -> list[str]:
-    """Round i: SIDES turned by i, reversed every other round."""
-    order = list(SIDES[i % len(SIDES):] + SIDES[:i % len(SIDES)])
-    return order[::-1] if i % 2 else order
+    """Round i: SIDES turned by i (a Latin square: over four rounds each side runs once in each place)."""
+    return list(SIDES[i % len(SIDES):] + SIDES[:i % len(SIDES)])
 
 
 def run_side(side: str, folder: Path, args) -> dict:

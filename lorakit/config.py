@@ -51,7 +51,7 @@ TASK_HEADS: dict[TaskType, list[str]] = {
     TaskType.IMAGE_CLASSIFICATION: ["classifier", "fc"],
 }
 
-INIT_CHOICES = (True, False, "gaussian", "pissa", "olora")
+INIT_CHOICES = (True, False, "gaussian", "pissa", "olora", "orthogonal")
 BIAS_CHOICES = ("none", "all", "lora_only")
 
 
@@ -80,11 +80,19 @@ class LoraConfig:
     """Modules (besides LoRA) trained in full and saved with the adapter, e.g. a new classifier head."""
     init_lora_weights: Union[bool, str] = True
     """True: Kaiming-uniform A and zero B (the update starts at 0); 'gaussian'; 'pissa' (or
-    'pissa_niter_K'); 'olora'; False: random A and B (for tests only)."""
+    'pissa_niter_K'); 'olora'; 'orthogonal' (A, B random with B A = 0; even r); False: random A and B (for tests
+    only)."""
     use_rslora: bool = False
     """Rank-stabilised scaling lora_alpha / sqrt(r)."""
     use_dora: bool = False
     """DoRA: a learned per-output magnitude times the direction of W + scaling * B A."""
+    ensure_weight_tying: bool = False
+    """Keep adapters on a tied input embedding and output head tied (PEFT's field): with the embedding (or a tied
+    module) in modules_to_save, one trained copy serves all of them; in target_modules, the tied modules' LoRA
+    factors are the embedding's, transposed. The config is saved resolved, as PEFT saves it."""
+    lora_bias: bool = False
+    """B gets a trainable bias of its own (PEFT's lora_bias), saved with the adapter; merging adds it (times scaling)
+    to the base layer's bias. Not for embeddings or DoRA, and only with init_lora_weights True or False."""
     rank_pattern: dict[str, int] = field(default_factory=dict)
     """Per-module rank overrides: {regex or name suffix: r}."""
     alpha_pattern: dict[str, float] = field(default_factory=dict)
@@ -154,6 +162,11 @@ class LoraConfig:
                 re.compile(self.target_modules)
             except re.error as e:
                 problems.append(f"target_modules regex {self.target_modules!r} does not compile: {e}")
+        if self.lora_bias and self.init_lora_weights not in (True, False):
+            problems.append("The argument lora_bias=True is only supported with init_lora_weights=True or False, got "
+                            f"init_lora_weights={self.init_lora_weights} instead.")
+        if self.lora_bias and self.use_dora:
+            problems.append("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
         tp = self.target_parameters
         if tp is not None and (not isinstance(tp, list) or not all(isinstance(t, str) and t for t in tp)):
             problems.append(f"target_parameters must be a list of parameter names, got {tp!r}")
@@ -220,11 +233,10 @@ class LoraConfig:
 
 
 PEFT_ONLY_FEATURES = {
-    "lora_bias": "a trained bias on lora_B", "layer_replication": "layers repeated in the model",
+    "layer_replication": "layers repeated in the model",
     "use_qalora": "QA-LoRA", "alora_invocation_tokens": "activated LoRA", "use_bdlora": "BD-LoRA",
     "arrow_config": "Arrow routing", "kasa_config": "KaSA", "monteclora_config": "MonteCLoRA",
     "velora_config": "VeLoRA", "megatron_config": "Megatron parallel layers",
-    "ensure_weight_tying": "adapters tied across a tied embedding and head",
 }
 """PEFT LoraConfig fields (0.21) that change what an adapter computes, which lorakit does not implement."""
 PEFT_ONLY_INIT_METHODS = ("mica", "corda", "loftq")

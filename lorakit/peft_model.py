@@ -24,7 +24,7 @@ from .errors import AdapterError, ConfigError
 from .lora.files import (PREFIX, adapter_state_dict, fingerprint, fingerprint_mismatch, load_into, make_meta,
                          read_adapter_tensors, read_json_object, read_meta, save_adapter)
 from .lora.inject import ModulesToSave, find_targets, lora_layers
-from .lora.layer import BASE_ADAPTER, is_quantized_weight, route_rows
+from .lora.layer import BASE_ADAPTER, is_quantized_weight, module_weight, route_rows
 from .lora.layer_names import PEFT_PREFIX
 from .lora.model import LoraModel, resolve_config
 from .lora.tokens import token_layers
@@ -413,7 +413,7 @@ def _fingerprint_before(model: nn.Module, config: LoraConfig) -> dict:
     if not quantized:
         return fingerprint(model, names)
     fp = fingerprint(model, [n for n in names if n not in quantized])
-    fp["shapes"] = {n: list(getattr(model.get_submodule(n), "base_layer", model.get_submodule(n)).weight.shape)
+    fp["shapes"] = {n: list(module_weight(model.get_submodule(n)).shape)
                     for n in names}
     fp["quantized_targets"] = len(quantized)
     return fp
@@ -470,7 +470,7 @@ def _check_base(meta: dict, model: nn.Module, source: str, ignore: bool, tensors
     problem = None
     if quantized:  # a QLoRA base: its layers are compared by shape, their values are 4-bit roundings
         for name in sorted(quantized):
-            shape = list(getattr(model.get_submodule(name), "base_layer", model.get_submodule(name)).weight.shape)
+            shape = list(module_weight(model.get_submodule(name)).shape)
             if shape != expected["shapes"][name]:
                 problem = problem or f"{name} has shape {shape}, the adapter expects {expected['shapes'][name]}"
         for key in ("shapes", "samples"):

@@ -17,6 +17,7 @@ import torch
 
 import lorakit
 from tests.conftest import assert_close
+from tests.test_train_fixtures import one_torch_thread  # noqa: F401  (autouse: one thread for tiny models)
 
 peft = pytest.importorskip("peft", reason="PEFT is a test dependency (pip install -e .[test])")
 
@@ -60,13 +61,6 @@ NO_PEFT_DEFAULT = {"olmo2", "gpt_oss"}  # PEFT 0.21's table of default targets h
 TASK_TYPES = {"causal": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM", "seq_cls": "SEQ_CLS", "image": None}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run several times faster on one thread than on two busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def build(arch: str, **overrides):

@@ -148,9 +148,11 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
-def test_dora_on_embedding_is_a_clear_error():
-    with pytest.raises(ConfigError, match="use_dora is not supported for Embedding"):
-        get_peft_model(tiny_llama(), LoraConfig(target_modules=["embed_tokens"], use_dora=True))
+def test_dora_on_multihead_attention_is_a_clear_error():
+    # (DoRA on embeddings is supported since issue 23: tests/test_peft_layers_extra.py)
+    model = torch.nn.Sequential(torch.nn.MultiheadAttention(8, 2))
+    with pytest.raises(AdapterError, match="MultiheadAttention does not support DoRA"):
+        get_peft_model(model, LoraConfig(target_modules=["0"], use_dora=True))
 
 
 def test_safe_merge_refuses_non_finite():

@@ -166,6 +166,12 @@ def test_dora_refused_with_the_way_out():
         lora_tensors(tiny_adapted(use_dora=True))
 
 
+def test_lora_bias_refused():
+    """A bias on lora_B is part of the update; a LoRA GGUF has no place for it (it would be dropped silently)."""
+    with pytest.raises(ExportError, match="lora_bias"):
+        lora_tensors(tiny_adapted(lora_bias=True))
+
+
 def test_tied_embedding_lora_refused():
     """llama.cpp applies a token_embd LoRA to a tied output head too, and aborts on the shapes."""
     with pytest.raises(ExportError, match="(?s)token embedding.*tie_word_embeddings"):

@@ -242,12 +242,10 @@ def test_disabled_adapter_layers_give_the_base_model_and_enable_gives_the_adapte
 
 
 def test_adapters_using_peft_features_lorakit_lacks_are_refused_by_name(tmp_path):
-    """Their outputs would be wrong here (lora_bias's extra tensors were reported as unknown modules; an
-    activated-LoRA file loaded with no error at all)."""
-    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True))
-    model.save_pretrained(tmp_path / "bias")
-    with pytest.raises(lorakit.ConfigError, match="lora_bias=True"):
-        lorakit.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "bias"))
+    """Their outputs would be wrong here (an activated-LoRA file loaded with no error at all)."""
+    _edited_peft_adapter(tmp_path / "bdlora", use_bdlora=True)
+    with pytest.raises(lorakit.ConfigError, match="use_bdlora=True"):
+        lorakit.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "bdlora"))
     _edited_peft_adapter(tmp_path / "alora", alora_invocation_tokens=[5, 6])
     with pytest.raises(lorakit.ConfigError, match="alora_invocation_tokens"):
         lorakit.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "alora"))
@@ -262,10 +260,10 @@ def test_a_config_written_for_peft_builds_in_lorakit_and_a_feature_it_lacks_is_r
     known = set(PEFT_ONLY_FEATURES) | set(PEFT_INFORMATIONAL_FIELDS)  # (a field a later PEFT adds is not)
     unset = {f.name: getattr(peft.LoraConfig(), f.name) for f in dataclasses.fields(peft.LoraConfig) if f.name in known}
     assert len(unset) >= 15 and lorakit.LoraConfig(r=4, **unset).r == 4
-    with pytest.raises(lorakit.ConfigError, match="lora_bias=True"):
-        lorakit.LoraConfig(r=4, lora_bias=True)
-    with pytest.raises(lorakit.ConfigError, match="ensure_weight_tying=True"):
-        lorakit.LoraConfig(r=4, ensure_weight_tying=True)
+    with pytest.raises(lorakit.ConfigError, match="use_bdlora=True"):
+        lorakit.LoraConfig(r=4, use_bdlora=True)
+    with pytest.raises(lorakit.ConfigError, match="layer_replication"):
+        lorakit.LoraConfig(r=4, layer_replication=[[0, 1]])
     with pytest.raises(TypeError, match="lora_alhpa"):
         lorakit.LoraConfig(r=4, lora_alhpa=16)
 

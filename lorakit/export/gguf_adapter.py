@@ -54,9 +54,12 @@ def _refusals(model: nn.Module, layers: list[AdaptedLayer], adapter: str) -> lis
     if tied and embedding:
         problems.append("a LoRA on the token embedding of a model whose head shares it (tie_word_embeddings): "
                         "llama.cpp would apply it to the output head too, as a matrix product it cannot form")
-    bias = getattr(model.peft_config.get(adapter), "bias", "none") if hasattr(model, "peft_config") else "none"
+    config = model.peft_config.get(adapter) if hasattr(model, "peft_config") else None
+    bias = getattr(config, "bias", "none")
     if bias != "none":
         problems.append(f"trained biases (bias={bias!r}): a LoRA GGUF carries no bias updates")
+    if getattr(config, "lora_bias", False):
+        problems.append("lora_bias=True (a bias on lora_B): a LoRA GGUF carries no bias updates")
     return problems
 
 

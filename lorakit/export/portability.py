@@ -118,9 +118,12 @@ def check(model: nn.Module, engine_name: str, max_rank: int | None = None, rank:
     for name, _ in saved_modules(model, adapter):
         report.findings.append(Finding(name, "modules_to_save: a full trained copy of the module, which "
                                              f"{engine_name} does not load", "dropped"))
-    bias = getattr(getattr(model, "peft_config", {}).get(adapter), "bias", "none")
+    config = getattr(model, "peft_config", {}).get(adapter)
+    bias = getattr(config, "bias", "none")
     if bias != "none":
         report.findings.append(Finding("biases", f"trained biases (bias={bias!r})", "dropped"))
+    if getattr(config, "lora_bias", False):
+        report.findings.append(Finding("biases", "lora_bias=True (a bias on lora_B)", "dropped"))
     return report, kept
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from ..atomic import atomic_write, atomic_write_json
 from ..errors import AdapterError
 from .inject import adapter_modules, lora_layers
+from .layer import module_weight
 from .tokens import is_tied_follower
 
 PREFIX = "base_model.model."
@@ -148,7 +149,7 @@ def fingerprint(model: nn.Module, target_names: list[str]) -> dict[str, Any]:
     shapes, samples = {}, {}
     for name in target_names:
         module = model.get_submodule(name)
-        weight = getattr(module, "base_layer", module).weight
+        weight = module_weight(module)
         shapes[name] = list(weight.shape)
     picks = sorted(set(target_names[i] for i in (0, len(target_names) // 2, -1))) if target_names else []
     for name in picks:
@@ -184,7 +185,7 @@ def fingerprint_mismatch(expected: dict[str, Any], actual_model: nn.Module) -> O
 def _sampled(module: nn.Module, count: int) -> torch.Tensor:
     """`count` evenly spaced values of the module's base weight (as it was before any merge), as fp32 on the CPU."""
     merged = getattr(module, "merged_adapters", None)
-    w = (module.unmerged_weight() if merged else getattr(module, "base_layer", module).weight.detach()).reshape(-1)
+    w = (module.unmerged_weight() if merged else module_weight(module).detach()).reshape(-1)
     idx = torch.linspace(0, w.numel() - 1, count, dtype=torch.float64).long()  # float64: exact past 2^24 elements
     return w[idx.to(w.device)].float().cpu()
 

@@ -11,8 +11,10 @@ from torch import nn
 from ..config import TASK_HEADS, LoraConfig, TaskType
 from ..errors import ConfigError, TargetError
 from .layer import BASE_ADAPTER, ROW_ADAPTERS, LoraConv, LoraEmbedding, LoraLayer, LoraLinear, rows_by_adapter
+from .attention_layer import LoraMultiheadAttention
 from .parameters import inject_parameters
 from .tokens import TrainableTokens, add_trainable_tokens
+from .tying import modules_to_tie, tie_adapters
 from .targets import (closest_names, default_targets, is_conv1d_gpt2, layer_index, linear_types, name_matches,
                       output_head_names, supported_types)
 
@@ -97,6 +99,8 @@ def _wrap(module: nn.Module, fan_in_fan_out: bool) -> LoraLayer:
         return LoraEmbedding(module)
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return LoraConv(module)
+    if isinstance(module, nn.MultiheadAttention):
+        return LoraMultiheadAttention(module)
     raise AssertionError(type(module))
 
 
@@ -142,7 +146,8 @@ def find_targets(model: nn.Module, config: LoraConfig, exclude_names: set[str] =
         found.append(name)
     if unsupported and isinstance(spec, list):
         raise TargetError(f"target_modules matched modules LoRA cannot wrap: {', '.join(unsupported[:5])}. "
-                          "Supported: nn.Linear, nn.Embedding, nn.Conv1d/2d/3d, transformers Conv1D; "
+                          "Supported: nn.Linear, nn.Embedding, nn.Conv1d/2d/3d, nn.MultiheadAttention, "
+                          "transformers Conv1D; "
                           "name their linear sub-layers instead")
     if not found:
         wanted = spec if isinstance(spec, list) else [spec]
@@ -155,10 +160,11 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
     """Add adapter `adapter_name` to `model` in place; returns the adapted module names."""
     if config.use_dora and config.init_lora_weights not in (True, False, "gaussian"):
         raise ConfigError([f"use_dora cannot be combined with init_lora_weights={config.init_lora_weights!r}"])
+    tie_mode, tied = modules_to_tie(model, config, adapter_name)  # (tied modules get the embedding's adapter)
     saved, heads = _saved_module_specs(model, config)
     saved_names = _wrap_modules_to_save(model, saved, heads, adapter_name)
     only_parameters = config.target_parameters and not config.target_modules
-    targets = [] if only_parameters else find_targets(model, config, exclude_names=saved_names)
+    targets = [] if only_parameters else find_targets(model, config, exclude_names=saved_names | set(tied))
     for name in targets:
         module = model.get_submodule(name)
         if not isinstance(module, LoraLayer):
@@ -166,7 +172,8 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
             _set_submodule(model, name, module)
         module.add_adapter(adapter_name, r=config.rank_for(name), lora_alpha=config.alpha_for(name),
                            lora_dropout=config.lora_dropout, init_lora_weights=config.init_lora_weights,
-                           use_rslora=config.use_rslora, use_dora=config.use_dora)
+                           use_rslora=config.use_rslora, use_dora=config.use_dora, lora_bias=config.lora_bias)
+    tie_adapters(model, tie_mode, tied, adapter_name)
     inject_parameters(model, config, adapter_name)
     add_trainable_tokens(model, config, adapter_name)
     note_shared_weights(model)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
+import warnings
 from contextvars import ContextVar
 from typing import Iterator, Optional, Sequence
 
@@ -63,6 +64,7 @@ class LoraLayer(PeftLayerNames, nn.Module):
 
     factor_names = ("lora_A", "lora_B")  # attributes holding the per-adapter A and B (PEFT's key names)
     factor_store: type = nn.ModuleDict
+    weight_name = "weight"  # the base layer's parameter the update applies to (MultiheadAttention: in_proj_weight)
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
         super().__init__()
@@ -95,13 +97,15 @@ class LoraLayer(PeftLayerNames, nn.Module):
             return getattr(self.base_layer, name)  # in_features, weight, padding_idx ... pass through
 
     # ------------------------------------------------------------------ per-type hooks
-    def _make_factors(self, name: str, r: int) -> None:
+    def _make_factors(self, name: str, r: int, bias: bool = False) -> None:
+        """Create adapter `name`'s A and B (B with a bias of its own when `bias`: PEFT's lora_bias)."""
         raise NotImplementedError
 
     def factor_params(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The raw A and B parameters in their own layouts (2-D, or conv-shaped)."""
         a, b = (getattr(self, attr)[name] for attr in self.factor_names)
-        return (a, b) if isinstance(a, nn.Parameter) else (a.weight, b.weight)
+        # (a module's .weight, else the tensor itself: FSDP with use_orig_params holds plain tensors in a ParameterDict)
+        return (a.weight, b.weight) if isinstance(a, nn.Module) else (a, b)
 
     def factor_matrices(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A (r, in_flat), B (out, r)) as views sharing storage with the parameters."""
@@ -112,9 +116,17 @@ class LoraLayer(PeftLayerNames, nn.Module):
         """B(A(x)) without scaling, shaped like the base output."""
         raise NotImplementedError
 
+    def base_weight(self) -> torch.Tensor:
+        """The base layer's weight the update applies to, in its own layout."""
+        return getattr(self.base_layer, self.weight_name)
+
+    def _set_base_weight(self, weight: torch.Tensor) -> None:
+        setattr(self.base_layer, self.weight_name, weight)
+
     def weight_matrix(self) -> torch.Tensor:
         """The frozen weight as a canonical (out, in_flat) view."""
-        return self.base_layer.weight.T if self.fan_in_fan_out else self.base_layer.weight
+        weight = self.base_weight()
+        return weight.T if self.fan_in_fan_out else weight
 
     def _to_weight_layout(self, matrix: torch.Tensor) -> torch.Tensor:
         """Inverse of weight_matrix: a canonical (out, in_flat) matrix in the base weight's layout."""
@@ -126,14 +138,22 @@ class LoraLayer(PeftLayerNames, nn.Module):
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                    init_lora_weights=True, use_rslora: bool = False, use_dora: bool = False) -> None:
-        """Create adapter `name` with rank r; its update starts at zero unless init says otherwise."""
+                    init_lora_weights=True, use_rslora: bool = False, use_dora: bool = False,
+                    lora_bias: bool = False) -> None:
+        """Create adapter `name` with rank r; its update starts at zero unless init says otherwise.
+
+        lora_bias: B gets a trainable bias (PEFT's lora_bias), added to the output times scaling; merging adds
+        scaling * bias to the base layer's bias, so it needs one.
+        """
         self.r[name], self.lora_alpha[name] = r, lora_alpha
         self.scaling[name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-        self._make_factors(name, r)
+        self._make_factors(name, r, bias=lora_bias)
+        if lora_bias and getattr(self.base_layer, "bias", None) is None:
+            warnings.warn(f"`lora_bias=True` was passed but the targeted layer of type {type(self.base_layer).__name__}"
+                          " has no bias. This means that merging LoRA weights won't be possible.")
         self.variant[name] = "dora" if use_dora else "lora"
-        weight = self.base_layer.weight
+        weight = self.base_weight()
         for p in self._adapter_parameters(name):
             p.data = p.data.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else p.dtype)
         init_factors(self, name, init_lora_weights)
@@ -227,13 +247,32 @@ class LoraLayer(PeftLayerNames, nn.Module):
         A quantized base weight (QLoRA) is first made dense for good, in its compute dtype.
         """
         if safe_merge and (bad := self.non_finite_merge(adapter_names)):
-            raise AdapterError(f"merging adapter {bad!r} gives non-finite weights in this layer; "
-                               "the base weights were left unchanged")
+            raise AdapterError(f"NaNs detected in the merged weights. The adapter {bad} seems to be broken: merging it "
+                               "gives non-finite weights in this layer; the base weights were left unchanged")
         for name in self._to_merge(adapter_names):
+            self._check_bias_mergeable(name)
             self._dense_base_weight()
             self._untie()
             self._write_weight(VARIANTS[self.variant[name]].merge(self, name, self.weight_matrix().float()))
+            self._add_lora_bias(name, +1)
             self.merged_adapters.append(name)
+
+    def lora_bias(self, name: str) -> Optional[torch.Tensor]:
+        """B's own bias (PEFT's lora_bias), or None."""
+        return getattr(getattr(self, self.factor_names[1])[name], "bias", None)
+
+    def _check_bias_mergeable(self, name: str) -> None:
+        if self.lora_bias(name) is not None and getattr(self.base_layer, "bias", None) is None:
+            raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias. "
+                               f"Adapter {name!r} keeps its bias on lora_B: use it unmerged")
+
+    def _add_lora_bias(self, name: str, sign: int) -> None:
+        """base bias += sign · scaling · B.bias (a merge of lora_bias, or its undoing)."""
+        bias = self.lora_bias(name)
+        if bias is not None:
+            base_bias = self.base_layer.bias
+            merged = base_bias.float() + sign * self.scaling[name] * bias.float()
+            base_bias.data.copy_(merged.to(base_bias.dtype))
 
     def _untie(self) -> None:
         """Before a merge into a weight another module shares (a tied embedding and head): merge into a copy of
@@ -264,18 +303,25 @@ class LoraLayer(PeftLayerNames, nn.Module):
         to_merge = self._to_merge(adapter_names)
         if not to_merge:
             return None
-        weight, merged, state, tied = self.base_layer.weight, list(self.merged_adapters), dict(self._merge_state), \
+        weight, merged, state, tied = self.base_weight(), list(self.merged_adapters), dict(self._merge_state), \
             self.tied
         trial = weight.get_original_weight() if is_quantized_weight(weight) else weight.detach().clone()
-        self.base_layer.weight, self.tied = nn.Parameter(trial, requires_grad=False), None
+        bias = getattr(self.base_layer, "bias", None)
+        bias_copy = bias.detach().clone() if bias is not None else None
+        self._set_base_weight(nn.Parameter(trial, requires_grad=False))
+        self.tied = None
         try:
             for name in to_merge:
                 self.merge([name])
-                if not torch.isfinite(self.base_layer.weight).all():
+                if not torch.isfinite(self.base_weight()).all() or (
+                        bias is not None and not torch.isfinite(bias).all()):
                     return name
             return None
         finally:
-            self.base_layer.weight, self.tied = weight, tied
+            self._set_base_weight(weight)
+            self.tied = tied
+            if bias is not None:
+                bias.data.copy_(bias_copy)
             self.merged_adapters[:], self._merge_state = merged, state
 
     @torch.no_grad()
@@ -285,6 +331,7 @@ class LoraLayer(PeftLayerNames, nn.Module):
             name = self.merged_adapters.pop()
             restored = VARIANTS[self.variant[name]].unmerge(self, name, self.weight_matrix().float())
             self._write_weight(restored)
+            self._add_lora_bias(name, -1)
         self._retie()
 
     @torch.no_grad()
@@ -294,23 +341,33 @@ class LoraLayer(PeftLayerNames, nn.Module):
         for name in reversed(self.merged_adapters):
             W = VARIANTS[self.variant[name]].unmerge(self, name, W)
         self._merge_state = state
-        return self._to_weight_layout(W).reshape(self.base_layer.weight.shape)
+        return self._to_weight_layout(W).reshape(self.base_weight().shape)
 
     @torch.no_grad()
     def _dense_base_weight(self) -> None:
         """Replace a quantized base weight by its dense values: rounding W + ΔW back to 4 bits would lose
         most of ΔW, and unmerge could not restore W."""
-        weight = self.base_layer.weight
+        weight = self.base_weight()
         if is_quantized_weight(weight):
-            self.base_layer.weight = nn.Parameter(weight.get_original_weight(), requires_grad=False)
+            self._set_base_weight(nn.Parameter(weight.get_original_weight(), requires_grad=False))
 
     @torch.no_grad()
     def _write_weight(self, matrix: torch.Tensor) -> None:
-        weight = self.base_layer.weight
+        weight = self.base_weight()
         weight.data.copy_(self._to_weight_layout(matrix).reshape(weight.shape).to(weight.dtype))
 
     def extra_repr(self) -> str:
         return f"adapters={ {n: self.r[n] for n in self.r} }, active={self.active_adapters}"
+
+
+def module_weight(module: nn.Module) -> torch.Tensor:
+    """The weight a LoRA target adapts: a LoRA layer's base weight, an nn.MultiheadAttention's in_proj_weight,
+    else the module's `.weight`."""
+    if isinstance(module, LoraLayer):
+        return module.base_weight()
+    if isinstance(module, nn.MultiheadAttention):
+        return module.in_proj_weight
+    return module.weight
 
 
 def is_quantized_weight(weight: torch.Tensor) -> bool:
@@ -346,10 +403,10 @@ class LoraLinear(LoraLayer):
         w = self.base_layer.weight
         return (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
 
-    def _make_factors(self, name: str, r: int) -> None:
+    def _make_factors(self, name: str, r: int, bias: bool = False) -> None:
         in_f, out_f = self._features()
         self.lora_A[name] = nn.Linear(in_f, r, bias=False)
-        self.lora_B[name] = nn.Linear(r, out_f, bias=False)
+        self.lora_B[name] = nn.Linear(r, out_f, bias=bias)
 
     def _lora_branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return self.lora_B[name](self.lora_A[name](x))  # (..., in) -> (..., r) -> (..., out)
@@ -407,6 +464,8 @@ class LoraLinear(LoraLayer):
         base, a, b = self._linear_parts(name)
         if self.variant[name] != "lora" or type(base) is not nn.Linear or ROW_ADAPTERS.get() is not None:
             return None
+        if self._modules["lora_B"]._modules[name].bias is not None:
+            return None  # lora_bias: the fused function has no term for B's bias
         weight = base.weight
         if weight.requires_grad or type(weight) not in _PLAIN_TENSORS or type(a) not in _PLAIN_TENSORS:
             return None  # e.g. a 4-bit tensor subclass (QLoRA) or a sharded one
@@ -432,6 +491,8 @@ class LoraLinear(LoraLayer):
         a_t, b_t, slots, has_dora = self._stacked_factors()  # (n+1, in, R), (n+1, R, out); slot 0 = none
         used = set(names)
         if has_dora and any(self.variant.get(n) == "dora" for n in used):
+            return None
+        if any(self.lora_bias(n) is not None for n in used if n in self.r):
             return None
         if torch.is_grad_enabled() and any(p.requires_grad for n in used if n in self.r for p in self.factor_params(n)):
             return None  # training: the stacks are copies, gradients must reach the parameters themselves
@@ -490,57 +551,5 @@ def _count_step(optimizer, args, kwargs) -> None:
 register_optimizer_step_post_hook(_count_step)
 
 
-class LoraEmbedding(LoraLayer):
-    """LoRA for nn.Embedding: A (r, num_embeddings) is looked up, then B (dim, r) projects.
-
-    Canonically the embedding is a linear map from one-hot ids, so W_canonical = weight.T.
-    """
-
-    factor_names = ("lora_embedding_A", "lora_embedding_B")
-    factor_store = nn.ParameterDict
-
-    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = True):
-        super().__init__(base_layer, fan_in_fan_out=True)
-
-    def _make_factors(self, name: str, r: int) -> None:
-        num, dim = self.base_layer.weight.shape
-        self.lora_embedding_A[name] = nn.Parameter(torch.zeros(r, num))
-        self.lora_embedding_B[name] = nn.Parameter(torch.zeros(dim, r))
-
-    def _lora_branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
-        after_a = F.embedding(x, self.lora_embedding_A[name].T, base.padding_idx, base.max_norm,
-                              base.norm_type, base.scale_grad_by_freq, base.sparse)  # (batch, seq, r)
-        return after_a @ self.lora_embedding_B[name].T  # (batch, seq, dim)
-
-
-class LoraConv(LoraLayer):
-    """LoRA for nn.Conv1d/2d/3d: A is a conv with the base's kernel (r filters), B a 1x1 conv to out."""
-
-    def _make_factors(self, name: str, r: int) -> None:
-        base = self.base_layer
-        if base.groups != 1:
-            raise AdapterError(f"LoRA on grouped convolutions (groups={base.groups}) is not supported; "
-                               "exclude this module with exclude_modules")
-        conv = type(base)
-        ones = (1,) * len(base.kernel_size)
-        self.lora_A[name] = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding,
-                                 base.dilation, bias=False, padding_mode=base.padding_mode)
-        self.lora_B[name] = conv(r, base.out_channels, ones, ones, bias=False)
-
-    def weight_matrix(self) -> torch.Tensor:
-        w = self.base_layer.weight
-        return w.view(w.shape[0], -1)
-
-    def _to_weight_layout(self, matrix: torch.Tensor) -> torch.Tensor:
-        return matrix.reshape(self.base_layer.weight.shape)
-
-    def _channel_view(self, v: torch.Tensor) -> torch.Tensor:
-        return v.view(1, -1, *([1] * len(self.base_layer.kernel_size)))
-
-    def _lora_branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        return self.lora_B[name](self.lora_A[name](x))  # (b, in, *sp) -> (b, r, *sp') -> (b, out, *sp')
-
-    def base_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
-        return base._conv_forward(x, base.weight.to(x.dtype), None)
+from .conv_layer import LoraConv  # noqa: E402  (defined beside; imported here for older import paths)
+from .embedding_layer import LoraEmbedding  # noqa: E402

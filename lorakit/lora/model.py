@@ -21,6 +21,7 @@ from .inject import (ModulesToSave, adapter_modules, find_targets, inject_adapte
 from .tokens import token_layers
 from .layer_names import PEFT_PREFIX
 from .parameters import LoraParameter
+from .tying import resolve_weight_tying
 from .targets import DEFAULT_TARGETS, default_targets, model_type, resolve_moe_targets
 
 
@@ -54,8 +55,9 @@ class LoraModel(nn.Module):
         if adapter_name in self.peft_config:
             raise AdapterError(f"an adapter named {adapter_name!r} exists already; pick another name "
                                "or delete_adapter() it first")
-        config = resolve_config(self.model, config)
+        config = resolve_weight_tying(self.model, resolve_config(self.model, config))
         self._check_same_parameters(config)
+        self._check_one_bias(config)
         targets = inject_adapter(self.model, config, adapter_name)
         self.peft_config[adapter_name] = config
         if not self.active_adapters:  # the first adapter is active, and trains unless it is for inference
@@ -64,6 +66,14 @@ class LoraModel(nn.Module):
                 self.trainable_adapters.add(adapter_name)
         self._apply_activity()  # a later one is added inactive and frozen
         return targets
+
+    def _check_one_bias(self, config: LoraConfig) -> None:
+        """PEFT's rule: one adapter at most trains biases (they are the base model's own, shared by all)."""
+        with_bias = [n for n, other in self.peft_config.items() if other.bias != "none"]
+        if config.bias != "none" and with_bias:
+            raise ConfigError([f"{type(self).__name__} supports only 1 adapter with bias. When using multiple "
+                               f"adapters, set bias to 'none' for all adapters (adapter {with_bias[0]!r} has "
+                               f"bias={self.peft_config[with_bias[0]].bias!r})"], where="bias")
 
     def _check_same_parameters(self, config: LoraConfig) -> None:
         """PEFT's rule: every adapter with target_parameters names the same parameters (they share wrappers)."""
@@ -125,7 +135,10 @@ class LoraModel(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
-            raise AdapterError(f"no adapter named {adapter_name!r}; this model has {sorted(self.peft_config)}")
+            raise AdapterError(f"Adapter {adapter_name} does not exist; this model has {sorted(self.peft_config)}")
+        if any(adapter_name in layer.merged_adapters for _, layer in mergeable_layers(self.model)):
+            raise AdapterError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge "
+                               "them first. (model.unmerge_adapter() does.)")
         for _, module in adapter_modules(self.model):
             module.delete_adapter(adapter_name)
         del self.peft_config[adapter_name]
@@ -147,13 +160,29 @@ class LoraModel(nn.Module):
         the other module is left as it was (LoraLayer.merge).
         """
         layers = mergeable_layers(self.model)
+        if not self._warn_merged(layers, adapter_names):
+            return
         if safe_merge:
             for name, layer in layers:
                 if bad := layer.non_finite_merge(adapter_names):
-                    raise AdapterError(f"merging adapter {bad!r} into {name} gives non-finite weights; "
-                                       "no layer was changed")
+                    raise AdapterError(f"NaNs detected in the merged weights. The adapter {bad} seems to be broken: "
+                                       f"merging it into {name} gives non-finite weights; no layer was changed")
         for _, layer in layers:
             layer.merge(adapter_names)
+
+    @staticmethod
+    def _warn_merged(layers: list, adapter_names: Optional[Sequence[str]]) -> bool:
+        """PEFT's warnings when some adapters are merged already; False when there is nothing left to merge."""
+        merged = sorted({n for _, layer in layers for n in layer.merged_adapters})
+        if not merged:
+            return True
+        new = sorted({n for _, layer in layers for n in layer._to_merge(adapter_names)})
+        if not new:
+            warnings.warn("All adapters are already merged, nothing to do.")
+            return False
+        warnings.warn(f"Already following adapters were merged {','.join(merged)}. You are now additionally merging "
+                      f"{','.join(new)}.")
+        return True
 
     def unmerge_adapter(self) -> None:
         for _, layer in mergeable_layers(self.model):
@@ -262,7 +291,13 @@ class LoraModel(nn.Module):
             problems.append("adapters with target_parameters cannot be combined (as in PEFT); combine others")
         if any(self.peft_config[a].use_dora for a in adapters if a in self.peft_config):
             problems.append("DoRA adapters cannot be combined (their magnitude vectors do not add)")
+        if any(self.peft_config[a].lora_bias for a in adapters if a in self.peft_config):
+            problems.append("adapters with lora_bias cannot be combined (the combination has no bias term to keep "
+                            "lora_B's biases in); combine adapters without it")
         for name, module in adapter_modules(self.model):
+            if getattr(module, "grouped", False) and any(a in module.r for a in adapters):
+                problems.append(f"{name} is a grouped convolution: its B is block-diagonal per group, which the "
+                                "combinations do not keep; combine adapters that leave it out")
             both = [a for a in adapters if a in module.modules_to_save] if isinstance(module, ModulesToSave) else []
             if len(both) > 1:  # as PEFT: trained heads do not average
                 problems.append(f"adapters {both} each have their own trained copy of {name} (modules_to_save); "

@@ -68,7 +68,7 @@ def is_conv1d_gpt2(module: nn.Module) -> bool:
 
 
 def supported_types() -> tuple[type, ...]:
-    return linear_types() + (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    return linear_types() + (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
 
 
 def model_type(model: nn.Module) -> Optional[str]:

@@ -44,6 +44,24 @@ def _init_random(layer: "LoraLayer", name: str) -> None:
     # Linear and Conv factors keep their constructors' random init.
 
 
+def _init_orthogonal(layer: "LoraLayer", name: str) -> None:
+    """PEFT's "orthogonal": A and B random (scale 1/10) with rows drawn from two orthogonal halves of a random
+    orthogonal (r, r) matrix, so B A = 0 while neither factor is zero. Embeddings: the default init."""
+    r = layer.r[name]
+    if r % 2:
+        raise ConfigError([f"Orthogonal initialization requires the LoRA rank to be even, got {r} instead."])
+    if layer.factor_names[0] == "lora_embedding_A":
+        return _init_kaiming(layer, name)
+    if layer.factor_params(name)[0].dim() != 2:
+        raise ConfigError([f"init_lora_weights='orthogonal' is supported for linear layers only (as in PEFT), not "
+                           f"{type(layer.base_layer).__name__}; exclude those from target_modules or use another init"])
+    A, B = layer.factor_matrices(name)  # (r, in), (out, r)
+    Q, _ = torch.linalg.qr(torch.randn(r, r))
+    q_odd, q_even = Q[0::2, :], Q[1::2, :]  # (r/2, r) each, q_even @ q_odd.T = 0
+    A.copy_((torch.randn(A.shape[1], r // 2) @ q_odd).T / 10.0)  # (r, in)
+    B.copy_(torch.randn(r // 2, B.shape[0]).T @ q_even / 10.0)  # (out, r)
+
+
 def _move_principal_part(layer: "LoraLayer", name: str, A0: torch.Tensor, B0: torch.Tensor) -> None:
     """Set A, B to A0, B0 and remove their product from W, so the layer's output is unchanged."""
     A, B = layer.factor_matrices(name)
@@ -82,14 +100,21 @@ INITS: dict[object, Callable[["LoraLayer", str], None]] = {
     False: _init_random,
     "pissa": _init_pissa,
     "olora": _init_olora,
+    "orthogonal": _init_orthogonal,
 }
 
 
 @torch.no_grad()
 def init_factors(layer: "LoraLayer", name: str, init) -> None:
+    if getattr(layer, "grouped", False) and init not in (True, False, "gaussian"):
+        raise ConfigError([f"init_lora_weights={init!r} needs the update as a matrix of W's shape, which a grouped "
+                           "convolution's LoRA is not; use init_lora_weights=True, or exclude this layer"])
     if isinstance(init, str) and init.startswith("pissa_niter_"):
         return _init_pissa(layer, name, niter=int(init.rsplit("_", 1)[1]))
     INITS[init](layer, name)
+    bias = layer.lora_bias(name)
+    if bias is not None and init is not False:  # as PEFT: lora_bias starts at zero unless init is False
+        nn.init.zeros_(bias)
 
 
 # ---------------------------------------------------------------------- variants
@@ -149,9 +174,10 @@ class DoraVariant:
             wx = layer.base_matmul(x_d)
         with torch.no_grad():
             norm = DoraVariant._norm(layer, name)
-        g = layer._channel_view((DoraVariant._magnitude(layer, name) / norm.to(x.dtype)).to(x.dtype))
+        dtype = x.dtype if x.is_floating_point() else base_result.dtype  # (an embedding's x holds token ids)
+        g = layer._channel_view((DoraVariant._magnitude(layer, name) / norm.to(dtype)).to(dtype))
         lora = layer.scaling[name] * layer._lora_branch(name, x_d)
-        return (g - 1) * wx.to(x.dtype) + g * lora
+        return (g - 1) * wx.to(dtype) + g * lora
 
     @staticmethod
     def merge(layer: "LoraLayer", name: str, W: torch.Tensor) -> torch.Tensor:
