@@ -5,6 +5,10 @@ computes the whole (seq x seq) score matrix and then masks most of it away; here
 stretch of the row runs its own causal attention, which gives the same result with work in
 proportion to the sum of the examples' squared lengths instead of the row's.
 
+On a CPU, bf16 inputs are attended in fp32 and the output handed back in bf16: torch's CPU flash attention
+takes about three times as long in bf16 as in fp32, casts included (forward + backward, measured on an
+AMX CPU in torch 2.13).
+
 `use_packed_attention(model)` switches a transformers model from "sdpa" to this attention. It only
 acts on packed batches (position_ids that restart at 0 inside a row, as `lorakit.data` packs them
 and as transformers' `DataCollatorWithFlattening` does); every other call, including generation
@@ -105,15 +109,21 @@ def packed_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       position_ids=position_ids, **kwargs)
     gqa = query.shape[1] != key.shape[1]
+    dtype = query.dtype
+    upcast = dtype == torch.bfloat16 and query.device.type == "cpu"
+    if upcast:  # torch's CPU flash attention takes about 3x longer in bf16 than in fp32, casts included (measured)
+        query, key, value = query.float(), key.float(), value.float()
     rows = []
-    # split, not sliced: the backward of a split writes each piece's gradient into one tensor, where every
-    # slice's would be a zero-filled tensor of the whole input, all of them then added up
-    for (q, k, v), row in zip(zip(*(t.split(1) for t in (query, key, value))), spans):
-        lengths = [e - s for s, e in row]
-        parts = [F.scaled_dot_product_attention(*piece, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
-                 for piece in zip(*(t.split(lengths, dim=2) for t in (q, k, v)))]  # each (1, heads, e - s, dim)
-        rows.append(torch.cat(parts, dim=2))
-    return torch.cat(rows).transpose(1, 2).contiguous(), None
+    with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():  # (autocast would cast back)
+        # split, not sliced: the backward of a split writes each piece's gradient into one tensor, where every
+        # slice's would be a zero-filled tensor of the whole input, all of them then added up
+        for (q, k, v), row in zip(zip(*(t.split(1) for t in (query, key, value))), spans):
+            lengths = [e - s for s, e in row]
+            parts = [F.scaled_dot_product_attention(*piece, dropout_p=dropout, is_causal=True, scale=scaling,
+                                                    enable_gqa=gqa)
+                     for piece in zip(*(t.split(lengths, dim=2) for t in (q, k, v)))]  # each (1, heads, e - s, dim)
+            rows.append(torch.cat(parts, dim=2))
+    return torch.cat(rows).transpose(1, 2).to(dtype).contiguous(), None
 
 
 def use_packed_attention(model: nn.Module) -> bool:
