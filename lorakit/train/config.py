@@ -113,7 +113,8 @@ class TrainConfig:
     device: str = "auto"
     """Where to train: auto (CUDA if available, else CPU), cpu, cuda, cuda:1, mps."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Compute dtype: auto = bf16 autocast on CUDA, fp32 on CPU; float16 uses a gradient scaler."""
+    """Compute dtype: auto = bf16 autocast on CUDA; on a CPU with native bf16 that measures faster, bf16 weights
+    with fp32 LoRA factors under bf16 autocast (printed at start); fp32 elsewhere. float16 uses a gradient scaler."""
     quantize: Optional[Literal["nf4"]] = None
     """QLoRA: store the frozen base linear weights in 4-bit NF4 with double-quantized scales (torchao,
     pip install 'lorakit[qlora]'; CPU or CUDA; the output head and embeddings stay dense). None = off."""
