@@ -114,8 +114,7 @@ def compare_alpaca(tmp: Path) -> dict:
         folder = tmp / f"alpaca-{dtype}"
         folder.mkdir()
         print(f"== Alpaca, 30 steps, --dtype {dtype}", flush=True)
-        curves[dtype] = run_cli(folder, dtype, 30, ("--data", str(ALPACA), "--log-every", "1", "--eval-every", "0",
-                                                    "--seq-len", "256"))
+        curves[dtype] = run_cli(folder, dtype, 30, ("--data", str(ALPACA), "--log-every", "1", "--eval-every", "0"))
     fp32, auto = curves["float32"]["losses"], curves["auto"]["losses"]
     steps = sorted(set(fp32) & set(auto))
     relative = [abs(auto[s] - fp32[s]) / abs(fp32[s]) for s in steps]

@@ -80,12 +80,13 @@ PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16, 17], [20, 21], [30, 3
 ADAPTERS = ["a", "b", BASE_ADAPTER, "a", "b", BASE_ADAPTER, "b"]
 
 
-def _concurrently(engine, params):
-    results = [None] * len(PROMPTS)
+def concurrently(engine, params, prompts=PROMPTS, adapters=ADAPTERS):
+    """engine.generate of every (prompt, adapter) pair, each from its own thread at once; results in order."""
+    results = [None] * len(prompts)
 
     def run(i):
-        results[i] = engine.generate(PROMPTS[i], ADAPTERS[i], params)
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+        results[i] = engine.generate(prompts[i], adapters[i], params)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
     for t in threads:
         t.start()
     for t in threads:
@@ -99,7 +100,7 @@ def test_continuous_batching_equals_alone_and_transformers_generate():
     try:
         params = SamplingParams(max_tokens=10)
         alone = [engine.generate(p, a, params) for p, a in zip(PROMPTS, ADAPTERS)]
-        together = _concurrently(engine, params)
+        together = concurrently(engine, params)
         assert engine.max_rows_seen >= 3 and together == alone
         assert engine.row_multiple >= 1
         with torch.no_grad():
@@ -118,7 +119,7 @@ def test_seeded_sampling_is_batch_independent_and_eos_stops():
     try:
         params = SamplingParams(max_tokens=8, temperature=0.9, top_p=0.9, seed=7)
         alone = [engine.generate(p, a, params) for p, a in zip(PROMPTS, ADAPTERS)]
-        assert _concurrently(engine, params) == alone
+        assert concurrently(engine, params) == alone
         first, _ = engine.generate(PROMPTS[0], "a", SamplingParams(max_tokens=8))
         engine.eos_token_ids = {first[2]}
         stopped, finish = engine.generate(PROMPTS[0], "a", SamplingParams(max_tokens=8))

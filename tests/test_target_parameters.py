@@ -264,8 +264,6 @@ def test_train_on_moe_adapts_the_experts_by_default(moe_folder, tmp_path, capsys
 def test_serve_engine_batches_requests_of_different_expert_adapters():
     """lorakit serve's engine runs rows of several adapters (and padding rows) in one pass: each request's greedy
     tokens equal those it gets alone."""
-    import threading
-
     from lorakit.serve.engine import Engine, SamplingParams
 
     model = get_peft_model(tiny_moe("qwen3_moe"), expert_config(), adapter_name="a")
@@ -276,20 +274,13 @@ def test_serve_engine_batches_requests_of_different_expert_adapters():
         p.requires_grad_(False)
     prompts, adapters = [[5, 9, 14, 3], [7, 7, 2], [30, 4, 8, 9, 10], [1, 2]], ["a", "b", "__base__", "a"]
     from tests.test_data_helpers import tiny_tokenizer
+    from tests.test_serve_engine import concurrently
 
     engine = Engine(model, tiny_tokenizer(), max_batch=4, eos_token_ids=[]).start()
     try:
         params = SamplingParams(max_tokens=6)
         alone = [engine.generate(p, a, params) for p, a in zip(prompts, adapters)]
-        together = [None] * len(prompts)
-
-        def run(i):
-            together[i] = engine.generate(prompts[i], adapters[i], params)
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        together = concurrently(engine, params, prompts, adapters)
         assert engine.max_rows_seen >= 2 and together == alone
         assert alone[0] != alone[2]  # the expert adapters change what is generated
     finally:

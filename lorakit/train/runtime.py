@@ -62,11 +62,11 @@ def training_dtype(dtype: str, device: Union[str, torch.device], cpu_bf16: bool 
         return dtype, f"{dtype} (--dtype)"
     kind = torch.device(device).type if not isinstance(device, str) or device != "auto" else \
         ("cuda" if torch.cuda.is_available() else "cpu")
-    if kind == "cuda":
-        return ("bfloat16", "bfloat16 autocast (a GPU with bf16)") if torch.cuda.is_bf16_supported() else \
-            ("float32", "float32 (this GPU has no bf16)")
-    if kind != "cpu":
-        return "float32", f"float32 ({kind})"
+    if kind != "cpu":  # the loader's own rule for "auto": bf16 on a CUDA GPU that has it, fp32 elsewhere
+        from lorakit.models.device import resolve_dtype
+
+        word = str(resolve_dtype("auto", kind)).removeprefix("torch.")
+        return word, f"{word} ({kind}{' with bf16' if word == 'bfloat16' else ''})"
     if not cpu_bf16:
         return "float32", "float32 (--dtype auto keeps QLoRA and FSDP runs on CPU in fp32)"
     return _cpu_choice()
