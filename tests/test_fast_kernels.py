@@ -56,22 +56,27 @@ def test_rms_norm(k, shape):
         k.rms_norm.rms_norm(x, w.detach().requires_grad_(), 1e-6)
 
 
-def test_rms_norm_torch_is_transformers_norm_in_fp32(k):
-    """The torch-ops path (fp32 norms off the GPU) gives transformers' values and input gradients, and
-    refuses what it does not compute (a trained weight, other dtypes)."""
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, (1e-6, 1e-5)), (torch.bfloat16, (1e-2, 2e-2))])
+def test_rms_norm_torch_is_transformers_norm(k, dtype, tol):
+    """The torch-ops path (norms off the GPU) gives transformers' values and input gradients, in fp32 and in bf16
+    (the CPU bf16 training path: fp32 arithmetic, rounded where transformers rounds), and refuses what it does not
+    compute (a trained weight, a weight of another dtype)."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     norm = LlamaRMSNorm(96, eps=1e-5).to(DEVICE).requires_grad_(False)
     with torch.no_grad():
         norm.weight.copy_(_randn(96, dtype=torch.float32, seed=1, grad=False))
-    x = (_randn(3, 7, 96, dtype=torch.float32) * 5).detach().requires_grad_()
-    up = _randn(3, 7, 96, dtype=torch.float32, seed=2, grad=False)
+    norm.to(dtype)
+    x = (_randn(3, 7, 96, dtype=torch.float32) * 5).to(dtype).detach().requires_grad_()
+    up = _randn(3, 7, 96, dtype=torch.float32, seed=2, grad=False).to(dtype)
     got, expected = k.rms_norm.rms_norm_torch(x, norm.weight, 1e-5), norm(x)
-    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert got.dtype == expected.dtype == dtype
+    torch.testing.assert_close(got, expected, rtol=tol[0], atol=tol[0])
     torch.testing.assert_close(torch.autograd.grad(got, x, up)[0], torch.autograd.grad(expected, x, up)[0],
-                               rtol=1e-5, atol=1e-6)
-    for bad in (norm.weight.detach().requires_grad_(), norm.weight.to(torch.bfloat16)):
-        with pytest.raises(ValueError, match="frozen fp32"):
+                               rtol=tol[1], atol=tol[1])
+    other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
+    for bad in (norm.weight.detach().requires_grad_(), norm.weight.to(other)):
+        with pytest.raises(ValueError, match="frozen weight of x's"):
             k.rms_norm.rms_norm_torch(x, bad, 1e-5)
 
 
@@ -200,6 +205,22 @@ def test_other_models_are_left_alone_and_without_triton_no_kernel_runs(k, monkey
     assert torch.allclose(loss, plain_loss, atol=1e-6)
     for name, grad in grads.items():
         assert torch.allclose(grad, plain[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_fast_forwards_survive_train_and_eval_of_a_loaded_model(k, tmp_path):
+    """transformers kernelizes a model loaded with from_pretrained (when the `kernels` package is installed) and
+    again at each train()/eval() that changes the mode, which puts the class's forward back on its RMSNorms: after
+    use_fast_kernels, every switched module keeps lorakit's forward through train() and eval()."""
+    from transformers import LlamaForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path)
+    model = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert k.patch.use_fast_kernels(model)[:2] == ["rms_norm x5", "silu_mul x2"]
+    switched = [m for m in model.modules() if "forward" in m.__dict__]
+    assert len(switched) == 5 + 2 + 2  # the norms, the MLPs, the attentions
+    for mode in (True, False, True):
+        model.train(mode)
+        assert all("forward" in m.__dict__ for m in switched), f"lost after train({mode})"
 
 
 def test_nf4_dequantize_gives_torchaos_values(k):

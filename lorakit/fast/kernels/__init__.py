@@ -10,7 +10,7 @@ plain version launches five to ten kernels and keeps fp32 copies for the backwar
 
 `use_fast_kernels(model)` swaps them into a transformers Llama-family model (Llama, Mistral, Qwen2,
 Qwen3), and lorakit's chunked cross-entropy uses the last: they run on CUDA tensors when Triton is
-installed. Elsewhere (CPU, or no Triton) fp32 norms and rotary take the same equations in torch ops
+installed. Elsewhere (CPU, or no Triton) norms and rotary take the same equations in torch ops
 (`rms_norm_torch`, `rotary_torch`) and every other call runs the plain code unchanged.
 The tests run the kernels on CPU through Triton's interpreter (TRITON_INTERPRET=1) against the plain
 code, and on a GPU when there is one.

@@ -1,7 +1,7 @@
 """Put the Triton kernels into a transformers Llama-family model, where they compute the same thing.
 
 Per module instance: the RMSNorms and the SwiGLU MLPs get a forward that takes the kernel on tensors
-it can run on (CUDA; see `triton_runs`), for fp32 norms elsewhere the kernel's equations in torch ops,
+it can run on (CUDA; see `triton_runs`), for norms elsewhere the kernel's equations in torch ops,
 and the model's own code otherwise. Rotary embedding is a
 function the attention calls by its module-level name, so that name is wrapped (once per modeling
 module) the same way: kernel where it runs, the kernel's arithmetic in torch ops elsewhere (fewer passes
@@ -37,7 +37,7 @@ def _norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not weight.requires_grad:
         if triton_runs(x):
             return rms_norm(x, weight, self.variance_epsilon)
-        if x.dtype == weight.dtype == torch.float32 and not torch.compiler.is_compiling():
+        if x.dtype == weight.dtype and x.dtype.is_floating_point and not torch.compiler.is_compiling():
             return rms_norm_torch(x, weight, self.variance_epsilon)
     return type(self).forward(self, x)
 
@@ -144,7 +144,7 @@ def _switch_rotary(modeling) -> bool:
 
 def use_fast_kernels(model: nn.Module) -> list[str]:
     """Route `model`'s RMSNorms, SwiGLU MLPs and rotary embedding through the Triton kernels where they
-    run (CUDA tensors, Triton installed) and fp32 norms and rotary elsewhere through the same equations in
+    run (CUDA tensors, Triton installed) and norms and rotary elsewhere through the same equations in
     torch ops, and its attentions' q/k/v and MLPs' gate/up LoRA projections through one fused node each;
     every other call computes what it did. Returns what was switched (e.g. ["rms_norm x33", "silu_mul
     x16", "qkv_group x16", "rotary"]); empty for other model types. Norms whose weight trains and non-SiLU
@@ -154,6 +154,11 @@ def use_fast_kernels(model: nn.Module) -> list[str]:
     if model_type not in FAMILIES:
         return []
     modeling = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    if getattr(base, "use_kernels", False):
+        # transformers (5.x, with the `kernels` package installed) kernelizes by default, and again at each
+        # train()/eval() that changes the mode: that puts the class's own forward back on every hub-kernel layer
+        # (the RMSNorms), over these; reset first, so no later mode change undoes them
+        base.use_kernels = False
     rotary_switched = _switch_rotary(modeling)
     current = getattr(modeling, "apply_rotary_pos_emb", None)
     original_rotary = getattr(current, "lorakit_original", None)
