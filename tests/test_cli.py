@@ -129,6 +129,19 @@ def test_python_dash_m_lorakit_help():
     assert out.returncode == 0 and "--max-steps" in out.stdout and "--gradient-checkpointing" in out.stdout
 
 
+def test_version_names_lorakit_torch_and_transformers(capsys):
+    import importlib.metadata
+
+    import lorakit
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    assert out.startswith(f"lorakit {lorakit.__version__} (torch {torch.__version__}, ")
+    assert f"transformers {importlib.metadata.version('transformers')}" in out
+
+
 def test_demo_defaults_apply_only_without_data_and_yield_to_explicit_options(monkeypatch, tmp_path):
     import lorakit.cli.train as train_cmd
 

@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning: train, evaluate, generate, "
                                      "merge and inspect. `lorakit COMMAND --help` lists a command's options.",
                                      allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=_versions(),
+                        help="print lorakit's version and those of torch and transformers, then exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, configure, _) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
@@ -56,6 +58,22 @@ def build_parser() -> argparse.ArgumentParser:
                        "command-line options override it")
         configure(p)
     return parser
+
+
+def _versions() -> str:
+    """'lorakit 0.1.0 (torch 2.13.0+cpu, transformers 5.25.0, peft -)': what a bug report needs, read from the
+    installed packages' metadata (nothing imported)."""
+    from importlib import metadata
+
+    from .. import __version__
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "-"
+
+    return f"lorakit {__version__} (" + ", ".join(f"{n} {version(n)}" for n in ("torch", "transformers", "peft")) + ")"
 
 
 def _quiet_import_noise() -> None:
