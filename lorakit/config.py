@@ -10,6 +10,7 @@ import enum
 import functools
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -51,7 +52,7 @@ TASK_HEADS: dict[TaskType, list[str]] = {
     TaskType.IMAGE_CLASSIFICATION: ["classifier", "fc"],
 }
 
-INIT_CHOICES = (True, False, "gaussian", "pissa", "olora", "orthogonal")
+INIT_CHOICES = (True, False, "gaussian", "pissa", "olora", "orthogonal", "loftq")
 BIAS_CHOICES = ("none", "all", "lora_only")
 
 
@@ -80,7 +81,8 @@ class LoraConfig:
     """Modules (besides LoRA) trained in full and saved with the adapter, e.g. a new classifier head."""
     init_lora_weights: Union[bool, str] = True
     """True: Kaiming-uniform A and zero B (the update starts at 0); 'gaussian'; 'pissa' (or
-    'pissa_niter_K'); 'olora'; 'orthogonal' (A, B random with B A = 0; even r); False: random A and B (for tests
+    'pissa_niter_K'); 'olora'; 'orthogonal' (A, B random with B A = 0; even r); 'loftq' (the base weight becomes
+    its quantized values Q and B A a rank-r fit of W - Q; needs loftq_config); False: random A and B (for tests
     only)."""
     use_rslora: bool = False
     """Rank-stabilised scaling lora_alpha / sqrt(r)."""
@@ -93,6 +95,9 @@ class LoraConfig:
     lora_bias: bool = False
     """B gets a trainable bias of its own (PEFT's lora_bias), saved with the adapter; merging adds it (times scaling)
     to the base layer's bias. Not for embeddings or DoRA, and only with init_lora_weights True or False."""
+    loftq_config: dict[str, int] = field(default_factory=dict)
+    """With init_lora_weights='loftq': LoftQConfig(loftq_bits=4 or 8, loftq_iter=N) (or its dict), as PEFT's. Ignored
+    (emptied, with PEFT's warning) for any other init."""
     rank_pattern: dict[str, int] = field(default_factory=dict)
     """Per-module rank overrides: {regex or name suffix: r}."""
     alpha_pattern: dict[str, float] = field(default_factory=dict)
@@ -126,8 +131,14 @@ class LoraConfig:
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.target_parameters, (set, tuple)):
             self.target_parameters = sorted(self.target_parameters)
+        if isinstance(self.init_lora_weights, str) and self.init_lora_weights.lower() in ("olora", "gaussian"):
+            self.init_lora_weights = self.init_lora_weights.lower()  # PEFT reads these two case-insensitively
         if isinstance(self.trainable_token_indices, tuple):
             self.trainable_token_indices = list(self.trainable_token_indices)
+        if dataclasses.is_dataclass(self.loftq_config):
+            self.loftq_config = dataclasses.asdict(self.loftq_config)  # PEFT stores it as a dict
+        if self.init_lora_weights != "loftq" and self.loftq_config:
+            self.loftq_config = {}  # (PEFT's warning was given in __init__)
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -145,6 +156,7 @@ class LoraConfig:
         init = self.init_lora_weights
         if not (init in INIT_CHOICES or (isinstance(init, str) and init.startswith("pissa_niter_"))):
             problems.append(f"init_lora_weights must be one of {INIT_CHOICES} or 'pissa_niter_K', got {init!r}")
+        problems += _loftq_problems(init, self.loftq_config)
         if self.task_type is not None and not isinstance(self.task_type, TaskType):
             problems.append(f"task_type must be one of {[t.value for t in TaskType]}, got {self.task_type!r}")
         for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
@@ -172,6 +184,20 @@ class LoraConfig:
             problems.append(f"target_parameters must be a list of parameter names, got {tp!r}")
         if problems:
             raise ConfigError(problems, where="LoraConfig")
+
+    # ------------------------------------------------------------------ PEFT's config API
+    is_prompt_learning = False
+    """PEFT's flag (True for prompt tuning and its kin); a LoRA config is never one."""
+    is_adaption_prompt = False
+
+    def _register_custom_module(self, mapping: dict) -> None:
+        """PEFT's dynamic dispatch (its own LoRA layer classes for custom module types) is refused with this error:
+        lorakit's layers are its own, and PEFT's layer classes need PEFT's model around them."""
+        names = ", ".join(getattr(k, "__name__", str(k)) for k in mapping)
+        raise ConfigError([f"custom LoRA layer classes (PEFT's dynamic dispatch, for {names}) are not supported: "
+                           "lorakit adapts nn.Linear, nn.Embedding, nn.Conv1d/2d/3d, nn.MultiheadAttention and "
+                           "GPT-2's Conv1D, and parameters through target_parameters; use PEFT for other layer "
+                           "types"], where="LoraConfig")
 
     # ------------------------------------------------------------------ derived values
     def rank_for(self, module_name: str) -> int:
@@ -239,14 +265,14 @@ PEFT_ONLY_FEATURES = {
     "velora_config": "VeLoRA", "megatron_config": "Megatron parallel layers",
 }
 """PEFT LoraConfig fields (0.21) that change what an adapter computes, which lorakit does not implement."""
-PEFT_ONLY_INIT_METHODS = ("mica", "corda", "loftq")
-"""PEFT init methods lorakit refuses to load: MiCA is a variant; CorDA and LoftQ train against a changed base."""
+PEFT_ONLY_INIT_METHODS = ("mica", "corda")
+"""PEFT init methods lorakit refuses to load: MiCA is a variant; CorDA trains against a changed base."""
 INIT_ONLY_METHODS = ("eva", "orthogonal")
 """PEFT init methods that only choose the starting factors (the base model is left as it is): a saved adapter
 made with one loads as plain LoRA."""
 
 
-PEFT_INFORMATIONAL_FIELDS = ("auto_mapping", "peft_version", "megatron_core", "qalora_group_size", "loftq_config",
+PEFT_INFORMATIONAL_FIELDS = ("auto_mapping", "peft_version", "megatron_core", "qalora_group_size",
                              "eva_config", "corda_config", "lora_ga_config", "runtime_config")
 """PEFT LoraConfig fields (0.21) that change nothing lorakit computes unless a refused feature or init method is
 used beside them."""
@@ -273,11 +299,43 @@ def _init_taking_peft_fields(generated_init):
                        or k in PEFT_INFORMATIONAL_FIELDS}
         _refuse_peft_only_features(peft_fields, where="LoraConfig", what="this config",
                                    remedy="leave it unset, or use PEFT for this adapter")
+        for method in ("eva", "loftq"):  # PEFT's warnings for an init method's settings without that method
+            given = kwargs.get("loftq_config") if method == "loftq" else peft_fields.get(f"{method}_config")
+            if (given if method == "loftq" else given is not None) and kwargs.get("init_lora_weights") != method:
+                warnings.warn(f"`{method}_config` specified but will be ignored when `init_lora_weights` is not "
+                              f"'{method}'.")
         generated_init(self, *args, **kwargs)
     return __init__
 
 
 LoraConfig.__init__ = _init_taking_peft_fields(LoraConfig.__init__)
+
+
+@dataclass
+class LoftQConfig:
+    """PEFT's LoftQ settings (LoraConfig(init_lora_weights='loftq', loftq_config=LoftQConfig(...)))."""
+
+    loftq_bits: int = 4
+    """Bits of the quantized base: 4 (NF4) or 8 (int8, one absmax per row)."""
+    loftq_iter: int = 1
+    """Alternating steps: quantize W minus the adapter, then fit the adapter to what quantizing lost."""
+
+
+def _loftq_problems(init: Any, loftq: Any) -> list[str]:
+    if init != "loftq":
+        return []
+    if not loftq:
+        return ["`loftq_config` must be specified when `init_lora_weights` is 'loftq'."]
+    if not isinstance(loftq, dict):
+        return [f"loftq_config must be a LoftQConfig or a dict, got {loftq!r}"]
+    problems = [f"loftq_config has unknown keys {sorted(set(loftq) - {'loftq_bits', 'loftq_iter'})}; "
+                "use loftq_bits and loftq_iter"] if set(loftq) - {"loftq_bits", "loftq_iter"} else []
+    if loftq.get("loftq_bits", 4) not in (4, 8):
+        problems.append(f"loftq_bits must be 4 (NF4) or 8 (int8), got {loftq.get('loftq_bits')!r}")
+    steps = loftq.get("loftq_iter", 1)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        problems.append(f"loftq_iter must be a positive integer, got {steps!r}")
+    return problems
 
 
 def _token_index_problems(spec: Any, modules_to_save: Optional[list[str]]) -> list[str]:

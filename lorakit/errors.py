@@ -5,6 +5,11 @@ class LorakitError(Exception):
     """Base class: anything lorakit rejects with an explanation."""
 
 
+class PeftWarning(UserWarning):
+    """The warnings PEFT gives as its PeftWarning, under the same name (`from lorakit import PeftWarning`), so
+    `pytest.warns(PeftWarning)` and warning filters written for PEFT keep working."""
+
+
 class ConfigError(LorakitError, ValueError):
     """A configuration value is invalid. Lists every problem found, not just the first."""
 

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import math
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from .config import TASK_HEADS, LoraConfig, PeftType
-from .errors import AdapterError, ConfigError
+from .errors import AdapterError
 from .lora.files import (PREFIX, adapter_state_dict, fingerprint, fingerprint_mismatch, load_into, make_meta,
                          read_adapter_tensors, read_json_object, read_meta, save_adapter)
 from .lora.inject import ModulesToSave, find_targets, lora_layers
@@ -29,6 +30,7 @@ from .lora.layer_names import PEFT_PREFIX
 from .lora.model import LoraModel, resolve_config
 from .lora.tokens import token_layers
 from .lora.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
+from .model_card import write_model_card
 
 
 class _BoundForward(functools.partial):
@@ -68,10 +70,10 @@ class PeftModel(nn.Module):
                  low_cpu_mem_usage: bool = False):
         """autocast_adapter_dtype: as PEFT's, True upcasts fp16/bf16 adapter weights to fp32 and False keeps the base
         layers' dtype; None (lorakit's default, a documented difference) keeps the base's dtype too.
-        low_cpu_mem_usage is accepted and has no effect (the weights are created on the base's device)."""
+        low_cpu_mem_usage: as PEFT's, the LoRA factors are made empty on the meta device, for a load to fill."""
         super().__init__()
         fp = _fingerprint_before(model, peft_config)
-        self.base_model = LoraModel(model, peft_config, adapter_name)
+        self.base_model = LoraModel(model, peft_config, adapter_name, low_cpu_mem_usage)
         self.adapter_dtype = adapter_dtype
         self._adapters_disabled = 0  # nesting depth of disable_adapter() blocks
         self.task_type = self.base_model.peft_config[adapter_name].task_type  # the model's task, for later adapters
@@ -155,7 +157,7 @@ class PeftModel(nn.Module):
             return contextlib.nullcontext()
         unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.peft_config})
         if unknown:
-            raise AdapterError(f"adapter_names mentions unknown adapters {unknown}; this model has "
+            raise AdapterError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}. This model has "
                                f"{sorted(self.peft_config)} (and {BASE_ADAPTER!r} for none)")
         return route_rows(adapter_names)
 
@@ -189,7 +191,7 @@ class PeftModel(nn.Module):
         if peft_config.task_type is None and self.task_type in TASK_HEADS:
             peft_config = peft_config.copy(task_type=self.task_type)
         fp = _fingerprint_before(self.base_model.model, peft_config)
-        self.base_model.inject_adapter(peft_config, adapter_name)  # inactive and frozen
+        self.base_model.inject_adapter(peft_config, adapter_name, low_cpu_mem_usage)  # inactive and frozen
         self.fingerprints[adapter_name] = fp
         self.adapter_metadata[adapter_name] = {}
         self._cast_adapter(adapter_name, autocast_adapter_dtype)
@@ -235,12 +237,10 @@ class PeftModel(nn.Module):
         save_embedding_layers: also write the input and output embeddings' own weights, as PEFT does, so an
         adapter trained over an enlarged vocabulary (resize_token_embeddings) brings its new rows; 'auto' (PEFT's
         default) does so when the adapter puts LoRA on an embedding layer.
+        safe_serialization=False: adapter_model.bin (PEFT's pickle file) is written too, beside the safetensors file.
         """
         if not is_main_process:
             return
-        if not safe_serialization:
-            warnings.warn("lorakit writes adapters as safetensors only (a pickle file can run code when loaded); "
-                          "safe_serialization=False is ignored. PEFT and transformers read the safetensors file.")
         names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
@@ -258,7 +258,15 @@ class PeftModel(nn.Module):
             config_dict, facts = _peft_readable(config_dict, self._trained_copies(name))
             meta = make_meta(self.fingerprints.get(name, {}),
                              {"adapter_name": name, **facts, **self.adapter_metadata.get(name, {})})
-            save_adapter(directory, tensors, config_dict, meta)
+            save_adapter(directory, tensors, config_dict, meta, pickle_copy=not safe_serialization)
+        write_model_card(save_directory, self)  # README.md, as PEFT writes it (the Hub reads its front matter)
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload the adapters, as save_pretrained writes them (README.md model card included), to a Hub model
+        repository (PEFT's method); offline, a ModelLoadError saying so. See lorakit/hub.py."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
 
     def _embedding_weights(self, name: str, save: Union[bool, str]) -> dict[str, torch.Tensor]:
         """{key: weight} of the embeddings under PEFT's keys, chosen by PEFT's rule: the LoRA-wrapped embedding
@@ -268,8 +276,11 @@ class PeftModel(nn.Module):
         layers = [m for m in map(functools.partial(_embedding_layer, model), ("input", "output"))
                   if m is not None and not isinstance(m, ModulesToSave)]  # (trained copies save anyway)
         wrapped = [m for m in layers if name in getattr(m, "r", {})]
-        if save == "auto":
-            save = bool(wrapped) or _vocabulary_resized(model)
+        if save == "auto" and wrapped:  # PEFT's words for what 'auto' decided
+            warnings.warn("Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.")
+        save = (bool(wrapped) or _vocabulary_resized(model)) if save == "auto" else save
+        if save and not hasattr(model, "get_input_embeddings"):
+            warnings.warn("Could not identify embedding layer(s) because the model is not a 🤗 transformers model.")
         if save and str(self.peft_config[name].init_lora_weights).startswith(("pissa", "olora")):
             if save is True:  # (asked for by name: say why it is not done)
                 warnings.warn("save_embedding_layers: this PiSSA/OLoRA adapter is saved as plain LoRA for the "
@@ -313,22 +324,35 @@ class PeftModel(nn.Module):
     def from_pretrained(cls, model: nn.Module, model_id: Union[str, os.PathLike], adapter_name: str = "default",
                         is_trainable: bool = False, config: Optional[LoraConfig] = None,
                         autocast_adapter_dtype: Optional[bool] = None, allow_pickle: bool = False,
-                        ignore_base_mismatch: bool = False, **_ignored) -> "PeftModel":
-        """Load a saved adapter (lorakit's or PEFT's) onto a fresh base model; `config`, when given, is used in
-        place of the folder's adapter_config.json (as PEFT). autocast_adapter_dtype: as in PeftModel()."""
+                        ignore_base_mismatch: bool = False, low_cpu_mem_usage: bool = False,
+                        **_ignored) -> "PeftModel":
+        """Load a saved adapter (lorakit's or PEFT's) onto a fresh base model. autocast_adapter_dtype: as in
+        PeftModel().
+
+        `config`, when given, is "the configuration object to use instead of an automatically loaded
+        configuration" (PEFT): the object itself is used as given, as in PEFT, not a copy. It becomes
+        `peft_config[adapter_name]`, its `inference_mode` is set to `not is_trainable`, and what the model implies
+        (default target_modules, fan_in_fan_out ...) is filled into it, as PEFT does.
+        """
         if config is not None and not isinstance(config, LoraConfig):
             raise ValueError(f"The input config must be a PeftConfig, got {config.__class__}")
+        given = config
+        if given is not None:
+            given.inference_mode = not is_trainable  # PEFT sets it on the caller's object
         meta = read_meta(model_id)
         config = _loadable_config(config or _with_task_type(LoraConfig.from_pretrained(model_id), meta), is_trainable)
         tensors = read_adapter_tensors(model_id, allow_pickle)
         _check_base(meta, model, str(model_id), ignore_base_mismatch, tensors)
-        peft_model = cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        peft_model = cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                         low_cpu_mem_usage=low_cpu_mem_usage)
         peft_model._finish_load(adapter_name, tensors, config, meta, str(model_id), is_trainable)
+        if given is not None:
+            peft_model.base_model.peft_config[adapter_name] = _adopt(given, peft_model.peft_config[adapter_name])
         return peft_model
 
     def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False,
                      torch_device: Optional[str] = None, autocast_adapter_dtype: Optional[bool] = None,
-                     allow_pickle: bool = False, ignore_base_mismatch: bool = False,
+                     allow_pickle: bool = False, ignore_base_mismatch: bool = False, low_cpu_mem_usage: bool = False,
                      **_ignored) -> nn.modules.module._IncompatibleKeys:
         """Load a saved adapter into this model under `adapter_name` (not activated); an existing adapter of that
         name gets the file's weights, as in PEFT. Returns PEFT's load result: every key is checked (a missing or
@@ -339,7 +363,7 @@ class PeftModel(nn.Module):
         _check_base(meta, self.base_model.model, str(model_id), ignore_base_mismatch, tensors)
         existing = adapter_name in self.peft_config
         if not existing:
-            self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
+            self.add_adapter(adapter_name, config, low_cpu_mem_usage, autocast_adapter_dtype=autocast_adapter_dtype)
         else:  # as PEFT: the file's weights replace the adapter's, which must compute the same way
             self._check_reload(adapter_name, config, str(model_id))
         self._finish_load(adapter_name, tensors, config, meta, str(model_id),
@@ -382,23 +406,24 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
         model: any torch model; transformers models get per-architecture default targets.
         peft_config: the LoraConfig (copied, never modified).
         adapter_name: name of this first adapter.
-        mixed: PEFT's PeftMixedModel of several adapter types; lorakit has LoRA only, so True is refused.
+        mixed: True returns a PeftMixedModel, PEFT's model for adapters of several types; lorakit's are all LoRA,
+            which any PeftModel mixes, so it is a PeftModel under that name.
         autocast_adapter_dtype: True upcasts fp16/bf16 adapter weights to fp32 (PEFT's default); False, or None
             (lorakit's default), keeps the base weights' dtype.
         revision: recorded in the config as the base model's revision.
-        low_cpu_mem_usage: accepted; the adapter weights are created in full either way.
+        low_cpu_mem_usage: the LoRA factors are made empty on the meta device (for a load to fill), as in PEFT.
         adapter_dtype: lorakit's: one dtype for every adapter weight; wins over autocast_adapter_dtype.
 
-    Raises:
-        ConfigError: mixed=True.
+    Returns:
+        the PeftModel subclass PEFT returns for the config's task_type (PeftModelForCausalLM, ...), else PeftModel.
     """
-    if mixed:
-        raise ConfigError(["mixed=True builds PEFT's PeftMixedModel of several adapter types; lorakit has LoRA "
-                           "adapters only: leave mixed unset"], where="get_peft_model")
     if revision is not None:
         peft_config = peft_config.copy(revision=revision)
-    return PeftModel(model, peft_config, adapter_name, adapter_dtype=adapter_dtype,
-                     autocast_adapter_dtype=autocast_adapter_dtype)
+    from .task_models import model_class_for  # (it subclasses PeftModel: imported here, not at the top)
+
+    return model_class_for(peft_config.task_type, mixed)(model, peft_config, adapter_name, adapter_dtype=adapter_dtype,
+                                                         autocast_adapter_dtype=autocast_adapter_dtype,
+                                                         low_cpu_mem_usage=low_cpu_mem_usage)
 
 
 def _fingerprint_before(model: nn.Module, config: LoraConfig) -> dict:
@@ -408,7 +433,8 @@ def _fingerprint_before(model: nn.Module, config: LoraConfig) -> dict:
     rounding, and the adapter must still load on the unquantized base.
     """
     config = resolve_config(model, config)
-    names = [] if config.target_parameters and not config.target_modules else find_targets(model, config)
+    names = [] if config.target_parameters and not config.target_modules else \
+        find_targets(model, config, required=not config.target_parameters)
     quantized = [n for n in names if _is_quantized(model, n)]
     if not quantized:
         return fingerprint(model, names)
@@ -430,10 +456,20 @@ def _is_quantized(model: nn.Module, name: str) -> bool:
 def _loadable_config(config: LoraConfig, is_trainable: bool) -> LoraConfig:
     """The config to inject a saved adapter with. Saved weights replace the init, but a PiSSA/OLoRA adapter
     saved as such (PEFT's default, or save_pretrained(convert_to_lora=False)) holds factors of the residual
-    base: its init runs again, as in PEFT, to turn W into that residual before the factors are loaded."""
-    residual = str(config.init_lora_weights).startswith(("pissa", "olora"))
+    base: its init runs again, as in PEFT, to turn W into that residual before the factors are loaded. LoftQ too:
+    its factors go with the quantized base Q, which the (deterministic) init makes again from W."""
+    residual = str(config.init_lora_weights).startswith(("pissa", "olora", "loftq"))
     return config.copy(init_lora_weights=config.init_lora_weights if residual else True,
                        inference_mode=not is_trainable)
+
+
+def _adopt(given: LoraConfig, resolved: LoraConfig) -> LoraConfig:
+    """The caller's config object, with what injection resolved from the model filled into it (PEFT fills
+    target_modules into the object it is given). init_lora_weights stays the caller's: only the load skipped it."""
+    for field in dataclasses.fields(LoraConfig):
+        if field.name != "init_lora_weights" and getattr(given, field.name) != getattr(resolved, field.name):
+            setattr(given, field.name, getattr(resolved, field.name))
+    return given
 
 
 def _embedding_layer(model: nn.Module, side: str) -> Optional[nn.Module]:

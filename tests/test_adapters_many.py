@@ -95,7 +95,7 @@ def test_mixed_batch_with_modules_to_save_heads():
 
 def test_unknown_adapter_names_and_merged_routing_are_refused():
     model = _two_adapters()
-    with pytest.raises(AdapterError, match="unknown adapters"):
+    with pytest.raises(AdapterError, match="non-existing adapter"):
         _out(model, adapter_names=["nope", "b", "b"])
     model.merge_adapter()
     with pytest.raises(AdapterError, match="unmerge"):

@@ -38,7 +38,8 @@ def test_cat_is_the_exact_weighted_sum_and_loads_in_peft(folders, tmp_path):
     base, a, b, _ = folders
     out = tmp_path / "cat"
     main(["combine", f"{a}=0.6", f"{b}=0.4", "--method", "cat", "--out", str(out), "--device", "cpu"])
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "lorakit.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                                 "lorakit.json"]
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 12  # 4 + 8 stacked
     sources = _load(base, a, b)
     expected = 0.6 * _q_proj(sources).delta_weight("x0") + 0.4 * _q_proj(sources).delta_weight("x1")

@@ -8,6 +8,7 @@ import torch
 
 from lorakit import AdapterError, ConfigError, LoraConfig, PeftModel, TargetError, get_peft_model
 from lorakit.atomic import atomic_directory, atomic_write_text
+from lorakit.lora.files import read_adapter_tensors
 from tests.conftest import tiny_gpt2, tiny_llama
 
 
@@ -201,13 +202,14 @@ def test_weights_past_2_to_the_24_elements_fingerprint_and_load_back(tmp_path):
         PeftModel.from_pretrained(fresh, tmp_path)
 
 
-def test_layers_pattern_alone_is_refused_as_in_peft_and_a_pickle_save_is_declined_aloud(tmp_path):
+def test_layers_pattern_alone_is_refused_as_in_peft_and_a_pickle_save_keeps_the_safetensors_file(tmp_path):
     with pytest.raises(ConfigError, match="set layers_to_transform too"):
         LoraConfig(layers_pattern="layers")
     model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
-    with pytest.warns(UserWarning, match="safe_serialization=False is ignored"):
-        model.save_pretrained(tmp_path, safe_serialization=False)
-    assert (tmp_path / "adapter_model.safetensors").is_file()
+    model.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "adapter_model.bin").is_file()
+    pickled = torch.load(tmp_path / "adapter_model.bin", weights_only=True)
+    assert pickled.keys() == read_adapter_tensors(tmp_path).keys()  # the same tensors under the same keys
 
 
 def test_load_adapter_under_an_existing_name_replaces_its_weights_as_peft(tmp_path):

@@ -221,7 +221,7 @@ def test_lora_bias_refusals():
         LoraConfig(lora_bias=True, use_dora=True)
     with pytest.raises(ConfigError, match="only supported with init_lora_weights=True or False"):
         LoraConfig(lora_bias=True, init_lora_weights="pissa")
-    with pytest.raises(ValueError, match="not supported for nn.Embedding"):
+    with pytest.raises(ValueError, match="not supported for Embedding"):
         get_peft_model(net(), LoraConfig(target_modules=["emb"], lora_bias=True))
 
 

@@ -152,7 +152,9 @@ def test_training_step_changes_only_adapter_parameters():
 def test_dropout_and_combination_are_refused_as_in_peft():
     with pytest.raises(ConfigError, match="lora_dropout"):
         get_peft_model(tiny_moe("mixtral"), expert_config(lora_dropout=0.1))
-    with pytest.raises(TargetError, match="matched no parameter"):
+    with pytest.raises(TargetError, match="matched no parameter"):  # (nothing adapted at all)
+        get_peft_model(tiny_moe("mixtral"), expert_config(target_modules=[], target_parameters=["experts.nope"]))
+    with pytest.warns(RuntimeWarning, match="no parameter was matched"):  # PEFT warns when modules matched
         get_peft_model(tiny_moe("mixtral"), expert_config(target_parameters=["experts.nope"]))
     model = get_peft_model(tiny_moe("mixtral"), expert_config())
     with pytest.raises(ConfigError, match="target_parameters cannot be combined"):

@@ -23,11 +23,12 @@ class LoraEmbedding(LoraLayer):
 
     def _make_factors(self, name: str, r: int, bias: bool = False) -> None:
         if bias:
-            raise AdapterError("lora_bias=True is not supported for nn.Embedding layers (as in PEFT); exclude the "
+            raise AdapterError("lora_bias=True is not supported for Embedding layers (as in PEFT); exclude the "
                                "embedding from target_modules or set lora_bias=False")
         num, dim = self.base_layer.weight.shape
-        self.lora_embedding_A[name] = nn.Parameter(torch.zeros(r, num))
-        self.lora_embedding_B[name] = nn.Parameter(torch.zeros(dim, r))
+        # drawn as PEFT draws them (then overwritten by the init), so one seed gives PEFT's factors here too
+        self.lora_embedding_A[name] = nn.Parameter(torch.randn(r, num))
+        self.lora_embedding_B[name] = nn.Parameter(torch.randn(dim, r))
 
     def _lora_branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer

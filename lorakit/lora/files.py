@@ -10,6 +10,7 @@ import datetime
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..atomic import atomic_write, atomic_write_json
-from ..errors import AdapterError
+from ..errors import AdapterError, PeftWarning
 from .inject import adapter_modules, lora_layers
 from .layer import module_weight
 from .tokens import is_tied_follower
@@ -49,13 +50,35 @@ def adapter_state_dict(model: nn.Module, adapter_name: str, bias: str = "none") 
     return out
 
 
+def warn_unsharded(tensors: dict[str, torch.Tensor], adapter_name: str) -> None:
+    """PeftWarning (PEFT's text) when a lora_A / lora_B weight is 1-D or empty: DeepSpeed ZeRO-3 / FSDP shards saved
+    without gathering them first. The file is still written, as PEFT does (a caller may skip gathering on purpose).
+    lora_B's bias (lora_bias) is 1-D by design and not checked (PEFT 0.21.2 checks it too, and warns wrongly)."""
+    bad = [(k, tuple(v.shape)) for k, v in tensors.items() if (".lora_A" in k or ".lora_B" in k)
+           and not k.endswith(".bias") and isinstance(v, torch.Tensor) and (v.dim() < 2 or 0 in v.shape)]
+    if not bad:
+        return
+    preview = ", ".join(f"{k}:{shape}" for k, shape in bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
+    warnings.warn(f"Adapter {adapter_name!r}: {len(bad)} LoRA tensor(s) have invalid shape: {preview}. A 1-D or "
+                  "zero-sized lora_A / lora_B tensor indicates that DeepSpeed ZeRO-3 / FSDP shards were not gathered "
+                  "before save_pretrained() and are therefore incomplete. Wrap the save in "
+                  "deepspeed.zero.GatheredParameters([...], modifier_rank=None) for ZeRO-3, or "
+                  "torch.distributed.fsdp.FullyShardedDataParallel.summon_full_params(model) for FSDP, before "
+                  "calling save_pretrained().", PeftWarning, stacklevel=3)
+
+
 def save_adapter(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config_dict: dict[str, Any],
-                 meta: dict[str, Any]) -> None:
-    """Write the three files atomically; tensors are cloned contiguous so views and tied storage save."""
+                 meta: dict[str, Any], pickle_copy: bool = False) -> None:
+    """Write the three files atomically; tensors are cloned contiguous so views and tied storage save.
+    pickle_copy (save_pretrained(safe_serialization=False)): also adapter_model.bin, the pickle file PEFT writes
+    then, for tools that read only that; the safetensors file stays beside it, and it is what loaders read first."""
+    warn_unsharded(tensors, meta.get("adapter_name", "default"))
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     payload = {PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(payload, tmp, metadata={"format": "pt"}))
+    if pickle_copy:
+        atomic_write(directory / PICKLE_NAMES[0], lambda tmp: torch.save(payload, tmp))
     atomic_write_json(directory / CONFIG_NAME, config_dict)
     atomic_write_json(directory / META_NAME, meta)
 
@@ -134,9 +157,28 @@ def load_into(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tens
         problems.append(f"{len(unexpected)} tensors name modules this model does not have, e.g. {unexpected[0]}")
     if problems:
         raise AdapterError(f"adapter {source} does not fit this model:\n  " + "\n  ".join(problems))
+    owners = _meta_owners(model) if any(t.is_meta for t, _ in copies) else {}
     with torch.no_grad():  # through the parameter: its version moves (layers key cached casts on it)
         for target, value in copies:
-            target.copy_(value.to(target.dtype))
+            if target.is_meta:  # made empty (low_cpu_mem_usage): the loaded tensor becomes the parameter
+                module, attr, device = owners[id(target)]
+                module._parameters[attr] = nn.Parameter(value.to(device=device, dtype=target.dtype),
+                                                        requires_grad=target.requires_grad)
+            else:
+                target.copy_(value.to(target.dtype))
+
+
+def _meta_owners(model: nn.Module) -> dict[int, tuple[nn.Module, str, torch.device]]:
+    """{id(parameter): (module holding it, its attribute, the device its LoRA layer's base weight is on)} for every
+    parameter still on the meta device."""
+    owners = {}
+    for _, layer in adapter_modules(model):
+        device = next((t.device for t in layer.parameters() if not t.is_meta), torch.device("cpu"))
+        for module in layer.modules():
+            for attr, p in module._parameters.items():
+                if p is not None and p.is_meta:
+                    owners[id(p)] = (module, attr, device)
+    return owners
 
 
 # ---------------------------------------------------------------------- fingerprint
@@ -148,9 +190,10 @@ def fingerprint(model: nn.Module, target_names: list[str]) -> dict[str, Any]:
     config = getattr(model, "config", None)
     shapes, samples = {}, {}
     for name in target_names:
-        module = model.get_submodule(name)
-        weight = module_weight(module)
-        shapes[name] = list(weight.shape)
+        weight = module_weight(model.get_submodule(name))
+        if weight is not None:  # (None: a module LoRA will refuse, e.g. attention with separate q/k/v weights)
+            shapes[name] = list(weight.shape)
+    target_names = list(shapes)
     picks = sorted(set(target_names[i] for i in (0, len(target_names) // 2, -1))) if target_names else []
     for name in picks:
         module = model.get_submodule(name)

@@ -1,6 +1,7 @@
 """Injection: find the target modules, swap each for a LoRA layer, wrap modules_to_save, freeze the rest."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from typing import Optional, Sequence
@@ -10,13 +11,14 @@ from torch import nn
 
 from ..config import TASK_HEADS, LoraConfig, TaskType
 from ..errors import ConfigError, TargetError
+from .loftq import init_loftq
 from .layer import BASE_ADAPTER, ROW_ADAPTERS, LoraConv, LoraEmbedding, LoraLayer, LoraLinear, rows_by_adapter
 from .attention_layer import LoraMultiheadAttention
 from .parameters import inject_parameters
 from .tokens import TrainableTokens, add_trainable_tokens
 from .tying import modules_to_tie, tie_adapters
 from .targets import (closest_names, default_targets, is_conv1d_gpt2, layer_index, linear_types, name_matches,
-                      output_head_names, supported_types)
+                      output_head_names, supported_types, warn_unmatched_patterns)
 
 
 class ModulesToSave(nn.Module):
@@ -79,6 +81,11 @@ class ModulesToSave(nn.Module):
         for name, idx in rows_by_adapter(rows, x.shape[0], x.device).items():
             module = self.original_module if name == BASE_ADAPTER else self._module_for([name])
             part = module(x.index_select(0, idx), *args, **kwargs)
+            if not isinstance(part, torch.Tensor):
+                raise TypeError("Mixed batching is only supported for the following modules: Linear, Embedding, "
+                                "Conv1d, Conv2d, Conv3d. (lorakit routes rows through any module in modules_to_save "
+                                f"that returns one batch-first tensor; {type(module).__name__} returned a "
+                                f"{type(part).__name__}.) Run this batch with one adapter at a time instead")
             out = part.new_empty((x.shape[0],) + part.shape[1:]) if out is None else out
             out[idx] = part
         return out
@@ -116,8 +123,9 @@ def _saved_module_specs(model: nn.Module, config: LoraConfig) -> tuple[list[str]
     return list(config.modules_to_save or []), TASK_HEADS.get(task, []) if task else []
 
 
-def find_targets(model: nn.Module, config: LoraConfig, exclude_names: set[str] = frozenset()) -> list[str]:
-    """Names of the modules `config` adapts. Raises TargetError when nothing matches."""
+def find_targets(model: nn.Module, config: LoraConfig, exclude_names: set[str] = frozenset(),
+                 required: bool = True) -> list[str]:
+    """Names of the modules `config` adapts. Raises TargetError when nothing matches and `required`."""
     spec = config.target_modules if config.target_modules is not None else default_targets(model)
     all_linear = spec == "all-linear"
     heads = output_head_names(model) if all_linear else set()
@@ -149,32 +157,48 @@ def find_targets(model: nn.Module, config: LoraConfig, exclude_names: set[str] =
                           "Supported: nn.Linear, nn.Embedding, nn.Conv1d/2d/3d, nn.MultiheadAttention, "
                           "transformers Conv1D; "
                           "name their linear sub-layers instead")
-    if not found:
+    if not found and required:
         wanted = spec if isinstance(spec, list) else [spec]
         raise TargetError(f"target_modules {spec!r} matched no module of {type(model).__name__}. "
                           f"Closest module names: {closest_names(model, wanted)}")
     return found
 
 
-def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
-    """Add adapter `adapter_name` to `model` in place; returns the adapted module names."""
+def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str,
+                   low_cpu_mem_usage: bool = False) -> list[str]:
+    """Add adapter `adapter_name` to `model` in place; returns the adapted module names.
+    low_cpu_mem_usage: the LoRA layers' new factors are made empty on the meta device, for a load to fill (PEFT's
+    option: nothing is initialised; until loaded, those layers cannot run)."""
     if config.use_dora and config.init_lora_weights not in (True, False, "gaussian"):
         raise ConfigError([f"use_dora cannot be combined with init_lora_weights={config.init_lora_weights!r}"])
     tie_mode, tied = modules_to_tie(model, config, adapter_name)  # (tied modules get the embedding's adapter)
     saved, heads = _saved_module_specs(model, config)
     saved_names = _wrap_modules_to_save(model, saved, heads, adapter_name)
     only_parameters = config.target_parameters and not config.target_modules
-    targets = [] if only_parameters else find_targets(model, config, exclude_names=saved_names | set(tied))
+    targets = [] if only_parameters else find_targets(model, config, exclude_names=saved_names | set(tied),
+                                                      required=not config.target_parameters)
+    loftq = config.init_lora_weights == "loftq"  # (it changes the base weight too: see lora/loftq.py)
+    if loftq and low_cpu_mem_usage:
+        raise ConfigError(["init_lora_weights='loftq' quantizes the base weights, which low_cpu_mem_usage=True "
+                           "skips; load without low_cpu_mem_usage"], where="low_cpu_mem_usage")
     for name in targets:
         module = model.get_submodule(name)
         if not isinstance(module, LoraLayer):
             module = _wrap(module, config.fan_in_fan_out)
             _set_submodule(model, name, module)
-        module.add_adapter(adapter_name, r=config.rank_for(name), lora_alpha=config.alpha_for(name),
-                           lora_dropout=config.lora_dropout, init_lora_weights=config.init_lora_weights,
-                           use_rslora=config.use_rslora, use_dora=config.use_dora, lora_bias=config.lora_bias)
+        with torch.device("meta") if low_cpu_mem_usage else contextlib.nullcontext():
+            module.add_adapter(adapter_name, r=config.rank_for(name), lora_alpha=config.alpha_for(name),
+                               lora_dropout=config.lora_dropout,
+                               init_lora_weights=True if loftq else config.init_lora_weights,
+                               use_rslora=config.use_rslora, use_dora=config.use_dora, lora_bias=config.lora_bias)
+        if loftq:
+            init_loftq(module, adapter_name, config.loftq_config)
     tie_adapters(model, tie_mode, tied, adapter_name)
-    inject_parameters(model, config, adapter_name)
+    parameters = inject_parameters(model, config, adapter_name, modules_matched=bool(targets))
+    if config.target_modules and config.target_parameters and not targets:
+        spec = set(config.target_modules) if isinstance(config.target_modules, list) else config.target_modules
+        warnings.warn(f"target_modules={spec} were set but no module was matched.", RuntimeWarning, stacklevel=4)
+    warn_unmatched_patterns(config, targets + parameters)
     add_trainable_tokens(model, config, adapter_name)
     note_shared_weights(model)
     mark_trainable(model, config)

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ..errors import AdapterError
+from ..errors import AdapterError, PeftWarning
 from ..fast.lora_linear import compute_factors, lora_linear
 from ..fast.recompute import recomputing
 from .layer_names import PeftLayerNames
-from .variants import VARIANTS, init_factors
+from .variants import VARIANTS, place_and_init
 
 BASE_ADAPTER = "__base__"
 """In `adapter_names=[...]`, the rows that use no adapter at all."""
@@ -55,7 +55,8 @@ def _expand_rows(names: list[str], batch: int) -> list[str]:
     if batch == len(names):
         return names
     if len(names) == 0 or batch % len(names):
-        raise AdapterError(f"adapter_names has {len(names)} entries but the batch has {batch} rows")
+        raise AdapterError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
+                           f"{len(names)} and {batch} respectively (or a divisor of it, for beams and samples).")
     return [n for n in names for _ in range(batch // len(names))]
 
 
@@ -151,13 +152,9 @@ class LoraLayer(PeftLayerNames, nn.Module):
         self._make_factors(name, r, bias=lora_bias)
         if lora_bias and getattr(self.base_layer, "bias", None) is None:
             warnings.warn(f"`lora_bias=True` was passed but the targeted layer of type {type(self.base_layer).__name__}"
-                          " has no bias. This means that merging LoRA weights won't be possible.")
+                          " has no bias. This means that merging LoRA weights won't be possible.", PeftWarning)
         self.variant[name] = "dora" if use_dora else "lora"
-        weight = self.base_weight()
-        for p in self._adapter_parameters(name):
-            p.data = p.data.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else p.dtype)
-        init_factors(self, name, init_lora_weights)
-        VARIANTS[self.variant[name]].init(self, name)
+        place_and_init(self, name, init_lora_weights)
         if name not in self.active_adapters:
             self.active_adapters.append(name)
 
@@ -222,8 +219,8 @@ class LoraLayer(PeftLayerNames, nn.Module):
 
     def _forward_routed(self, x: torch.Tensor, result: torch.Tensor, rows: list[str]) -> torch.Tensor:
         if self.merged_adapters:
-            raise AdapterError("per-row adapter_names cannot be used while adapters are merged; "
-                               "call model.unmerge_adapter() first")
+            raise AdapterError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                               "`unmerge_adapter` first. (per-row routing needs the unmerged weights)")
         gathered = self._gathered_delta(x, rows)
         if gathered is not None:  # one gather + two batched matmuls, however many adapters the batch holds
             return result + gathered.to(result.dtype)

@@ -28,6 +28,7 @@ class PeftLayerNames:
         return base
 
     def _get_name(self) -> str:
-        """The repr's class name, PEFT's: lora.Linear (GPT-2's Conv1D too), lora.Embedding, lora.Conv2d ..."""
+        """The repr's class name, PEFT's: lora.Linear (GPT-2's Conv1D too), lora.Embedding, lora.Conv2d ...,
+        lora.ParamWrapper for target_parameters."""
         kind = type(self).__name__.removeprefix("Lora")
-        return "lora." + (type(self.base_layer).__name__ if kind == "Conv" else kind)
+        return "lora." + {"Conv": type(self.base_layer).__name__, "Parameter": "ParamWrapper"}.get(kind, kind)

@@ -14,16 +14,17 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..errors import AdapterError
-from .files import PREFIX, adapter_state_dict, load_into
+from .files import PREFIX, adapter_state_dict, load_into, warn_unsharded
 from .model import LoraModel
 
 
 def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_name: str = "default",
-                            **_ignored) -> nn.Module:
+                            low_cpu_mem_usage: bool = False, **_ignored) -> nn.Module:
     """LoRA layers put into `model` in place, with no PeftModel around it (PEFT's low-level API): only the
     adapter's parameters train. As in PEFT, `model.peft_config` holds {adapter_name: config}, so
-    get_peft_model_state_dict / set_peft_model_state_dict work on it (keys relative to `model`)."""
-    model.peft_config = LoraModel(model, peft_config, adapter_name).peft_config
+    get_peft_model_state_dict / set_peft_model_state_dict work on it (keys relative to `model`).
+    low_cpu_mem_usage: the LoRA factors are made empty on the meta device; set_peft_model_state_dict fills them."""
+    model.peft_config = LoraModel(model, peft_config, adapter_name, low_cpu_mem_usage).peft_config
     return model
 
 
@@ -45,7 +46,9 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Optional[dict] = Non
     """One adapter's tensors under the keys of its adapter_model.safetensors (PEFT's function; `state_dict`
     is ignored: the tensors are read from the model)."""
     holder, prefix, config = _adapter_holder(model, adapter_name)
-    return {prefix + key: value for key, value in adapter_state_dict(holder, adapter_name, config.bias).items()}
+    tensors = {prefix + key: value for key, value in adapter_state_dict(holder, adapter_name, config.bias).items()}
+    warn_unsharded(tensors, adapter_name)
+    return tensors
 
 
 def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str, torch.Tensor],

@@ -30,14 +30,15 @@ class LoraModel(nn.Module):
 
     prefix = PEFT_PREFIX
 
-    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default"):
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default",
+                 low_cpu_mem_usage: bool = False):
         super().__init__()
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapters: list[str] = []
         self.trainable_adapters: set[str] = set()  # those whose parameters require grad (PEFT's rules below)
         self.layers_disabled = False  # disable_adapter_layers(): the base model's outputs, nothing trains
-        self.inject_adapter(config, adapter_name)
+        self.inject_adapter(config, adapter_name, low_cpu_mem_usage)
 
     def __getattr__(self, name: str):
         try:
@@ -51,14 +52,16 @@ class LoraModel(nn.Module):
         return self.model(*args, **kwargs)
 
     # ------------------------------------------------------------------ adapters
-    def inject_adapter(self, config: LoraConfig, adapter_name: str) -> list[str]:
+    def inject_adapter(self, config: LoraConfig, adapter_name: str, low_cpu_mem_usage: bool = False) -> list[str]:
+        """Add adapter `adapter_name` (inactive unless it is the first); low_cpu_mem_usage: its LoRA factors empty on
+        the meta device until a load fills them (see inject.inject_adapter)."""
         if adapter_name in self.peft_config:
-            raise AdapterError(f"an adapter named {adapter_name!r} exists already; pick another name "
+            raise AdapterError(f"Adapter with name {adapter_name!r} already exists; pick another name "
                                "or delete_adapter() it first")
         config = resolve_weight_tying(self.model, resolve_config(self.model, config))
         self._check_same_parameters(config)
         self._check_one_bias(config)
-        targets = inject_adapter(self.model, config, adapter_name)
+        targets = inject_adapter(self.model, config, adapter_name, low_cpu_mem_usage)
         self.peft_config[adapter_name] = config
         if not self.active_adapters:  # the first adapter is active, and trains unless it is for inference
             self.active_adapters = [adapter_name]
@@ -80,8 +83,10 @@ class LoraModel(nn.Module):
         new = set(config.target_parameters or [])
         for name, other in self.peft_config.items():
             if new and other.target_parameters and set(other.target_parameters) != new:
-                raise ConfigError([f"adapters with target_parameters must all name the same parameters: "
-                                   f"{sorted(new)} here, {sorted(other.target_parameters)} for adapter {name!r}"],
+                raise ConfigError(["When using multiple adapters with `target_parameters`, all adapters must "
+                                   f"target the same set of parameters, but got {sorted(new)} for the new adapter "
+                                   f"and {sorted(other.target_parameters)} for adapter '{name}' (adapters share one "
+                                   "wrapper per parameter, so they must name the same parameters)"],
                                   where="target_parameters")
 
     @property
@@ -95,10 +100,21 @@ class LoraModel(nn.Module):
         names = self.known_adapters(adapter_name)
         if not names:
             raise AdapterError(f"set_adapter() needs at least one adapter; this model has {sorted(self.peft_config)}")
+        self._check_one_copy_each(names)
         self._unmerge_first("set_adapter()")  # as PEFT: warn, unmerge, switch
         self.active_adapters = names
         self.trainable_adapters = set() if inference_mode else set(names)
         self._apply_activity()
+
+    def _check_one_copy_each(self, names: list[str]) -> None:
+        """PEFT's rule: a module trained in full is not additive, so two active adapters cannot both have a copy of
+        it (which copy would run?)."""
+        for module_name, module in adapter_modules(self.model):
+            if isinstance(module, ModulesToSave) and len([n for n in names if n in module.modules_to_save]) > 1:
+                both = [n for n in names if n in module.modules_to_save]
+                raise AdapterError(f"Only one adapter can be set at a time for ModulesToSaveWrapper: adapters {both} "
+                                   f"each train their own copy of {module_name} (modules_to_save); activate one of "
+                                   "them, or give them different modules_to_save")
 
     def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
         """Let these adapters' parameters train (or freeze them), active or not; the others keep their state."""
@@ -238,6 +254,11 @@ class LoraModel(nn.Module):
         return [f"{name.replace('.base_layer', '')}.{layer.parameter_name}"
                 for name, layer in lora_layers(self.model) if isinstance(layer, LoraParameter)]
 
+    def _get_kasa_loss(self) -> float:
+        """PEFT's KaSA regularisation term, summed over the layers that use KaSA. lorakit refuses KaSA (a research
+        variant) at LoraConfig, so no layer here has one: 0.0, what PEFT returns for a model without KaSA layers."""
+        return 0.0
+
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: Optional[Sequence[str]] = None) -> nn.Module:
         """Merge the active adapters into W and return the plain model, with no LoRA modules left."""
@@ -294,14 +315,18 @@ class LoraModel(nn.Module):
         if any(self.peft_config[a].lora_bias for a in adapters if a in self.peft_config):
             problems.append("adapters with lora_bias cannot be combined (the combination has no bias term to keep "
                             "lora_B's biases in); combine adapters without it")
+        shared = []  # as PEFT: trained copies (modules_to_save) do not average
         for name, module in adapter_modules(self.model):
             if getattr(module, "grouped", False) and any(a in module.r for a in adapters):
                 problems.append(f"{name} is a grouped convolution: its B is block-diagonal per group, which the "
                                 "combinations do not keep; combine adapters that leave it out")
             both = [a for a in adapters if a in module.modules_to_save] if isinstance(module, ModulesToSave) else []
-            if len(both) > 1:  # as PEFT: trained heads do not average
-                problems.append(f"adapters {both} each have their own trained copy of {name} (modules_to_save); "
-                                "combine adapters of which at most one has it")
+            if len(both) > 1:
+                shared.append(f"adapters {both} each have their own trained copy of {name}")
+        if shared:
+            problems.append("Cannot add weighted adapters if they target the same module with modules_to_save, but "
+                            f"found {len(shared)} such instance(s). ({'; '.join(shared)}: combine adapters of which "
+                            "at most one has it)")
         needs_density = combination_type not in ("linear", "cat", "svd")
         if needs_density and (density is None or not 0 < density <= 1):
             problems.append(f"combination_type={combination_type!r} needs density in (0, 1], got {density!r}")
@@ -344,6 +369,6 @@ def _combined_config(first: LoraConfig, ranks: dict[str, int]) -> LoraConfig:
 
 
 def _targets_conv1d(model: nn.Module, config: LoraConfig) -> bool:
-    names = find_targets(model, config)
+    names = find_targets(model, config, required=not config.target_parameters)
     return any(type(getattr(model.get_submodule(n), "base_layer", model.get_submodule(n))).__name__ == "Conv1D"
                for n in names)

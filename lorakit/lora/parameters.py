@@ -148,8 +148,8 @@ class LoraParameter(LoraLayer):
 
     def _refuse_routing_when_merged(self) -> None:
         if self.merged_adapters:
-            raise AdapterError("per-row adapter_names cannot be used while adapters are merged; "
-                               "call model.unmerge_adapter() first")
+            raise AdapterError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                               "`unmerge_adapter` first. (per-row routing needs the unmerged weights)")
 
     def _forward_grouped(self, rows: list[str], args: tuple, kwargs: dict):
         """Rows with different adapters (PEFT refuses these): the base module runs once per adapter, on the share
@@ -284,28 +284,40 @@ def find_target_parameters(model: nn.Module, target_parameters: Optional[Sequenc
     return found
 
 
-def inject_parameters(model: nn.Module, config, adapter_name: str) -> list[str]:
+def inject_parameters(model: nn.Module, config, adapter_name: str, modules_matched: bool = False) -> list[str]:
     """Add adapter `adapter_name` to every parameter `config.target_parameters` names; returns their full names.
+    When none matches but target_modules adapted some module (`modules_matched`), a RuntimeWarning, as PEFT.
 
     Raises:
-        TargetError: nothing matched, a parameter sits on the model itself, or its module already has LoRA as a
-            module (target it one way only).
+        TargetError: nothing matched (and no module either), a parameter sits on the model itself, or its module
+            already has LoRA as a module (target it one way only).
     """
+    import warnings
+
     from ..errors import TargetError
 
     found = find_target_parameters(model, config.target_parameters)
     if config.target_parameters and not found:
-        raise TargetError(f"target_parameters {config.target_parameters} matched no parameter of "
-                          f"{type(model).__name__}; give names such as 'mlp.experts.gate_up_proj' (see "
-                          "model.named_parameters())")
+        hint = (f"they matched no parameter of {type(model).__name__}; give names such as "
+                "'mlp.experts.gate_up_proj' (see model.named_parameters())")
+        if modules_matched:
+            warnings.warn(f"target_parameters={config.target_parameters} were set but no parameter was matched. "
+                          f"({hint})", RuntimeWarning, stacklevel=5)
+            return []
+        lead = ("No `target_modules` passed but also no `target_parameters` found. Please check the values for these "
+                "arguments." if not config.target_modules else
+                f"Target modules {config.target_modules} not found in the base model, nor target_parameters.")
+        raise TargetError(f"{lead} target_parameters={config.target_parameters}: {hint}")
     for module_name, pname in found:
         if not module_name:
             raise TargetError(f"target_parameters: {pname} belongs to the model itself, not to a sub-module; "
                               "LoRA can adapt parameters of sub-modules only")
         top = model.get_submodule(module_name)
         if isinstance(top, LoraLayer) and not isinstance(top, LoraParameter):
-            raise TargetError(f"{module_name} has LoRA as a module (target_modules) and target_parameters names "
-                              f"its {pname}; target it one way only")
+            raise TargetError(f"Trying to wrap an `nn.Parameter` of layer '{module_name}' of type "
+                              f"{type(top.get_base_layer()).__name__}, which is not a valid target. Make sure that "
+                              f"this layer is not also targeted with `target_modules` (target_parameters names its "
+                              f"{pname}): target it one way only")
         layer = wrapped_parameter(top, pname)
         if layer is None:
             layer = LoraParameter(top, pname)

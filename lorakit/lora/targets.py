@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import warnings
 from typing import Optional, Union
 
 from torch import nn
@@ -79,8 +80,9 @@ def model_type(model: nn.Module) -> Optional[str]:
 def default_targets(model: nn.Module) -> list[str]:
     kind = model_type(model)
     if kind not in DEFAULT_TARGETS:
-        raise TargetError(f"no default target_modules for model type {kind!r}; pass target_modules "
-                          f"(e.g. ['q_proj', 'v_proj'] or 'all-linear'). Known types: {sorted(DEFAULT_TARGETS)}")
+        raise TargetError(f"Please specify `target_modules` in `peft_config`: no default target_modules for model "
+                          f"type {kind!r}; pass target_modules (e.g. ['q_proj', 'v_proj'] or 'all-linear'). Known "
+                          f"types: {sorted(DEFAULT_TARGETS)}")
     return DEFAULT_TARGETS[kind]
 
 
@@ -269,3 +271,24 @@ def _regex_leaf_names(model: nn.Module, pattern: str, renames: dict[str, str]) -
         if old not in matched and any(re.fullmatch(pattern, f"{c}.{old}") for c in containers.get(new, ())):
             matched.add(old)
     return matched
+
+
+def warn_unmatched_patterns(config, adapted_names: list[str]) -> None:
+    """RuntimeWarning (PEFT's text) naming the rank_pattern / alpha_pattern keys that matched none of the adapted
+    modules (or parameters) and so changed nothing: usually a typo."""
+    for attr in ("rank_pattern", "alpha_pattern"):
+        patterns = getattr(config, attr, None) or {}
+        sentinel = object()
+        matched = {k for k in patterns for name in adapted_names
+                   if config_pattern_value({k: True}, name, sentinel) is not sentinel}
+        unmatched = sorted(set(patterns) - matched)
+        if unmatched:
+            warnings.warn(f"The following {attr} keys did not match any targeted module and were ignored: "
+                          f"{unmatched}.", RuntimeWarning, stacklevel=5)
+
+
+def config_pattern_value(pattern: dict, name: str, default):
+    """The value `pattern` gives module `name` (the rule rank_pattern and alpha_pattern apply), else `default`."""
+    from ..config import _match_pattern
+
+    return _match_pattern(pattern, name, default)

@@ -26,6 +26,13 @@ from .layer import BASE_ADAPTER, ROW_ADAPTERS, LoraLayer, rows_by_adapter
 from .targets import name_matches
 
 
+class BufferStore(nn.Module):
+    """Buffers by adapter name, as PEFT's BufferDict: `name in store` asks whether that adapter has one."""
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._buffers
+
+
 class TokenRows(nn.Module):
     """PEFT's `token_adapter`: the base layer and, per adapter, the chosen row indices, their trainable values
     (`trainable_tokens_delta`) and their original values (for unmerge, and for the base while merged)."""
@@ -34,7 +41,7 @@ class TokenRows(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.trainable_tokens_delta = nn.ParameterDict()
-        self.trainable_tokens_original = nn.Module()  # buffers by adapter name, not saved
+        self.trainable_tokens_original = BufferStore()  # by adapter name, not saved
         self.token_indices: dict[str, list[int]] = {}
 
 

@@ -117,6 +117,23 @@ def init_factors(layer: "LoraLayer", name: str, init) -> None:
         nn.init.zeros_(bias)
 
 
+def place_and_init(layer: "LoraLayer", name: str, init) -> None:
+    """Put adapter `name`'s new parameters on the base weight's device and dtype, then initialise them. Parameters
+    made on the meta device (low_cpu_mem_usage: a load fills them next) only take the dtype: no values, no init."""
+    weight = layer.base_weight()
+    params = layer._adapter_parameters(name)
+    dtype = weight.dtype if weight.is_floating_point() else None
+    on_meta = any(p.is_meta for p in params)
+    for p in params:
+        p.data = p.data.to(dtype=dtype or p.dtype) if on_meta else \
+            p.data.to(device=weight.device, dtype=dtype or p.dtype)
+    if on_meta:
+        VARIANTS[layer.variant[name]].init_empty(layer, name)
+        return
+    init_factors(layer, name, init)
+    VARIANTS[layer.variant[name]].init(layer, name)
+
+
 # ---------------------------------------------------------------------- variants
 class LoraVariant:
     """Plain LoRA: output += scaling · B A dropout(x); merge W += scaling · B A."""
@@ -124,6 +141,10 @@ class LoraVariant:
     @staticmethod
     def init(layer: "LoraLayer", name: str) -> None:
         pass
+
+    @staticmethod
+    def init_empty(layer: "LoraLayer", name: str) -> None:
+        """The variant's own parameters, shaped but empty on the meta device (low_cpu_mem_usage)."""
 
     @staticmethod
     def forward(layer: "LoraLayer", name: str, x: torch.Tensor, base_result: torch.Tensor) -> torch.Tensor:
@@ -158,6 +179,12 @@ class DoraVariant:
         with torch.no_grad():
             magnitude = DoraVariant._norm(layer, name).to(layer.weight_matrix().dtype)
         layer.lora_magnitude_vector[name] = DoraMagnitude(layer._channel_view(magnitude))
+
+    @staticmethod
+    def init_empty(layer: "LoraLayer", name: str) -> None:
+        W = layer.weight_matrix()
+        empty = torch.empty(W.shape[0], dtype=W.dtype, device="meta")  # (out,), filled by the load
+        layer.lora_magnitude_vector[name] = DoraMagnitude(layer._channel_view(empty))
 
     @staticmethod
     def _magnitude(layer: "LoraLayer", name: str) -> torch.Tensor:
