@@ -5,7 +5,8 @@
 Exports the adapter (`lorakit export --format gguf`: adapter.gguf, merged f16 and q8_0, Modelfile), then answers
 the demo's held-out handbook questions greedily (24 new tokens, as `lorakit train` scores them) with:
     lorakit     the PyTorch model: the embedded Q4_1 weights dequantized to fp32, + the adapter
-    llama.cpp   the Q4_1 base file + adapter.gguf; merged f16; merged q8_0     (llama-cpp-python)
+    llama.cpp   the Q4_1 base file + adapter.gguf; an f16 base GGUF of lorakit's own (dequantized) weights +
+                adapter.gguf (the adapter alone, as tests/test_export_gguf.py checks it); merged f16; merged q8_0
 and prints the accuracy of each and the answer to "What is the guest Wi-Fi called?". Needs the export-test
 extra (llama-cpp-python). Writes OUT/export_check.json.
 """
@@ -43,6 +44,17 @@ def llama_answers(model_path: str, lora: str | None, tokenizer, prompts: list[st
     return answers
 
 
+def _same_weights_base(base_name: str, path: Path) -> str:
+    """The base as lorakit holds it (the Q4_1 file dequantized) written as an f16 GGUF: llama.cpp then runs the
+    numbers lorakit runs, without its 8-bit rounding of activations for Q4_1 products."""
+    from lorakit.export.gguf_merged import source_gguf, write_merged_gguf
+    from lorakit.models import load_model
+
+    base = load_model(base_name, task="causal-lm", device="cpu", dtype="float32").model
+    write_merged_gguf(base, path, source_gguf(base_name), "f16")
+    return str(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", default="runs/demo/adapter")
@@ -65,14 +77,16 @@ def main() -> None:
 
     from lorakit.cli.export import load_for_export
 
-    model, tokenizer, _ = load_for_export(ExportOptions(adapter=args.adapter).validate())
+    model, tokenizer, base_name = load_for_export(ExportOptions(adapter=args.adapter).validate())
+    same_weights = _same_weights_base(base_name, out / "base-f16.gguf")
     prompts = chat_prompts(tokenizer, questions)
     runs: dict[str, dict] = {}
     start = time.perf_counter()
     runs["lorakit (PyTorch, Q4_1 dequantized + adapter)"] = {
         "answers": generate_texts(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens)}
     runs["lorakit (PyTorch, Q4_1 dequantized + adapter)"]["seconds"] = time.perf_counter() - start
-    engines = {"llama.cpp (Q4_1 base + adapter.gguf)": (facts["base_gguf"], facts["lora_gguf"].get("path"))}
+    engines = {"llama.cpp (Q4_1 base + adapter.gguf)": (facts["base_gguf"], facts["lora_gguf"].get("path")),
+               "llama.cpp (f16 of the same weights + adapter.gguf)": (same_weights, facts["lora_gguf"].get("path"))}
     for item in facts["merged"]:
         engines[f"llama.cpp (merged {item['quant']})"] = (item["path"], None)
     for label, (path, lora) in engines.items():

