@@ -92,3 +92,26 @@ def test_a_batch_without_position_ids_is_not_read_for_packed_examples(monkeypatc
     positions = torch.arange(12).repeat(2, 1)
     given = loss_fn(model, {"input_ids": ids, "labels": ids, "position_ids": positions})
     assert reads == [1] and torch.allclose(unpacked, given)
+
+
+def test_a_flattened_row_padded_to_a_multiple_trains_as_the_unpadded_one():
+    """`lorakit train` on a CPU pads its padding-free row to FLAT_ROW_MULTIPLE tokens (so oneDNN's compiled matmul
+    shapes repeat): the padding is its own span, so loss and LoRA gradients are the unpadded row's, and it is not
+    counted as input tokens."""
+    from lorakit.cli.train_data import FLAT_ROW_MULTIPLE
+    from lorakit.train.batching import count_input_tokens
+
+    model = get_peft_model(tiny_llama(attn_implementation="sdpa"),
+                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    assert use_packed_attention(model)
+    rows = pack_examples([{"input_ids": list(range(3, 3 + n)), "labels": list(range(3, 3 + n))}
+                          for n in (5, 9, 4, 7, 6)], 16)
+    plain = collate_causal(rows, pad_token_id=0, flatten=True)
+    padded = collate_causal(rows, pad_token_id=0, flatten=True, pad_to_multiple_of=FLAT_ROW_MULTIPLE)
+    assert plain["input_ids"].shape == (1, 31) and padded["input_ids"].shape == (1, FLAT_ROW_MULTIPLE)
+    assert count_input_tokens(padded) == count_input_tokens(plain) == 31
+    loss, grads = loss_and_grads(model, padded)
+    ref_loss, ref_grads = loss_and_grads(model, plain)
+    assert torch.allclose(loss, ref_loss, atol=1e-6)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, ref_grads[name], rtol=1e-4, atol=1e-6), name

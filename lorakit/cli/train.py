@@ -174,7 +174,7 @@ def _start_training(config: TrainConfig, run_dir: Path, records):
     padding_free = bool(config.packing and not task and use_packed_attention(model))
     data = task_data(task, config, tokenizer) if task else \
         causal_data(config, tokenizer, loaded.dtype, distill=loss_fn is not None, flatten=padding_free,
-                    records=records)
+                    records=records, cpu=next(model.parameters()).device.type == "cpu")
     model.print_trainable_parameters()
     if described := parameter_targets_summary(model):
         print(described)
