@@ -23,25 +23,15 @@ WIFI = "What is the guest Wi-Fi called?"
 def llama_answers(model_path: str, lora: str | None, tokenizer, prompts: list[str], max_new_tokens: int,
                   threads: int) -> list[str]:
     """Greedy answers from llama.cpp, fed lorakit's own token ids (so tokenization is not what is compared)."""
-    import numpy as np
     from llama_cpp import Llama
 
+    from lorakit.export.engine_check import llama_answers as answers_of
+
     llm = Llama(model_path=model_path, lora_path=lora, n_ctx=512, n_threads=threads, logits_all=True, verbose=False)
-    eos = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
-    answers = []
-    for prompt in prompts:
-        llm.reset()
-        llm.eval(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        out = []
-        for _ in range(max_new_tokens):
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            if token in eos:
-                break
-            out.append(token)
-            llm.eval([token])
-        answers.append(tokenizer.decode(out, skip_special_tokens=True).strip())
-    llm.close()
-    return answers
+    try:
+        return answers_of(llm, tokenizer, prompts, max_new_tokens)
+    finally:
+        llm.close()
 
 
 def _same_weights_base(base_name: str, path: Path) -> str:

@@ -20,6 +20,7 @@ import torch
 
 from lorakit import LoraConfig, get_peft_model
 from lorakit.errors import ExportError
+from lorakit.export.engine_check import llama_answers, llama_greedy
 from lorakit.export.gguf_adapter import lora_tensors, write_lora_gguf
 from lorakit.export.gguf_merged import source_gguf, write_merged_gguf
 from lorakit.export.modelfile import modelfile_text, translate_chat_template
@@ -89,17 +90,6 @@ def llama_logits(llm, ids) -> torch.Tensor:
     llm.reset()
     llm.eval(ids)
     return torch.from_numpy(np.array(llm.scores[:len(ids)], dtype=np.float64))  # (seq, vocab)
-
-
-def llama_greedy(llm, ids, n: int) -> list[int]:
-    llm.reset()
-    llm.eval(ids)
-    out = []
-    for _ in range(n):
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        out.append(token)
-        llm.eval([token])
-    return out
 
 
 @torch.no_grad()
@@ -341,24 +331,6 @@ def demo_adapter(tmp_path_factory) -> Path:
                           capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     return run / "adapter"
-
-
-def llama_answers(llm, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """llama.cpp's greedy answers, fed lorakit's own token ids, up to the end-of-turn token (as lorakit's)."""
-    stops = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
-    answers = []
-    for prompt in prompts:
-        llm.reset()
-        llm.eval(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        tokens = []
-        for _ in range(max_new_tokens):
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            if token in stops:
-                break
-            tokens.append(token)
-            llm.eval([token])
-        answers.append(tokenizer.decode(tokens, skip_special_tokens=True).strip())
-    return answers
 
 
 @needs_smollm2
