@@ -52,7 +52,33 @@ TASK_HEADS: dict[TaskType, list[str]] = {
     TaskType.IMAGE_CLASSIFICATION: ["classifier", "fc"],
 }
 
-INIT_CHOICES = (True, False, "gaussian", "pissa", "olora", "orthogonal", "loftq")
+INIT_CHOICES = (True, False, "gaussian", "pissa", "olora", "orthogonal", "loftq", "corda", "eva")
+RESIDUAL_INITS = ("pissa", "olora", "corda")
+"""Inits that move the adapter's starting product out of the base weight (W becomes a residual): save converts them
+to plain LoRA for the original W."""
+
+
+@dataclass
+class CordaConfig:
+    """PEFT's CorDA settings (LoraConfig(init_lora_weights='corda', corda_config=CordaConfig(...))), read by
+    preprocess_corda: context-oriented decomposition, the SVD of W C where C is the covariance of each layer's
+    inputs over sample data."""
+
+    cache_file: Optional[str] = None
+    """File holding each layer's cropped decomposition (written by preprocess_corda, reused when present); much
+    smaller than the residual model, so the residual can be rebuilt from the original weights and this file."""
+    covariance_file: Optional[str] = None
+    """File holding each layer's input covariance (written when absent, reused when present), so ranks can change
+    without running the sample data again. About as large as the model."""
+    corda_method: str = "ipm"
+    """'ipm' (instruction-previewed: the adapter starts from the r largest components, fastest to fine-tune) or
+    'kpm' (knowledge-preserved: the r smallest, so the base keeps what the sample data exercises)."""
+    verbose: bool = False
+    """Print progress of the decomposition, one line a layer."""
+    use_float16_for_covariance: bool = False
+    """Accumulate the covariance in the inputs' half precision (half the memory, less stable)."""
+    prune_temporary_fields: bool = True
+    """Delete the covariance, sample count, method and rank that preprocessing leaves on each layer."""
 BIAS_CHOICES = ("none", "all", "lora_only")
 
 
@@ -82,8 +108,9 @@ class LoraConfig:
     init_lora_weights: Union[bool, str] = True
     """True: Kaiming-uniform A and zero B (the update starts at 0); 'gaussian'; 'pissa' (or
     'pissa_niter_K'); 'olora'; 'orthogonal' (A, B random with B A = 0; even r); 'loftq' (the base weight becomes
-    its quantized values Q and B A a rank-r fit of W - Q; needs loftq_config); False: random A and B (for tests
-    only)."""
+    its quantized values Q and B A a rank-r fit of W - Q; needs loftq_config); 'corda' (A, B from the
+    decomposition preprocess_corda left on each layer; W keeps the residual); 'eva' (accepted in a config, refused
+    by get_peft_model: EVA's data pass is PEFT's); False: random A and B (for tests only)."""
     use_rslora: bool = False
     """Rank-stabilised scaling lora_alpha / sqrt(r)."""
     use_dora: bool = False
@@ -95,6 +122,9 @@ class LoraConfig:
     lora_bias: bool = False
     """B gets a trainable bias of its own (PEFT's lora_bias), saved with the adapter; merging adds it (times scaling)
     to the base layer's bias. Not for embeddings or DoRA, and only with init_lora_weights True or False."""
+    corda_config: Optional[CordaConfig] = None
+    """With init_lora_weights='corda': CordaConfig(...) (PEFT's, or a dict), read by preprocess_corda; defaults to
+    CordaConfig() (with PEFT's warning). Kept, with PEFT's warning, under any other init."""
     loftq_config: dict[str, int] = field(default_factory=dict)
     """With init_lora_weights='loftq': LoftQConfig(loftq_bits=4 or 8, loftq_iter=N) (or its dict), as PEFT's. Ignored
     (emptied, with PEFT's warning) for any other init."""
@@ -139,6 +169,18 @@ class LoraConfig:
             self.loftq_config = dataclasses.asdict(self.loftq_config)  # PEFT stores it as a dict
         if self.init_lora_weights != "loftq" and self.loftq_config:
             self.loftq_config = {}  # (PEFT's warning was given in __init__)
+        self.corda_config = _as_corda_config(self.corda_config)
+        if self.init_lora_weights == "corda" and self.corda_config is None:
+            warnings.warn("`init_lora_weights` is 'corda' but `corda_config` is not specified. Using default CorDA "
+                          "config.")
+            self.corda_config = CordaConfig()
+        elif self.init_lora_weights != "corda" and self.corda_config is not None:
+            warnings.warn("`corda_config` specified but will be ignored when `init_lora_weights` is not 'corda'.")
+        if self.bias not in BIAS_CHOICES:  # (refused by get_peft_model, where PEFT refuses it: said here already)
+            warnings.warn(f"bias={self.bias!r} is not one of {BIAS_CHOICES}: get_peft_model will refuse this config")
+        if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and \
+                str(self.init_lora_weights).startswith(RESIDUAL_INITS):
+            warnings.warn(RSLORA_PATTERN_WARNING)
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -151,8 +193,6 @@ class LoraConfig:
             problems.append(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
         if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
             problems.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.bias not in BIAS_CHOICES:
-            problems.append(f"bias must be one of {BIAS_CHOICES}, got {self.bias!r}")
         init = self.init_lora_weights
         if not (init in INIT_CHOICES or (isinstance(init, str) and init.startswith("pissa_niter_"))):
             problems.append(f"init_lora_weights must be one of {INIT_CHOICES} or 'pissa_niter_K', got {init!r}")
@@ -179,7 +219,11 @@ class LoraConfig:
                             f"init_lora_weights={self.init_lora_weights} instead.")
         if self.lora_bias and self.use_dora:
             problems.append("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
+        problems += _corda_problems(self.corda_config)
         tp = self.target_parameters
+        if isinstance(tp, str):  # (PEFT's TypeError: a string is an easy slip, as target_modules takes one)
+            raise ConfigTypeError(problems + [f"`target_parameters` must be a list of strings or None. Got the string "
+                                              f"{tp!r}: write [{tp!r}]"], where="LoraConfig")
         if tp is not None and (not isinstance(tp, list) or not all(isinstance(t, str) and t for t in tp)):
             problems.append(f"target_parameters must be a list of parameter names, got {tp!r}")
         if problems:
@@ -211,6 +255,9 @@ class LoraConfig:
         d = dataclasses.asdict(self)
         d["task_type"] = self.task_type.value if isinstance(self.task_type, TaskType) else self.task_type
         d["peft_type"] = str(self.peft_type)
+        if d["corda_config"]:  # (file names given as Path objects are written as the strings PEFT's json holds)
+            d["corda_config"] = {k: os.fspath(v) if isinstance(v, os.PathLike) else v
+                                 for k, v in d["corda_config"].items()}
         if isinstance(d["target_modules"], (set, tuple)):
             d["target_modules"] = sorted(d["target_modules"])
         return d
@@ -255,7 +302,10 @@ class LoraConfig:
         return cls.from_dict(d)
 
     def copy(self, **changes: Any) -> "LoraConfig":
-        return dataclasses.replace(self, **changes)
+        """A new config with `changes`; the warnings this config gave when it was made are not given again."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return dataclasses.replace(self, **changes)
 
 
 PEFT_ONLY_FEATURES = {
@@ -265,15 +315,15 @@ PEFT_ONLY_FEATURES = {
     "velora_config": "VeLoRA", "megatron_config": "Megatron parallel layers",
 }
 """PEFT LoraConfig fields (0.21) that change what an adapter computes, which lorakit does not implement."""
-PEFT_ONLY_INIT_METHODS = ("mica", "corda")
-"""PEFT init methods lorakit refuses to load: MiCA is a variant; CorDA trains against a changed base."""
+PEFT_ONLY_INIT_METHODS = ("mica",)
+"""PEFT init methods lorakit refuses to load: MiCA is a variant."""
 INIT_ONLY_METHODS = ("eva", "orthogonal")
 """PEFT init methods that only choose the starting factors (the base model is left as it is): a saved adapter
 made with one loads as plain LoRA."""
 
 
 PEFT_INFORMATIONAL_FIELDS = ("auto_mapping", "peft_version", "megatron_core", "qalora_group_size",
-                             "eva_config", "corda_config", "lora_ga_config", "runtime_config")
+                             "eva_config", "lora_ga_config", "runtime_config")
 """PEFT LoraConfig fields (0.21) that change nothing lorakit computes unless a refused feature or init method is
 used beside them."""
 
@@ -297,8 +347,14 @@ def _init_taking_peft_fields(generated_init):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         peft_fields = {k: kwargs.pop(k) for k in list(kwargs) if k in PEFT_ONLY_FEATURES
                        or k in PEFT_INFORMATIONAL_FIELDS}
+        if kwargs.get("use_dora") and peft_fields.get("megatron_config"):
+            raise ConfigError(["DoRA does not support megatron_core, please set `use_dora=False`. (lorakit computes "
+                               "no megatron_config either: leave it unset, or use PEFT for this adapter)"],
+                              where="LoraConfig")
         _refuse_peft_only_features(peft_fields, where="LoraConfig", what="this config",
                                    remedy="leave it unset, or use PEFT for this adapter")
+        if kwargs.get("init_lora_weights") == "eva" and peft_fields.get("eva_config") is None:
+            warnings.warn("`init_lora_weights` is 'eva' but `eva_config` is not specified. Using default EVA config.")
         for method in ("eva", "loftq"):  # PEFT's warnings for an init method's settings without that method
             given = kwargs.get("loftq_config") if method == "loftq" else peft_fields.get(f"{method}_config")
             if (given if method == "loftq" else given is not None) and kwargs.get("init_lora_weights") != method:
@@ -309,6 +365,50 @@ def _init_taking_peft_fields(generated_init):
 
 
 LoraConfig.__init__ = _init_taking_peft_fields(LoraConfig.__init__)
+
+
+RSLORA_PATTERN_WARNING = (
+    "Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and post-training conversion of modified base weights "
+    "PiSSA/CorDA/OLoRA/LoRA-GA means that you won't be able to pass `path_initial_model_for_weight_conversion` to "
+    "`save_pretrained` to restore the initial values of the base weights; if you intend to do this, please ensure not "
+    "to use rslora or rank_pattern/alpha_pattern. (lorakit's own conversion, save_pretrained(convert_to_lora=True), "
+    "keeps each layer's scaling and works with them.)")
+"""PEFT's warning, word for word, then what lorakit does instead."""
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """A config value of the wrong type where PEFT raises TypeError (a ConfigError too, so one except catches all)."""
+
+
+class UnsupportedBiasError(ConfigError, NotImplementedError):
+    """`bias` is none of 'none', 'all', 'lora_only'; raised when the adapter is made, as PEFT raises it."""
+
+    def __init__(self, bias: Any):
+        super().__init__([f"Requested bias: {bias}, is not implemented. Use one of {BIAS_CHOICES}"],
+                         where="LoraConfig.bias")
+
+
+def _as_corda_config(value: Any) -> Optional[CordaConfig]:
+    """lorakit's CordaConfig from None, a dict (adapter_config.json) or a CordaConfig-like object (PEFT's), copied,
+    so the caller's object is never changed. Anything else is returned as it is, for validate to name."""
+    if value is None or isinstance(value, CordaConfig):
+        return dataclasses.replace(value) if value is not None else None
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, dict) and set(value) <= {f.name for f in dataclasses.fields(CordaConfig)}:
+        return CordaConfig(**value)
+    return value
+
+
+def _corda_problems(corda: Any) -> list[str]:
+    if corda is None:
+        return []
+    if not isinstance(corda, CordaConfig):
+        known = [f.name for f in dataclasses.fields(CordaConfig)]
+        return [f"corda_config must be a CordaConfig or a dict with keys among {known}, got {corda!r}"]
+    if corda.corda_method not in ("ipm", "kpm"):
+        return [f"corda_config.corda_method must be 'ipm' or 'kpm', got {corda.corda_method!r}"]
+    return []
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .config import TASK_HEADS, LoraConfig, PeftType
+from .config import RESIDUAL_INITS, TASK_HEADS, LoraConfig, PeftType
 from .errors import AdapterError
 from .lora.files import (PREFIX, adapter_state_dict, fingerprint, fingerprint_mismatch, load_into, make_meta,
                          read_adapter_tensors, read_json_object, read_meta, save_adapter)
@@ -229,19 +229,25 @@ class PeftModel(nn.Module):
     def save_pretrained(self, save_directory: Union[str, os.PathLike],
                         selected_adapters: Optional[Sequence[str]] = None, is_main_process: bool = True,
                         convert_to_lora: bool = True, save_embedding_layers: Union[bool, str] = "auto",
-                        safe_serialization: bool = True, **_ignored) -> None:
+                        safe_serialization: bool = True,
+                        path_initial_model_for_weight_conversion: Optional[Union[str, os.PathLike]] = None,
+                        **_ignored) -> None:
         """Write each adapter as a PEFT folder: 'default' at the root, others in sub-folders by name.
 
-        PiSSA/OLoRA adapters are converted (convert_to_lora=True) into plain LoRA of rank 2r that applies
+        PiSSA/OLoRA/CorDA adapters are converted (convert_to_lora=True) into plain LoRA of rank 2r that applies
         to the original, unmodified base model, so they load anywhere without the residual weights.
         save_embedding_layers: also write the input and output embeddings' own weights, as PEFT does, so an
         adapter trained over an enlarged vocabulary (resize_token_embeddings) brings its new rows; 'auto' (PEFT's
         default) does so when the adapter puts LoRA on an embedding layer.
         safe_serialization=False: adapter_model.bin (PEFT's pickle file) is written too, beside the safetensors file.
+        path_initial_model_for_weight_conversion: PEFT's way to ask for that conversion; refused where PEFT refuses
+        it (rsLoRA with rank_pattern or alpha_pattern), which lorakit's own conversion handles.
         """
         if not is_main_process:
             return
         names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
+        if path_initial_model_for_weight_conversion is not None:
+            _check_weight_conversion([self.peft_config[n] for n in names if n in self.peft_config])
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise AdapterError(f"cannot save unknown adapter(s) {unknown}; this model has {sorted(self.peft_config)}")
@@ -249,7 +255,7 @@ class PeftModel(nn.Module):
             config = self.peft_config[name]
             tensors = adapter_state_dict(self.base_model.model, name, config.bias)
             tensors.update(self._embedding_weights(name, save_embedding_layers))
-            if convert_to_lora and str(config.init_lora_weights).startswith(("pissa", "olora")):
+            if convert_to_lora and str(config.init_lora_weights).startswith(RESIDUAL_INITS):
                 tensors, config = self._as_plain_lora(name, tensors, config)
             config_dict = {**config.to_dict(), "inference_mode": True}
             config_dict["base_model_name_or_path"] = config.base_model_name_or_path or \
@@ -281,9 +287,9 @@ class PeftModel(nn.Module):
         save = (bool(wrapped) or _vocabulary_resized(model)) if save == "auto" else save
         if save and not hasattr(model, "get_input_embeddings"):
             warnings.warn("Could not identify embedding layer(s) because the model is not a 🤗 transformers model.")
-        if save and str(self.peft_config[name].init_lora_weights).startswith(("pissa", "olora")):
+        if save and str(self.peft_config[name].init_lora_weights).startswith(RESIDUAL_INITS):
             if save is True:  # (asked for by name: say why it is not done)
-                warnings.warn("save_embedding_layers: this PiSSA/OLoRA adapter is saved as plain LoRA for the "
+                warnings.warn("save_embedding_layers: this PiSSA/OLoRA/CorDA adapter is saved as plain LoRA for the "
                               "original weights, which lorakit no longer holds (it trains on the residual); "
                               "the embedding weights are left out")
             return {}
@@ -316,7 +322,7 @@ class PeftModel(nn.Module):
             tensors[key_b] = torch.cat([B.detach(), -B0], 1)
         grow = math.sqrt(2) if config.use_rslora else 2  # keeps alpha / r (or alpha / sqrt r) unchanged
         return tensors, config.copy(
-            r=2 * config.r, lora_alpha=config.lora_alpha * grow, init_lora_weights=True,
+            r=2 * config.r, lora_alpha=config.lora_alpha * grow, init_lora_weights=True, corda_config=None,
             rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
             alpha_pattern={k: v * grow for k, v in config.alpha_pattern.items()})
 
@@ -419,6 +425,12 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     """
     if revision is not None:
         peft_config = peft_config.copy(revision=revision)
+    old_name, new_name = peft_config.base_model_name_or_path, model.__dict__.get("name_or_path", None)
+    if old_name != new_name:  # (PEFT records the model's own name; lorakit on a copy of the config)
+        if old_name is not None:
+            warnings.warn(f"The PEFT config's `base_model_name_or_path` was renamed from '{old_name}' to '{new_name}'. "
+                          "Please ensure that the correct base model is loaded when loading this checkpoint.")
+        peft_config = peft_config.copy(base_model_name_or_path=new_name)
     from .task_models import model_class_for  # (it subclasses PeftModel: imported here, not at the top)
 
     return model_class_for(peft_config.task_type, mixed)(model, peft_config, adapter_name, adapter_dtype=adapter_dtype,
@@ -453,12 +465,23 @@ def _is_quantized(model: nn.Module, name: str) -> bool:
     return is_quantized_weight(getattr(getattr(module, "base_layer", module), "weight", None))
 
 
+def _check_weight_conversion(configs: list[LoraConfig]) -> None:
+    """PEFT refuses path_initial_model_for_weight_conversion with rsLoRA and rank/alpha patterns (its conversion
+    cannot keep each layer's scaling); so does lorakit, saying what works instead."""
+    if any(c.use_rslora and (c.rank_pattern or c.alpha_pattern) for c in configs):
+        raise ValueError("Passing `path_initial_model_for_weight_conversion` to `save_pretrained` is not supported "
+                         "when using `rank_pattern` or `alpha_pattern` at the same time as `use_rslora=True`. lorakit "
+                         "converts PiSSA/OLoRA/CorDA adapters itself, keeping each layer's scaling: call "
+                         "save_pretrained without path_initial_model_for_weight_conversion (convert_to_lora=True, "
+                         "the default).")
+
+
 def _loadable_config(config: LoraConfig, is_trainable: bool) -> LoraConfig:
     """The config to inject a saved adapter with. Saved weights replace the init, but a PiSSA/OLoRA adapter
     saved as such (PEFT's default, or save_pretrained(convert_to_lora=False)) holds factors of the residual
     base: its init runs again, as in PEFT, to turn W into that residual before the factors are loaded. LoftQ too:
     its factors go with the quantized base Q, which the (deterministic) init makes again from W."""
-    residual = str(config.init_lora_weights).startswith(("pissa", "olora", "loftq"))
+    residual = str(config.init_lora_weights).startswith((*RESIDUAL_INITS, "loftq"))
     return config.copy(init_lora_weights=config.init_lora_weights if residual else True,
                        inference_mode=not is_trainable)
 

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from lorakit import LoraConfig, PeftModel, get_peft_model
 from lorakit.errors import ConfigError, TargetError
+from lorakit.lora.conv_layer import LoraConv2d
 from lorakit.lora.layer import LoraConv, LoraLinear
 from lorakit.tasks.vision import (collate_images, default_image_targets, freeze_norm_statistics,
                                   image_accuracy, image_examples, image_lora_config, predict_images,
@@ -87,7 +88,7 @@ def test_vit_targets_head_training_and_round_trip(tmp_path):
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets,
                                             task_type="IMAGE_CLASSIFICATION"))
     kinds = {type(m) for n, m in model.named_modules() if isinstance(m, (LoraLinear, LoraConv))}
-    assert kinds == {LoraLinear, LoraConv}
+    assert kinds == {LoraLinear, LoraConv2d}
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any("classifier.modules_to_save" in n for n in trainable)  # the new head trains
     assert all("lora_" in n or "classifier.modules_to_save" in n for n in trainable)

@@ -11,6 +11,7 @@ import warnings
 from typing import Optional, Sequence
 
 import torch
+from torch import nn
 
 from ..errors import AdapterError
 from .layer import LoraLayer
@@ -72,3 +73,19 @@ class LoraConv(LoraLayer):
             raise NotImplementedError("Merging is not supported for _ConvNd layers with groups > 1! lorakit (as "
                                       "PEFT) keeps grouped-conv adapters unmerged: use the model without merging")
         super().merge(adapter_names, safe_merge=safe_merge)
+
+
+class LoraConv1d(LoraConv):
+    """LoRA for nn.Conv1d (one class per dimension, as PEFT has, so code that asks which kind it is can tell)."""
+
+
+class LoraConv2d(LoraConv):
+    """LoRA for nn.Conv2d."""
+
+
+class LoraConv3d(LoraConv):
+    """LoRA for nn.Conv3d."""
+
+
+CONV_LAYERS = {nn.Conv1d: LoraConv1d, nn.Conv2d: LoraConv2d, nn.Conv3d: LoraConv3d}
+"""The LoRA layer class for each convolution type."""

@@ -9,10 +9,11 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..config import TASK_HEADS, LoraConfig, TaskType
+from ..config import BIAS_CHOICES, TASK_HEADS, LoraConfig, TaskType, UnsupportedBiasError
 from ..errors import ConfigError, TargetError
 from .loftq import init_loftq
-from .layer import BASE_ADAPTER, ROW_ADAPTERS, LoraConv, LoraEmbedding, LoraLayer, LoraLinear, rows_by_adapter
+from .conv_layer import CONV_LAYERS
+from .layer import BASE_ADAPTER, ROW_ADAPTERS, LoraEmbedding, LoraLayer, LoraLinear, rows_by_adapter
 from .attention_layer import LoraMultiheadAttention
 from .parameters import inject_parameters
 from .tokens import TrainableTokens, add_trainable_tokens
@@ -104,8 +105,9 @@ def _wrap(module: nn.Module, fan_in_fan_out: bool) -> LoraLayer:
         return LoraLinear(module, fan_in_fan_out=fan_in_fan_out)
     if isinstance(module, nn.Embedding):
         return LoraEmbedding(module)
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return LoraConv(module)
+    for conv, lora_conv in CONV_LAYERS.items():
+        if isinstance(module, conv):
+            return lora_conv(module)
     if isinstance(module, nn.MultiheadAttention):
         return LoraMultiheadAttention(module)
     raise AssertionError(type(module))
@@ -169,6 +171,8 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str,
     """Add adapter `adapter_name` to `model` in place; returns the adapted module names.
     low_cpu_mem_usage: the LoRA layers' new factors are made empty on the meta device, for a load to fill (PEFT's
     option: nothing is initialised; until loaded, those layers cannot run)."""
+    if config.bias not in BIAS_CHOICES:  # (checked here, as PEFT does, not when the config is made)
+        raise UnsupportedBiasError(config.bias)
     if config.use_dora and config.init_lora_weights not in (True, False, "gaussian"):
         raise ConfigError([f"use_dora cannot be combined with init_lora_weights={config.init_lora_weights!r}"])
     tie_mode, tied = modules_to_tie(model, config, adapter_name)  # (tied modules get the embedding's adapter)

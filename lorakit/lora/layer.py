@@ -23,6 +23,7 @@ from ..errors import AdapterError, PeftWarning
 from ..fast.lora_linear import compute_factors, lora_linear
 from ..fast.recompute import recomputing
 from .layer_names import PeftLayerNames
+from .peft_classes import register_with_peft
 from .variants import VARIANTS, place_and_init
 
 BASE_ADAPTER = "__base__"
@@ -69,6 +70,7 @@ class LoraLayer(PeftLayerNames, nn.Module):
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
         super().__init__()
+        register_with_peft()
         self.base_layer = base_layer
         for attr in self.factor_names:
             setattr(self, attr, self.factor_store())
@@ -435,16 +437,18 @@ class LoraLinear(LoraLayer):
         a = modules["lora_A"]._modules[name]._parameters["weight"]
         return modules["base_layer"], a, modules["lora_B"]._modules[name]._parameters["weight"]
 
-    def _factors(self, name: str, a: torch.Tensor, b: torch.Tensor, scaling: float,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """compute_factors(A, B, scaling, dtype), kept while A and B are unchanged: any torch optimizer's step
-        counts (fused AdamW writes without bumping tensor versions), an in-place change through the parameter
-        bumps its version, new storage moves its pointer. Other changes behind autograd's back
-        (`p.data.copy_(...)` outside an optimizer step) are not seen: change factors in place through the
-        parameter itself, under torch.no_grad()."""
-        if torch.compiler.is_compiling():  # a compiled graph casts in place of the lookup (no data_ptr guards)
+    def _factors(self, name: str, a: torch.Tensor, b: torch.Tensor, scaling, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """compute_factors(A, B, scaling, dtype), kept within training while A and B are unchanged (the forward and
+        a checkpoint recompute share it): any torch optimizer's step counts (fused AdamW writes without bumping
+        tensor versions), an in-place change through the parameter bumps its version, new storage moves its
+        pointer. Without gradients (inference, evaluation) they are computed at each call: code that writes the
+        factors through `.data` (PEFT's hotswap helpers, users' own loops) bumps no version, and a cast of A and B
+        costs little next to the base matmul. A tensor scaling (PEFT's compiled hotswap) is keyed on its version."""
+        if torch.compiler.is_compiling() or not torch.is_grad_enabled():  # (compiled: no data_ptr guards)
             return compute_factors(a, b, scaling, dtype)
-        key = (_optimizer_steps(), a._version, b._version, a.data_ptr(), b.data_ptr(), scaling, dtype)
+        scale_key = (id(scaling), scaling._version) if isinstance(scaling, torch.Tensor) else scaling
+        key = (_optimizer_steps(), a._version, b._version, a.data_ptr(), b.data_ptr(), scale_key, dtype)
         cached = self._factor_cache.get(name)
         if cached is None or cached[0] != key:
             cached = self._factor_cache[name] = (key, compute_factors(a, b, scaling, dtype))

@@ -69,7 +69,7 @@ def _move_principal_part(layer: "LoraLayer", name: str, A0: torch.Tensor, B0: to
         A.copy_(A0.to(A.dtype))
         B.copy_(B0.to(B.dtype))
     W = layer.weight_matrix().float()
-    layer._write_weight(W - layer.scaling[name] * (B0 @ A0))
+    layer._write_weight(W - (layer.scaling[name] * B0) @ A0)  # (PEFT's order of operations: the same rounding)
     layer._initial_factors[name] = tuple(p.detach().clone() for p in layer.factor_params(name))
 
 
@@ -94,6 +94,47 @@ def _init_olora(layer: "LoraLayer", name: str) -> None:
     _move_principal_part(layer, name, R[:r].contiguous(), Q[:, :r].contiguous())
 
 
+def _init_corda(layer: "LoraLayer", name: str) -> None:
+    """CorDA (PEFT's corda_init): the decomposition preprocess_corda left on the base layer as `eigens` (U_WC (out, r),
+    S_WC (r,), V_WC (in, r), already cropped to this rank) gives A = sqrt(S/s) V^T and B = U sqrt(S/s); W keeps the
+    residual W - s B A. The eigens are consumed (deleted), as in PEFT."""
+    base, r = layer.base_layer, layer.r[name]
+    if layer.base_weight().dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError("Please initialize CorDA under float32, float16, or bfloat16. Subsequently, re-quantize the "
+                        "residual model to help minimize quantization errors.")
+    eigens = getattr(base, "eigens", None)
+    if eigens is None:
+        raise ConfigError(["`eigens` attribute not found for layer, please run `preprocess_corda` first "
+                           f"(on {type(base).__name__} {tuple(layer.weight_matrix().shape)}: "
+                           "lorakit.preprocess_corda(model, config, run_model=...) before get_peft_model, or before "
+                           "loading a CorDA adapter saved with convert_to_lora=False)"],
+                          where="init_lora_weights='corda'")
+    U, S, V = eigens.U_WC, eigens.S_WC, eigens.V_WC
+    for label, t in (("S", S), ("U", U), ("V", V)):
+        if not torch.isfinite(t).all():
+            raise ConfigError([f"Invalid value found in matrix {label}: the CorDA decomposition holds NaN or inf; "
+                               "check the sample data run by preprocess_corda"], where="init_lora_weights='corda'")
+    out_dim, in_dim = layer.weight_matrix().shape
+    expected = {"U": (U, (out_dim, r)), "S": (S, (r,)), "V": (V, (in_dim, r))}
+    for label, (t, shape) in expected.items():
+        if tuple(t.shape) != shape:
+            raise ConfigError([f"Matrix {label} size mismatch: {t.size()} vs. {shape}. Please make sure the "
+                               "`lora_config` and `model` argument of `preprocess_corda` is consistent with "
+                               "`get_peft_model`. If you're using cache in `preprocess_corda`, please make sure the "
+                               "cache is built with the same model and LoRA rank."], where="init_lora_weights='corda'")
+    root = (S.float() / layer.scaling[name]).sqrt()  # (r,)
+    A0 = (V.float().T * root[:, None]).contiguous()  # (r, in)
+    B0 = (U.float() * root[None, :]).contiguous()  # (out, r)
+    _move_principal_part(layer, name, A0.to(layer.base_weight().device), B0.to(layer.base_weight().device))
+    del base.eigens
+
+
+def _refuse_eva(layer: "LoraLayer", name: str) -> None:
+    raise ConfigError(["init_lora_weights='eva' starts from a data pass (PEFT's initialize_lora_eva_weights), which "
+                       "lorakit does not have: use PEFT for EVA, or init_lora_weights=True (an EVA adapter PEFT saved "
+                       "loads in lorakit as plain LoRA)"], where="init_lora_weights")
+
+
 INITS: dict[object, Callable[["LoraLayer", str], None]] = {
     True: _init_kaiming,
     "gaussian": _init_gaussian,
@@ -101,6 +142,8 @@ INITS: dict[object, Callable[["LoraLayer", str], None]] = {
     "pissa": _init_pissa,
     "olora": _init_olora,
     "orthogonal": _init_orthogonal,
+    "corda": _init_corda,
+    "eva": _refuse_eva,
 }
 
 
