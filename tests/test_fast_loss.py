@@ -121,6 +121,25 @@ def test_packed_examples_reuse_base_states_however_they_are_batched():
     assert len(forwards) == 3 and torch.allclose(flat, by_rows, atol=1e-6)
 
 
+def test_the_base_forward_over_packed_examples_pads_its_row_to_the_multiple():
+    """On a CPU (`lorakit train` passes row_multiple) the base model's row of new packed examples is padded to a
+    multiple of tokens, so its matmul shapes repeat; the padding changes no loss."""
+    from lorakit.data import collate_causal, pack_examples
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    g = torch.Generator().manual_seed(6)
+    examples = [{"input_ids": torch.randint(3, 128, (n,), generator=g).tolist(), "labels": [-100] * n,
+                 "distill_mask": [1] * n} for n in (6, 9, 4)]
+    batch = collate_causal(pack_examples(examples, 16), pad_token_id=0, flatten=True)
+    lengths = []
+    model.get_base_model().model.register_forward_hook(lambda m, args, kw, out: lengths.append(kw["input_ids"].shape[1]),
+                                                       with_kwargs=True)
+    plain = label_only_lm_loss(model)(model, batch)
+    padded = label_only_lm_loss(model, row_multiple=16)(model, batch)
+    assert lengths == [19, 19, 19, 32]  # adapted, base; adapted, base padded from 19 to 32
+    assert torch.allclose(padded, plain, atol=1e-6) and plain > 1e-3
+
+
 def test_chunked_cross_entropy_equals_the_plain_one_across_chunks_and_dtypes(monkeypatch):
     import torch.nn.functional as F
 

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from ..atomic import atomic_write_json
 from ..train.config import TrainConfig
-from .train_data import (calibration_batches, causal_data, causal_records, label_arguments,
+from .train_data import (FLAT_ROW_MULTIPLE, calibration_batches, causal_data, causal_records, label_arguments,
                          read_task_records, task_data)
 
 # The demo's settings, measured on a 2-core CPU (docs/BENCHMARKS.md): short answers need few tokens, and
@@ -169,12 +169,13 @@ def _start_training(config: TrainConfig, run_dir: Path, records):
         lora = lora.copy(lora_dropout=0.0)
     model = get_peft_model(model, lora)
     use_fast_kernels(model)  # Triton RMSNorm / SwiGLU / rotary on CUDA tensors; the same code as before elsewhere
-    loss_fn = None if task else label_only_lm_loss(model)
+    on_cpu = next(model.parameters()).device.type == "cpu"  # (rows padded to FLAT_ROW_MULTIPLE tokens there)
+    loss_fn = None if task else label_only_lm_loss(model, row_multiple=FLAT_ROW_MULTIPLE if on_cpu else None)
     # packed examples attend within themselves, and a batch of packed rows is one row with no padding
     padding_free = bool(config.packing and not task and use_packed_attention(model))
     data = task_data(task, config, tokenizer) if task else \
         causal_data(config, tokenizer, loaded.dtype, distill=loss_fn is not None, flatten=padding_free,
-                    records=records, cpu=next(model.parameters()).device.type == "cpu")
+                    records=records, cpu=on_cpu)
     model.print_trainable_parameters()
     if described := parameter_targets_summary(model):
         print(described)

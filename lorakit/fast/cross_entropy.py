@@ -17,6 +17,7 @@ computed once from the base model's states and kept instead of them).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Union
 
 import torch
@@ -41,9 +42,10 @@ class SoftTargets(NamedTuple):
 
 
 def _softmax_moments(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lse (c,), Wᵀ softmax(W h) (c, hidden)) of a chunk of rows, all in fp32: the logits are made block by
-    block of the vocabulary, their log-sum-exp merged across blocks, then each block is turned into
-    probabilities in place and multiplied back through its rows of W."""
+    """(lse (c,), Wᵀ softmax(W h) (c, hidden)) of a chunk of rows, all in fp32, in one pass over the vocabulary:
+    each block of logits is made, exponentiated against the running row maximum and multiplied back through its
+    rows of W while it is fresh in cache (the online softmax of flash attention: the sums so far are rescaled when
+    the maximum grows), so no block is kept or read again."""
     vocab, block = weight.shape[0], VOCAB_BLOCK
     # fp32 logits: the KL's terms are close numbers, and bf16 logits would not cancel. Under autocast in the
     # head's dtype (CPU bf16 training) autocast would multiply in that dtype anyway: the operands stay as they
@@ -51,16 +53,20 @@ def _softmax_moments(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.
     low = weight.dtype != torch.float32 and torch.is_autocast_enabled(hidden.device.type) and \
         torch.get_autocast_dtype(hidden.device.type) == weight.dtype
     h = hidden.to(weight.dtype) if low else hidden.float()
-    blocks = [(h @ weight[s:s + block].T).float() if low else h @ weight[s:s + block].float().T
-              for s in range(0, vocab, block)]  # (c, block) each
-    lse = torch.logsumexp(blocks[0], dim=-1)
-    for z in blocks[1:]:
-        lse = torch.logaddexp(lse, torch.logsumexp(z, dim=-1))
-    expected = torch.zeros(hidden.shape[0], hidden.shape[1], dtype=torch.float32, device=hidden.device)
-    for s, z in zip(range(0, vocab, block), blocks):
-        probs = z.sub_(lse[:, None]).exp_()  # softmax, in place of the block's logits
-        expected += (probs.to(weight.dtype) @ weight[s:s + block]).float() if low else probs @ weight[s:s + block].float()
-    return lse, expected
+    rows = hidden.shape[0]
+    top = torch.full((rows, 1), -math.inf, device=hidden.device)  # running max of each row's logits
+    total = torch.zeros(rows, 1, device=hidden.device)  # Σ exp(z − top)
+    expected = torch.zeros(rows, hidden.shape[1], dtype=torch.float32, device=hidden.device)  # Σ exp(z − top) W
+    for s in range(0, vocab, block):
+        w = weight[s:s + block]
+        z = (h @ w.T).float() if low else h @ w.float().T  # (c, block)
+        new_top = torch.maximum(top, z.amax(-1, keepdim=True))
+        rescale = (top - new_top).exp_()  # (c, 1): the sums so far, to the new maximum
+        z.sub_(new_top).exp_()
+        total.mul_(rescale).add_(z.sum(-1, keepdim=True))
+        expected.mul_(rescale).add_((z.to(w.dtype) @ w).float() if low else z @ w.float())
+        top = new_top
+    return (top + total.log()).squeeze(1), expected.div_(total)
 
 
 def soft_targets(hidden: torch.Tensor, weight: torch.Tensor, chunk: int = CHUNK_ROWS) -> SoftTargets:

@@ -36,11 +36,15 @@ def _parts(model: nn.Module) -> Optional[tuple[nn.Module, nn.Module]]:
     return (getattr(base, prefix), head) if head is not None else None
 
 
-def label_only_lm_loss(model: nn.Module) -> Optional[Callable[[nn.Module, dict], torch.Tensor]]:
+def label_only_lm_loss(model: nn.Module, row_multiple: Optional[int] = None
+                       ) -> Optional[Callable[[nn.Module, dict], torch.Tensor]]:
     """A `loss_fn(model, batch)` equal to `model(**batch).loss` for this causal LM, or None if unsupported.
 
     A batch may also carry `distill_mask` (batch, seq): tokens whose prediction should stay what the base
     model predicts; the loss then adds the mean KL(base || adapted) there (see `_distillation`).
+    row_multiple: the base model's forward over packed examples (for that KL) runs on a row padded to a multiple
+    of this many tokens (on a CPU, where each new matmul shape costs a kernel compile: see
+    lorakit.cli.train_data.FLAT_ROW_MULTIPLE).
     """
     parts = _parts(model)
     if parts is None:
@@ -48,7 +52,7 @@ def label_only_lm_loss(model: nn.Module) -> Optional[Callable[[nn.Module, dict],
     backbone, head = parts
     no_cache = _without_kv_cache(backbone)
     frozen = _frozen_head_weight(head)  # decided once: it fixes what the base cache keeps
-    base_cache = _BaseHiddenCache(no_cache, _base_summary(frozen))
+    base_cache = _BaseHiddenCache(no_cache, _base_summary(frozen), row_multiple=row_multiple)
 
     def loss_fn(model_: nn.Module, batch: dict) -> torch.Tensor:
         batch = dict(batch)
@@ -134,11 +138,12 @@ class _BaseHiddenCache:
     """
 
     def __init__(self, forward_kwargs: dict, summarise: Callable[[torch.Tensor], torch.Tensor],
-                 limit_bytes: int = 256 * 2**20):
+                 limit_bytes: int = 256 * 2**20, row_multiple: Optional[int] = None):
         self.summarise = summarise  # (k, hidden) states -> (k, m) rows kept
         self.pieces: dict[bytes, torch.Tensor] = {}
         self.bytes, self.limit_bytes = 0, limit_bytes
         self.forward_kwargs = forward_kwargs  # extra keywords of every base forward (no KV cache)
+        self.row_multiple = row_multiple  # packed pieces: the joined row padded to a multiple of this
 
     def lookup(self, model: nn.Module, backbone: nn.Module, batch: dict, marked: torch.Tensor) -> torch.Tensor:
         """(n, m) summaries of the base states at `marked` (batch, seq-1), in row-major order like `hidden[marked]`."""
@@ -149,7 +154,8 @@ class _BaseHiddenCache:
         missing = {k: piece for k, piece in zip(keys, pieces) if k not in found}
         if missing:
             with torch.no_grad(), model.disable_adapter():
-                computed = self._compute(backbone, batch, list(missing.values()), self.forward_kwargs)
+                computed = self._compute(backbone, batch, list(missing.values()), self.forward_kwargs,
+                                         self.row_multiple)
             summaries = [part.clone() for part in self.summarise(torch.cat(computed)).split([len(c) for c in computed])]
             for key, states in zip(missing, summaries):
                 found[key] = states
@@ -183,14 +189,18 @@ class _BaseHiddenCache:
         return at
 
     @staticmethod
-    def _compute(backbone: nn.Module, batch: dict, pieces: list, kwargs: dict) -> list[torch.Tensor]:
+    def _compute(backbone: nn.Module, batch: dict, pieces: list, kwargs: dict,
+                 row_multiple: Optional[int] = None) -> list[torch.Tensor]:
         """Base hidden states at each piece's marked positions: packed pieces run together as one packed
-        row, unpacked ones as the subset of the batch's rows."""
+        row (padded to a multiple of `row_multiple` tokens, as collate pads: position 0, after the pieces),
+        unpacked ones as the subset of the batch's rows."""
         from lorakit.data.packing import block_causal_mask
 
         if "position_ids" in batch:
-            ids = torch.cat([batch["input_ids"][i, s:e] for i, s, e, _ in pieces])[None]  # (1, total)
-            positions = torch.cat([torch.arange(e - s, device=ids.device) for _, s, e, _ in pieces])[None]
+            ids = torch.cat([batch["input_ids"][i, s:e] for i, s, e, _ in pieces])  # (total,)
+            positions = torch.cat([torch.arange(e - s, device=ids.device) for _, s, e, _ in pieces])
+            pad = -len(ids) % row_multiple if row_multiple else 0
+            ids, positions = F.pad(ids, (0, pad))[None], F.pad(positions, (0, pad))[None]  # (1, total + pad)
             given = batch.get("attention_mask")
             mask = block_causal_mask(positions, given.dtype if given is not None else torch.float32)
             states = backbone(input_ids=ids, position_ids=positions, attention_mask=mask,
