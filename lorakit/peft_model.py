@@ -316,7 +316,7 @@ class PeftModel(nn.Module):
                 continue
             A0, B0 = layer._initial_factors[name]
             A, B = layer.factor_params(name)
-            key_a, key_b = (f"{layer_name}.{attr}" + ("" if layer.factor_store is nn.ParameterDict else ".weight")
+            key_a, key_b = (f"{layer_name}.{attr}" + ("" if layer._factor_store is nn.ParameterDict else ".weight")
                             for attr in layer.factor_names)
             tensors[key_a] = torch.cat([A.detach(), A0], 0)
             tensors[key_b] = torch.cat([B.detach(), -B0], 1)

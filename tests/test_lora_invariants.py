@@ -103,6 +103,33 @@ def test_conv_dora_merge(toy_inputs):
     assert_close(model.merge_and_unload()(*toy_inputs), out)
 
 
+@pytest.mark.parametrize("kinds", [("dora", "dora", "dora"), ("lora", "dora", "lora", "dora")])
+def test_several_active_dora_and_lora_adapters_merge_to_their_unmerged_output(kinds, toy_inputs):
+    """Each DoRA adapter normalises by the norm of the *unmerged* weight: merged one after another, the later ones
+    must not take the norm of a weight holding the earlier ones; unmerging gives the base weights back."""
+    torch.manual_seed(0)
+    base = ToyNet().eval()
+    weights = {k: v.clone() for k, v in base.state_dict().items()}
+    names = [f"a{i}" for i in range(len(kinds))]
+    model = None
+    for name, kind in zip(names, kinds):
+        config = LoraConfig(r=2, target_modules=["conv", "fc1"], use_dora=kind == "dora", init_lora_weights=False)
+        model = get_peft_model(base, config, adapter_name=name) if model is None else model
+        if name != names[0]:
+            model.add_adapter(name, config)
+    model.base_model.set_adapter(names)
+    model.eval()
+    with torch.no_grad():
+        out = model(*toy_inputs)
+        model.merge_adapter()
+        assert_close(model(*toy_inputs), out)
+        model.unmerge_adapter()
+        assert_close(model(*toy_inputs), out)
+    restored = {k.replace(".base_layer", ""): v for k, v in model.get_base_model().state_dict().items() if "lora_" not in k}
+    for key, value in weights.items():
+        assert torch.allclose(restored[key], value, atol=1e-6), key
+
+
 def test_conv_dora_saved_with_the_flat_magnitude_of_earlier_lorakit_still_loads(tmp_path, toy_inputs):
     from safetensors.torch import load_file, save_file
 

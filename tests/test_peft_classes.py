@@ -80,3 +80,31 @@ def test_peft_hotswap_on_a_lorakit_model_gives_the_second_adapters_output(tmp_pa
         after = model(ids)
     assert not torch.allclose(before, want, atol=1e-4)
     assert torch.allclose(after, want, atol=1e-5, rtol=1e-4), (after - want).abs().max()
+
+
+def test_the_peft_layer_api_on_lorakit_layers():
+    """What code that finds PEFT's layers calls on them: in/out features, get_delta_weight in the weight's layout,
+    per-layer set_adapter / enable_adapters, merged, the sorted adapter names."""
+    model = get_peft_model(Net(), LoraConfig(r=2, target_modules=["emb", "lin", "conv2"], init_lora_weights=False))
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["emb", "lin", "conv2"], init_lora_weights=False))
+    m = model.base_model.model
+    assert (m.lin.in_features, m.lin.out_features, m.emb.in_features, m.emb.out_features) == (8, 8, 20, 8)
+    assert (m.conv2.in_features, m.conv2.out_features) == (8, 8)
+    for layer in (m.emb, m.lin, m.conv2):
+        assert layer._all_available_adapter_names() == ["default", "other"]
+        delta = layer.get_delta_weight("default")
+        assert delta.shape == layer.get_base_layer().weight.shape
+        before = layer.get_base_layer().weight.detach().clone()
+        layer.merge(["default"])
+        assert layer.merged and torch.allclose(layer.get_base_layer().weight, before + delta, atol=1e-6)
+        layer.unmerge()
+        assert not layer.merged
+    m.lin.set_adapter("other")
+    assert m.lin.active_adapters == ["other"]
+    assert [p.requires_grad for p in m.lin.lora_A.parameters()] == [False, True]
+    m.lin.enable_adapters(False)
+    assert m.lin.disable_adapters and not any(p.requires_grad for p in m.lin.lora_A.parameters())
+    with pytest.warns(UserWarning, match="some adapter layers that are enabled and others that are disabled"):
+        with model.disable_adapter():
+            pass
+    assert not m.lin.disable_adapters  # all enabled after the block, as PEFT does

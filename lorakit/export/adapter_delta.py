@@ -68,16 +68,12 @@ def exact_delta(item: AdaptedLayer, adapter: str = "default") -> torch.Tensor:
     """W' - W as a canonical (out, in) fp32 matrix: what merging `adapter` adds to this layer's weight, for any
     variant (for DoRA it is not low-rank: the magnitude rescales every row of W). The layer is left as it was."""
     layer = item.layer
-    W = layer.weight_matrix().float()
-    if layer.merged_adapters:  # the frozen weight as it was before the merge
-        before = layer.unmerged_weight()
-        W = (before.T if layer.fan_in_fan_out else before).reshape(W.shape)
+    W = layer._unmerged_matrix()  # the frozen weight as it was before any merge
     state = dict(layer._merge_state)
     try:
-        merged = VARIANTS[item.variant].merge(layer, adapter, W.clone())
+        return VARIANTS[item.variant].merged_delta(layer, adapter, W)  # (out, in)
     finally:
         layer._merge_state = state
-    return merged - W  # (out, in)
 
 
 def saved_modules(model: nn.Module, adapter: str = "default") -> list[tuple[str, nn.Module]]:

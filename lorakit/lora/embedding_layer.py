@@ -16,7 +16,7 @@ class LoraEmbedding(LoraLayer):
     """
 
     factor_names = ("lora_embedding_A", "lora_embedding_B")
-    factor_store = nn.ParameterDict
+    _factor_store = nn.ParameterDict
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = True):
         super().__init__(base_layer, fan_in_fan_out=True)

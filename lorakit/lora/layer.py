@@ -65,7 +65,7 @@ class LoraLayer(PeftLayerNames, nn.Module):
     """A frozen base layer plus trainable low-rank updates, one (A, B) pair per adapter name."""
 
     factor_names = ("lora_A", "lora_B")  # attributes holding the per-adapter A and B (PEFT's key names)
-    factor_store: type = nn.ModuleDict
+    _factor_store: type = nn.ModuleDict
     weight_name = "weight"  # the base layer's parameter the update applies to (MultiheadAttention: in_proj_weight)
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
@@ -73,7 +73,7 @@ class LoraLayer(PeftLayerNames, nn.Module):
         register_with_peft()
         self.base_layer = base_layer
         for attr in self.factor_names:
-            setattr(self, attr, self.factor_store())
+            setattr(self, attr, self._factor_store())
         self.fan_in_fan_out = fan_in_fan_out
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA only: adapter -> DoraMagnitude
@@ -252,7 +252,8 @@ class LoraLayer(PeftLayerNames, nn.Module):
             self._check_bias_mergeable(name)
             self._dense_base_weight()
             self._untie()
-            self._write_weight(VARIANTS[self.variant[name]].merge(self, name, self.weight_matrix().float()))
+            added = VARIANTS[self.variant[name]].merged_delta(self, name, self._unmerged_matrix())
+            self._write_weight(self.weight_matrix().float() + added)
             self._add_lora_bias(name, +1)
             self.merged_adapters.append(name)
 
@@ -325,22 +326,37 @@ class LoraLayer(PeftLayerNames, nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo every merge, last merged first."""
+        """Undo every merge."""
+        if self.merged_adapters:
+            self._write_weight(self._unmerged_matrix())
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            restored = VARIANTS[self.variant[name]].unmerge(self, name, self.weight_matrix().float())
-            self._write_weight(restored)
+            self._merge_state.pop(name, None)
             self._add_lora_bias(name, -1)
         self._retie()
 
     @torch.no_grad()
     def unmerged_weight(self) -> torch.Tensor:
         """The base weight as it was before the merges (fp32, in its own layout), computed; W is left as it is."""
-        W, state = self.weight_matrix().float(), dict(self._merge_state)
-        for name in reversed(self.merged_adapters):
-            W = VARIANTS[self.variant[name]].unmerge(self, name, W)
-        self._merge_state = state
-        return self._to_weight_layout(W).reshape(self.base_weight().shape)
+        return self._to_weight_layout(self._unmerged_matrix()).reshape(self.base_weight().shape)
+
+    def _unmerged_matrix(self) -> torch.Tensor:
+        """The canonical fp32 weight W before the merges. Each merged adapter added (f − 1)·W + f·ΔW (f: DoRA's row
+        factor kept at its merge, 1 for plain LoRA; see the variants' merged_delta), so from the weight now,
+        W = (W_now − Σ f·ΔW) / (1 + Σ (f − 1))."""
+        W = self.weight_matrix().float()
+        if not self.merged_adapters:
+            return W
+        added, scale = torch.zeros_like(W), torch.ones(W.shape[0], dtype=W.dtype, device=W.device)
+        for name in self.merged_adapters:
+            factor = self._merge_state.get(name)
+            delta = self.delta_weight(name)
+            if factor is None:
+                added += delta
+            else:
+                added += factor[:, None] * delta
+                scale += factor - 1
+        return (W - added) / scale[:, None]
 
     @torch.no_grad()
     def _dense_base_weight(self) -> None:

@@ -211,6 +211,11 @@ class LoraModel(nn.Module):
         merged = {id(l): list(l.merged_adapters) for _, l in mergeable_layers(self.model)}
         self.unmerge_adapter()
         was_disabled = self.layers_disabled
+        if len({layer.disabled for _, layer in adapter_modules(self.model)}) > 1:  # (layers switched one by one)
+            warnings.warn("The model contains some adapter layers that are enabled and others that are disabled. "
+                          "This is most likely unintentional. After exiting the context, all adapter layers will be "
+                          "enabled.")
+            was_disabled = False
         self._set_layers_disabled(True)
         try:
             yield

@@ -49,11 +49,15 @@ class LoraParameter(LoraLayer):
         self.transposed = len(shape) == 3 and bool(getattr(self.owner(), "is_transposed", False))
         self.num_experts = shape[0] if len(shape) == 3 else 1
         if len(shape) == 2:
-            self.out_features, self.in_features = shape
+            out_features, in_features = shape
         elif self.transposed:
-            self.in_features, self.out_features = shape[1:]
+            in_features, out_features = shape[1:]
         else:
-            self.out_features, self.in_features = shape[1:]
+            out_features, in_features = shape[1:]
+        self._features = (in_features, out_features)  # what in_features / out_features read
+
+    def _io_features(self) -> tuple[int, int]:
+        return self._features
 
     # ------------------------------------------------------------------ the parameter
     def owner(self) -> nn.Module:

@@ -5,7 +5,7 @@ Everything here works on a layer's canonical matrices: W (out, in), A (r, in), B
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from torch import nn
@@ -194,12 +194,9 @@ class LoraVariant:
         return layer.scaling[name] * layer._lora_branch(name, layer.lora_dropout[name](x))
 
     @staticmethod
-    def merge(layer: "LoraLayer", name: str, W: torch.Tensor) -> torch.Tensor:
-        return W + layer.delta_weight(name)
-
-    @staticmethod
-    def unmerge(layer: "LoraLayer", name: str, W: torch.Tensor) -> torch.Tensor:
-        return W - layer.delta_weight(name)
+    def merged_delta(layer: "LoraLayer", name: str, W: torch.Tensor) -> torch.Tensor:
+        """What merging adds to the weight, for the unmerged canonical weight W: ΔW, whatever W is."""
+        return layer.delta_weight(name)
 
 
 class DoraVariant:
@@ -210,8 +207,9 @@ class DoraVariant:
     """
 
     @staticmethod
-    def _norm(layer: "LoraLayer", name: str) -> torch.Tensor:
-        W = layer.weight_matrix()
+    def _norm(layer: "LoraLayer", name: str, W: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """||W + ΔW|| per output row, of the unmerged weight W (the layer's own when none is given)."""
+        W = layer.weight_matrix() if W is None else W
         return (W.float() + layer.delta_weight(name)).norm(dim=1)  # (out,)
 
     @staticmethod
@@ -250,15 +248,13 @@ class DoraVariant:
         return (g - 1) * wx.to(dtype) + g * lora
 
     @staticmethod
-    def merge(layer: "LoraLayer", name: str, W: torch.Tensor) -> torch.Tensor:
-        factor = DoraVariant._magnitude(layer, name).float() / DoraVariant._norm(layer, name)  # (out,)
+    def merged_delta(layer: "LoraLayer", name: str, W: torch.Tensor) -> torch.Tensor:
+        """What merging adds to the weight, for the unmerged canonical weight W: f·(W + ΔW) − W with the row factor
+        f = m / ||W + ΔW||, kept (layer._merge_state) for the merged weight to be undone. Against the unmerged W,
+        not the weight with other adapters merged in already, as the unmerged forward computes it."""
+        factor = DoraVariant._magnitude(layer, name).float() / DoraVariant._norm(layer, name, W)  # (out,)
         layer._merge_state[name] = factor
-        return factor[:, None] * (W + layer.delta_weight(name))
-
-    @staticmethod
-    def unmerge(layer: "LoraLayer", name: str, W: torch.Tensor) -> torch.Tensor:
-        factor = layer._merge_state.pop(name)
-        return W / factor[:, None] - layer.delta_weight(name)
+        return (factor - 1)[:, None] * W + factor[:, None] * layer.delta_weight(name)
 
 
 class DoraMagnitude(nn.Module):
