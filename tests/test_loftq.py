@@ -145,3 +145,42 @@ def test_at_scaling_one_the_factors_are_pefts():
     torch.testing.assert_close(Q_lk, Q)
     torch.testing.assert_close(A, R)
     torch.testing.assert_close(B, L)
+
+
+def test_qlora_started_by_loftq_is_closer_to_the_dense_model_than_plain_qlora():
+    """`--quantize nf4 --init-lora-weights loftq`: LoftQ's fit on the dense model, then NF4, then the adapter from
+    LoftQ's factors: at step 0 the 4-bit model + adapter is nearer the dense model than 4-bit alone, the targeted
+    weights are the NF4 levels LoftQ chose (quantizing them again keeps them), and the adapter saves as LoftQ's."""
+    from lorakit.lora.loftq import loftq_before_quantization, start_from_loftq
+    from lorakit.quant import quantize_model
+    from tests.conftest import tiny_llama
+
+    torch.manual_seed(0)
+    dense = tiny_llama().eval()
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights="loftq",
+                        loftq_config=LoftQConfig(loftq_bits=4, loftq_iter=1))
+    with torch.no_grad():
+        want = dense(ids).logits
+        plain = get_peft_model(quantize_model(copy.deepcopy(dense), "nf4"), config.copy(init_lora_weights=True))
+        started = copy.deepcopy(dense)
+        factors = loftq_before_quantization(started, config)
+        fitted = {name: started.get_submodule(name).weight.clone() for name in factors}
+        model = get_peft_model(quantize_model(started, "nf4"), config.copy(init_lora_weights=True))
+        start_from_loftq(model, factors)
+        err_plain = float((plain.eval()(ids).logits - want).norm())
+        err_loftq = float((model.eval()(ids).logits - want).norm())
+    assert len(factors) == 2 * 7 and err_loftq < 0.7 * err_plain, (err_loftq, err_plain)
+    for name, weight in fitted.items():  # the NF4 quantization after LoftQ keeps LoftQ's levels (up to the rounding
+        kept = model.get_base_model().get_submodule(name).base_layer.weight.get_original_weight()  # of the 8-bit scales)
+        assert (kept.float() - weight.float()).abs().max() <= 0.01 * weight.abs().max(), name
+
+
+def test_the_cli_takes_loftq_with_nf4_only():
+    from lorakit.train.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="loftq"):
+        TrainConfig(init_lora_weights="loftq").validate()
+    with pytest.raises(ConfigError, match="loftq_iter"):
+        TrainConfig(init_lora_weights="loftq", quantize="nf4", loftq_iter=0).validate()
+    TrainConfig(init_lora_weights="loftq", quantize="nf4", loftq_iter=2).validate()

@@ -143,6 +143,7 @@ def _start_training(config: TrainConfig, run_dir: Path, records):
     """Load the model, add LoRA, build the data and score the model before training; the Trainer ready to fit."""
     from .. import LoraConfig, get_peft_model
     from ..fast import label_only_lm_loss, use_fast_kernels, use_packed_attention
+    from ..lora.loftq import loftq_before_quantization, start_from_loftq
     from ..lora.parameters import parameter_targets_summary
     from ..lora.targets import expert_parameters
     from ..models import load_model
@@ -160,14 +161,24 @@ def _start_training(config: TrainConfig, run_dir: Path, records):
                         **(label_arguments(task) if task else {}))
     model, tokenizer = loaded.model, loaded.tokenizer
     token_rows = _add_tokens(config, model, tokenizer)  # the embedding grows before it is quantized
-    if config.quantize:  # QLoRA: the frozen base weights in 4-bit before LoRA wraps them
-        model = _quantize(config, model, tokenizer, loaded.device, records)
     lora = LoraConfig(**{**config.lora_kwargs(), "target_modules": _targets(config, model),
-                         "trainable_token_indices": token_rows})
+                         "trainable_token_indices": token_rows,
+                         **({"loftq_config": {"loftq_bits": 4, "loftq_iter": config.loftq_iter}}
+                            if config.init_lora_weights == "loftq" else {})})
+    loftq = None
+    if config.quantize:  # QLoRA: the frozen base weights in 4-bit before LoRA wraps them
+        if config.init_lora_weights == "loftq":  # (LoftQ's Q is NF4's nearest levels: no calibrated rounding)
+            loftq = loftq_before_quantization(model, lora, config.loftq_iter)
+            print(f"LoftQ: {len(loftq)} layers start from the rank-{config.r} fit of what NF4 loses "
+                  f"({config.loftq_iter} step(s)); NF4 rounding to the nearest level")
+        model = _quantize(config, model, tokenizer, loaded.device, None if loftq is not None else records)
     if lora.target_modules == "all-linear" and lora.lora_dropout and expert_parameters(model):
         print(f"LoRA on the fused experts takes no dropout (as in PEFT): dropout {lora.lora_dropout} -> 0")
         lora = lora.copy(lora_dropout=0.0)
-    model = get_peft_model(model, lora)
+    model = get_peft_model(model, lora.copy(init_lora_weights=True) if loftq is not None else lora)
+    if loftq is not None:  # the adapter starts from LoftQ's factors; saved as a LoftQ adapter (PEFT's config)
+        start_from_loftq(model, loftq)
+        model.peft_config["default"] = lora
     use_fast_kernels(model)  # Triton RMSNorm / SwiGLU / rotary on CUDA tensors; the same code as before elsewhere
     on_cpu = next(model.parameters()).device.type == "cpu"  # (rows padded to FLAT_ROW_MULTIPLE tokens there)
     loss_fn = None if task else label_only_lm_loss(model, row_multiple=FLAT_ROW_MULTIPLE if on_cpu else None)

@@ -113,3 +113,37 @@ def init_loftq(layer: "LoraLayer", name: str, loftq_config: dict) -> None:
     A.copy_(A0.to(A.dtype))
     B.copy_(B0.to(B.dtype))
     layer._write_weight(Q)
+
+
+@torch.no_grad()
+def loftq_before_quantization(model: "torch.nn.Module", config, steps: int = 1) -> dict:
+    """QLoRA started by LoftQ (`lorakit train --quantize nf4 --init-lora-weights loftq`), on the dense model before it
+    is quantized: each nn.Linear `config` targets gets LoftQ's NF4 fit, its weight becoming Q (dense, holding NF4's
+    values, which the quantization that follows keeps up to the rounding of its 8-bit scales) and its (A, B)
+    returned by module name, for `start_from_loftq` to put into the adapter made after quantization. Other targets
+    keep the usual init."""
+    from torch import nn
+
+    from .inject import find_targets
+
+    factors = {}
+    for name in find_targets(model, config):
+        module = model.get_submodule(name)
+        if type(module) is not nn.Linear:
+            continue
+        r, alpha = config.rank_for(name), config.alpha_for(name)
+        scaling = alpha / (r ** 0.5 if config.use_rslora else r)
+        Q, A, B = loftq_factors(module.weight, r, scaling, bits=4, steps=steps)
+        module.weight.copy_(Q.to(module.weight.dtype))
+        factors[name] = (A, B)
+    return factors
+
+
+@torch.no_grad()
+def start_from_loftq(model: "torch.nn.Module", factors: dict, adapter: str = "default") -> None:
+    """Copy `loftq_before_quantization`'s (A, B) into adapter `adapter` of the LoRA model made from that model."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for name, (A, B) in factors.items():
+        a, b = base.get_submodule(name).factor_matrices(adapter)
+        a.copy_(A.to(a.dtype))
+        b.copy_(B.to(b.dtype))

@@ -26,7 +26,7 @@ LR_SCHEDULES = ("cosine", "linear", "constant")
 NAN_POLICIES = ("stop", "skip")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "adamw8bit")
-INIT_LORA_WEIGHTS = (True, False, "gaussian", "pissa", "olora")
+INIT_LORA_WEIGHTS = (True, False, "gaussian", "pissa", "olora", "loftq")
 
 
 @dataclass
@@ -78,9 +78,12 @@ class TrainConfig:
     """Dropout applied to the LoRA branch input during training."""
     use_rslora: bool = False
     """Rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r."""
-    init_lora_weights: Union[bool, Literal["gaussian", "pissa", "olora"]] = True
-    """LoRA init: true = Kaiming-uniform A and zero B; gaussian; pissa; olora;
-    false = random B, so the adapter is not a no-op at start (for tests)."""
+    init_lora_weights: Union[bool, Literal["gaussian", "pissa", "olora", "loftq"]] = True
+    """LoRA init: true = Kaiming-uniform A and zero B; gaussian; pissa; olora; loftq (with --quantize nf4: the
+    adapter starts as the rank-r fit of what NF4 loses of each weight, LoftQ); false = random B, so the adapter is
+    not a no-op at start (for tests)."""
+    loftq_iter: int = 1
+    """With init_lora_weights=loftq: LoftQ's alternating steps (quantize W - BA, refit BA to W - Q)."""
     add_tokens: Union[str, list[str], None] = None
     """Tokens to add to the tokenizer (comma-separated, e.g. "<tool_call>,</tool_call>"): the embedding
     grows, and only the new tokens' rows train and are saved with the adapter (with the tokenizer).
@@ -212,8 +215,13 @@ def _choice_problems(c: TrainConfig) -> list[str]:
                 for name, value, allowed in choices if value not in allowed]
     if not any(c.init_lora_weights is v or c.init_lora_weights == v and isinstance(v, str)
                for v in INIT_LORA_WEIGHTS):
-        problems.append("init_lora_weights must be true, false, gaussian, pissa or olora; "
+        problems.append("init_lora_weights must be true, false, gaussian, pissa, olora or loftq; "
                         f"got {c.init_lora_weights!r}")
+    if c.init_lora_weights == "loftq" and c.quantize != "nf4":
+        problems.append("init_lora_weights=loftq fits the adapter to what 4-bit quantization loses: use it with "
+                        "quantize=nf4 (--quantize nf4)")
+    if not isinstance(c.loftq_iter, int) or c.loftq_iter < 1:
+        problems.append(f"loftq_iter must be a positive integer; got {c.loftq_iter!r}")
     if not isinstance(c.resume, (bool, str)):
         problems.append(f"resume must be true, false or a path; got {c.resume!r}")
     if not isinstance(c.device, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", c.device):
