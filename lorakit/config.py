@@ -355,9 +355,9 @@ def _init_taking_peft_fields(generated_init):
                                    remedy="leave it unset, or use PEFT for this adapter")
         if kwargs.get("init_lora_weights") == "eva" and peft_fields.get("eva_config") is None:
             warnings.warn("`init_lora_weights` is 'eva' but `eva_config` is not specified. Using default EVA config.")
-        for method in ("eva", "loftq"):  # PEFT's warnings for an init method's settings without that method
-            given = kwargs.get("loftq_config") if method == "loftq" else peft_fields.get(f"{method}_config")
-            if (given if method == "loftq" else given is not None) and kwargs.get("init_lora_weights") != method:
+        settings_given = {"eva": peft_fields.get("eva_config") is not None, "loftq": bool(kwargs.get("loftq_config"))}
+        for method, given in settings_given.items():  # PEFT's warnings for an init method's settings without it
+            if given and kwargs.get("init_lora_weights") != method:
                 warnings.warn(f"`{method}_config` specified but will be ignored when `init_lora_weights` is not "
                               f"'{method}'.")
         generated_init(self, *args, **kwargs)

@@ -33,7 +33,7 @@ from torch import nn
 from ..atomic import atomic_write
 from ..errors import ConfigError
 from .inject import find_targets
-from .targets import config_pattern_value, is_conv1d_gpt2, linear_types
+from .targets import is_conv1d_gpt2, linear_types
 
 if TYPE_CHECKING:
     from ..config import LoraConfig
@@ -90,7 +90,7 @@ def preprocess_corda(model: nn.Module, lora_config: "LoraConfig", run_model: Opt
                            f"{corda.corda_method!r}"], where="preprocess_corda")
     for name, module in targets:
         module.corda_method = corda.corda_method
-        module.rank = int(config_pattern_value(lora_config.rank_pattern, name, lora_config.r))
+        module.rank = lora_config.rank_for(name)
     collect_covariances(model, lora_config, targets, run_model, hooked_model)
     for i, (name, module) in enumerate(targets):
         if corda.verbose:

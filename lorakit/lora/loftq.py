@@ -125,15 +125,14 @@ def loftq_before_quantization(model: "torch.nn.Module", config, steps: int = 1) 
     from torch import nn
 
     from .inject import find_targets
+    from .spectrum import layer_scaling
 
     factors = {}
     for name in find_targets(model, config):
         module = model.get_submodule(name)
         if type(module) is not nn.Linear:
             continue
-        r, alpha = config.rank_for(name), config.alpha_for(name)
-        scaling = alpha / (r ** 0.5 if config.use_rslora else r)
-        Q, A, B = loftq_factors(module.weight, r, scaling, bits=4, steps=steps)
+        Q, A, B = loftq_factors(module.weight, config.rank_for(name), layer_scaling(config, name), bits=4, steps=steps)
         module.weight.copy_(Q.to(module.weight.dtype))
         factors[name] = (A, B)
     return factors

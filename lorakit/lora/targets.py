@@ -276,19 +276,14 @@ def _regex_leaf_names(model: nn.Module, pattern: str, renames: dict[str, str]) -
 def warn_unmatched_patterns(config, adapted_names: list[str]) -> None:
     """RuntimeWarning (PEFT's text) naming the rank_pattern / alpha_pattern keys that matched none of the adapted
     modules (or parameters) and so changed nothing: usually a typo."""
+    from ..config import _match_pattern
+
     for attr in ("rank_pattern", "alpha_pattern"):
         patterns = getattr(config, attr, None) or {}
         sentinel = object()
         matched = {k for k in patterns for name in adapted_names
-                   if config_pattern_value({k: True}, name, sentinel) is not sentinel}
+                   if _match_pattern({k: True}, name, sentinel) is not sentinel}
         unmatched = sorted(set(patterns) - matched)
         if unmatched:
             warnings.warn(f"The following {attr} keys did not match any targeted module and were ignored: "
                           f"{unmatched}.", RuntimeWarning, stacklevel=5)
-
-
-def config_pattern_value(pattern: dict, name: str, default):
-    """The value `pattern` gives module `name` (the rule rank_pattern and alpha_pattern apply), else `default`."""
-    from ..config import _match_pattern
-
-    return _match_pattern(pattern, name, default)
